@@ -1,0 +1,151 @@
+"""The one exception tree of pooled-proxy.
+
+Every error the proxy can answer a client with is a ``ProxyError`` that knows its HTTP status
+and its RFC 9209 ``Proxy-Status`` error type, so the mapping to a response is one total function
+(:func:`status_for`), not a chain of ``except`` clauses spread through the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ProxyError(Exception):
+    """Base of everything pooled-proxy raises on purpose."""
+
+    status: int = 502
+    proxy_status: str = "proxy_internal_error"
+    reason: str = "proxy error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail or self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem in a config file, printed as ``FILE:LINE: key: message``."""
+
+    path: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.key}: {self.message}"
+
+
+class ConfigError(ProxyError):
+    """A config that cannot be used; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ClientError(ProxyError):
+    """The client sent something we will not forward (answered 4xx, usually with a close)."""
+
+    status = 400
+    proxy_status = "http_request_error"
+    reason = "bad request"
+
+    def __init__(self, detail: str = "", *, status: int | None = None) -> None:
+        super().__init__(detail)
+        if status is not None:
+            self.status = status
+
+
+class RequestHeaderTimeout(ClientError):
+    status = 408
+    reason = "request header timeout"
+
+
+class RequestBodyTimeout(ClientError):
+    status = 408
+    proxy_status = "http_request_error"
+    reason = "request body timeout"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    proxy_status = "http_request_error"
+    reason = "request body too large"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    proxy_status = "destination_not_found"
+    reason = "no route for this host and path"
+
+
+class UpstreamError(ProxyError):
+    """Something went wrong between us and the upstream server."""
+
+    status = 502
+
+
+class UpstreamConnectError(UpstreamError):
+    proxy_status = "connection_refused"
+    reason = "upstream refused the connection"
+
+
+class UpstreamProtocolError(UpstreamError):
+    proxy_status = "http_protocol_error"
+    reason = "upstream sent an invalid response"
+
+
+class UpstreamClosed(UpstreamError):
+    """The upstream closed or reset the connection before a complete response.
+
+    When it happens on a reused connection before any response byte arrived, the exchange
+    may be retried once on a fresh connection (the keep-alive race).
+    """
+
+    proxy_status = "http_response_incomplete"
+    reason = "upstream closed the connection before a complete response"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    proxy_status = "http_response_timeout"
+    reason = "upstream timed out"
+
+
+class ConnectTimeout(UpstreamTimeout):
+    proxy_status = "connection_timeout"
+    reason = "timed out connecting to upstream"
+
+
+class ResponseHeaderTimeout(UpstreamTimeout):
+    proxy_status = "http_response_timeout"
+    reason = "upstream sent no response head in time"
+
+
+class ReadTimeout(UpstreamTimeout):
+    proxy_status = "http_response_timeout"
+    reason = "upstream stopped sending the response body"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Every server of the upstream is marked down by passive health checks."""
+
+    status = 502
+    proxy_status = "destination_unavailable"
+    reason = "no upstream server available"
+
+
+class PoolTimeout(ProxyError):
+    """The wait queue for an upstream connection is full, or the wait took too long."""
+
+    status = 503
+    proxy_status = "connection_limit_reached"
+    reason = "upstream connection pool exhausted"
+
+
+class Draining(ProxyError):
+    """The proxy is shutting down and takes no new work."""
+
+    status = 503
+    proxy_status = "proxy_internal_error"
+    reason = "proxy is shutting down"
