@@ -1,0 +1,692 @@
+"""TOML config -> frozen dataclasses, or one ConfigError naming every problem by file, line and key.
+
+Why this shape: the config is read before anything listens (and again on SIGHUP), so a bad file
+must fail completely and precisely: every problem at once, each as ``FILE:LINE: dotted.key:
+message``, so an operator fixes the whole file in one pass. tomllib gives values but no
+positions, hence the small ``_LineIndex``. This module is pure (no trio); its only I/O is reading
+the file and checking that the TLS files can be opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigError, ConfigProblem
+
+DEFAULT_LISTEN = ("127.0.0.1:8080",)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """One upstream server or one listen address; ``tls`` is set by an ``https://`` prefix."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    listen: tuple[ServerAddress, ...]
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    listen: tuple[ServerAddress, ...] = (ServerAddress("127.0.0.1", 8080),)
+    workers: int = 1
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 60.0  # longest silence inside a request body
+    write_timeout: float = 60.0  # a client that stops reading a response
+    max_header_bytes: int = 65536
+    max_header_count: int = 100
+    max_body_bytes: int = 0  # 0 = no limit
+    max_connections: int = 10000  # client connections per process
+    max_requests_per_connection: int = 0  # client side, 0 = unlimited
+    max_concurrent_streams: int = 100  # HTTP/2
+    drain_timeout: float = 30.0
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    listen: ServerAddress
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    access: str = "stdout"  # "stdout" | "off" | an absolute file path
+    format: str = "json"  # "json" | "combined"
+    level: str = "info"  # debug | info | warning | error
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    name: str
+    servers: tuple[ServerAddress, ...]
+    balance: str = "round_robin"  # or "least_conn"
+    max_connections: int = 100  # per server, in use + idle
+    max_idle: int = 32
+    idle_timeout: float = 60.0
+    connect_timeout: float = 3.0
+    response_header_timeout: float = 30.0
+    read_timeout: float = 300.0  # 0.0 = none
+    queue_size: int = 1024
+    queue_timeout: float = 5.0
+    max_requests_per_connection: int = 0  # 0 = unlimited
+    max_fails: int = 3  # passive health: this many failures within fail_window ...
+    fail_window: float = 10.0
+    fail_timeout: float = 10.0  # ... skip the server this long (only when > 1 server)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    upstream: str
+    host: str | None = None  # exact, or "*.example.com"; lower-case
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig | None = None
+    log: LogConfig = LogConfig()
+    upstreams: Mapping[str, UpstreamConfig]  # a read-only MappingProxyType
+    routes: tuple[RouteConfig, ...]
+    path: Path | None = None  # the file it came from
+
+
+# ---------------------------------------------------------------------------------- scalars
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(ms|s|m|h)")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str) -> float:
+    """``"250ms"``, ``"1.5s"``, ``"5m"``, ``"1h"`` -> seconds. A unit is mandatory, so that
+    ``timeout = "10"`` can never silently mean ten milliseconds or ten minutes."""
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        negative = value.startswith("-") and _DURATION.fullmatch(value[1:]) is not None
+        why = "must not be negative" if negative else "expected a number with a unit ms, s, m or h"
+        raise ValueError(f'bad duration "{value}": {why}')
+    number, unit = float(match[1]), match[2]
+    return number / 1000 if unit == "ms" else number * _UNIT_SECONDS[unit]
+
+
+_SCHEMES = {"http://": (False, 80), "https://": (True, 443)}
+
+
+def parse_address(value: str, *, default_port: int | None = None) -> ServerAddress:
+    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"http://h:p"``, ``"https://h"`` -> address.
+
+    A scheme sets ``tls`` and the default port (80/443); without one the port is required
+    unless ``default_port`` is given. Port 0 is accepted (tests listen on it); callers that
+    connect reject it themselves.
+    """
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f'bad address "{value}": {why}')
+
+    rest, tls = value, False
+    for prefix, (scheme_tls, scheme_port) in _SCHEMES.items():
+        if value.lower().startswith(prefix):
+            rest, tls, default_port = value[len(prefix) :], scheme_tls, scheme_port
+            rest = rest.removesuffix("/")
+            break
+    else:
+        if "://" in value:
+            raise bad("the scheme must be http:// or https://")
+    if not rest or any(ch in rest for ch in "/?#@ \t"):
+        raise bad("expected host:port")
+    port_text: str | None
+    if rest.startswith("["):
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise bad("expected [ipv6]:port")
+        port_text = tail[1:] if tail else None
+    elif rest.count(":") > 1:
+        raise bad("an IPv6 address needs brackets, e.g. [::1]:8080")
+    else:
+        host, colon, port_text = rest.partition(":")
+        port_text = port_text if colon else None
+    if not host:
+        raise bad("missing host")
+    if port_text is None:
+        if default_port is None:
+            raise bad("missing port")
+        return ServerAddress(host, default_port, tls)
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise bad("the port must be a number from 0 to 65535")
+    return ServerAddress(host, int(port_text), tls)
+
+
+# ------------------------------------------------------------------------------ line index
+
+_KeyPath = tuple[str | int, ...]
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SCALAR = re.compile(r"[^,\]}\n#]+")
+
+
+class _LineIndex:
+    """Maps a key path such as ``("routes", 0, "upstream")`` to the line it was written on.
+
+    It scans the source once, as a TOML parser would (headers, ``[[arrays]]`` with their index,
+    dotted keys, strings, multi-line arrays, inline tables), but only after tomllib accepted the
+    file, so it can be lenient. Lookups fall back to the enclosing table's header, then line 1.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._pos = 0
+        self._newlines = [i for i, ch in enumerate(text) if ch == "\n"]
+        self._lines: dict[_KeyPath, int] = {}
+        self._arrays: dict[_KeyPath, int] = {}  # array-of-tables path -> its last index
+        try:
+            self._scan()
+        except (IndexError, ValueError, tomllib.TOMLDecodeError):
+            pass  # best effort: what was indexed still serves, the rest falls back
+
+    def line_of(self, path: _KeyPath) -> int:
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return 1
+
+    def _line(self) -> int:
+        return bisect_left(self._newlines, self._pos) + 1
+
+    def _peek(self, size: int = 1) -> str:
+        return self._text[self._pos : self._pos + size]
+
+    def _skip(self, *, newlines: bool) -> None:
+        text = self._text
+        while self._pos < len(text):
+            ch = text[self._pos]
+            if ch == "#":
+                end = text.find("\n", self._pos)
+                self._pos = len(text) if end == -1 else end
+            elif ch in " \t\r" or (newlines and ch == "\n"):
+                self._pos += 1
+            else:
+                return
+
+    def _scan(self) -> None:
+        table: _KeyPath = ()
+        while True:
+            self._skip(newlines=True)
+            start = self._pos
+            if start >= len(self._text):
+                return
+            if self._peek() == "[":
+                table = self._header()
+            else:
+                self._keyval(table)
+            self._skip(newlines=False)
+            if self._pos == start:
+                raise ValueError("indexer made no progress")
+
+    def _header(self) -> _KeyPath:
+        line = self._line()
+        is_array = self._peek(2) == "[["
+        self._pos += 2 if is_array else 1
+        names = self._key()
+        self._pos += 2 if is_array else 1
+        path: _KeyPath = ()
+        for i, name in enumerate(names):
+            path += (name,)
+            if is_array and i == len(names) - 1:
+                self._arrays[path] = self._arrays.get(path, -1) + 1
+                self._lines.setdefault(path, line)
+                path += (self._arrays[path],)
+            elif path in self._arrays:
+                path += (self._arrays[path],)
+            self._lines.setdefault(path, line)
+        self._lines[path] = line
+        return path
+
+    def _key(self) -> tuple[str, ...]:
+        parts: list[str] = []
+        while True:
+            self._skip(newlines=False)
+            if self._peek() in ("'", '"'):
+                parts.append(tomllib.loads(f"k = {self._string()}")["k"])
+            else:
+                match = _BARE_KEY.match(self._text, self._pos)
+                if match is None:
+                    raise ValueError("expected a key")
+                parts.append(match.group())
+                self._pos = match.end()
+            self._skip(newlines=False)
+            if self._peek() != ".":
+                return tuple(parts)
+            self._pos += 1
+
+    def _keyval(self, table: _KeyPath) -> None:
+        line = self._line()
+        names = self._key()
+        self._pos += 1  # "="
+        self._skip(newlines=False)
+        path = table
+        for name in names[:-1]:
+            path += (name,)
+            self._lines.setdefault(path, line)
+        path += (names[-1],)
+        self._lines[path] = line
+        self._value(path)
+
+    def _value(self, path: _KeyPath) -> None:
+        ch = self._peek()
+        if not ch:
+            raise IndexError("end of document inside a value")
+        if ch in ("'", '"'):
+            self._string()
+        elif ch in "[{":
+            self._pos += 1
+            index = 0
+            while True:
+                self._skip(newlines=True)
+                if self._peek() in ("]", "}"):
+                    self._pos += 1
+                    return
+                if ch == "[":
+                    self._lines[path + (index,)] = self._line()
+                    self._value(path + (index,))
+                    index += 1
+                else:
+                    self._keyval(path)
+                self._skip(newlines=True)
+                if self._peek() == ",":
+                    self._pos += 1
+        else:
+            match = _SCALAR.match(self._text, self._pos)
+            if match is None:
+                raise ValueError("expected a value")
+            self._pos = match.end()
+
+    def _string(self) -> str:
+        """Skip one string of any of the four kinds; return its source text."""
+        text, start = self._text, self._pos
+        quote = next(q for q in ('"""', "'''", '"', "'") if text.startswith(q, start))
+        pos = start + len(quote)
+        while not text.startswith(quote, pos):
+            if text[pos] == "\\" and quote[0] == '"':
+                pos += 1
+            pos += 1
+        pos += len(quote)
+        while len(quote) == 3 and text.startswith(quote[0], pos):  # up to 2 quotes end the content
+            pos += 1
+        self._pos = pos
+        return text[start:pos]
+
+
+# ------------------------------------------------------------------------------ validation
+
+_Conv = Callable[[object], Any]
+
+
+def _kind(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
+    return "table" if isinstance(value, dict) else names.get(type(value), "date/time")
+
+
+def _int(minimum: int) -> _Conv:
+    def conv(value: object) -> int:
+        if type(value) is not int:
+            raise ValueError(f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return conv
+
+
+def _duration(*, zero_ok: bool) -> _Conv:
+    def conv(value: object) -> float:
+        if not isinstance(value, str):
+            raise ValueError(f'expected a duration string such as "10s", got {_kind(value)}')
+        seconds = parse_duration(value)
+        if seconds == 0 and not zero_ok:
+            raise ValueError(f'must be more than 0s, got "{value}"')
+        return seconds
+
+    return conv
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_kind(value)}")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _choice(*options: str) -> _Conv:
+    def conv(value: object) -> str:
+        if _string(value) not in options:
+            raise ValueError(f'must be one of {", ".join(options)}; got "{value}"')
+        return str(value)
+
+    return conv
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _route_host(value: object) -> str:
+    host = _string(value).lower()
+    if "*" in host and not (host.startswith("*.") and len(host) > 2 and "*" not in host[1:]):
+        raise ValueError(f'a wildcard is only allowed as a leading "*.", got "{value}"')
+    return host
+
+
+def _path_prefix(value: object) -> str:
+    if not _string(value).startswith("/"):
+        raise ValueError(f'must start with "/", got "{value}"')
+    return str(value)
+
+
+_POSITIVE, _ZERO_OK = _duration(zero_ok=False), _duration(zero_ok=True)
+_SERVER_FIELDS: Mapping[str, _Conv] = MappingProxyType({
+    "workers": _int(1), "header_timeout": _POSITIVE, "keepalive_timeout": _POSITIVE,
+    "body_timeout": _POSITIVE, "write_timeout": _POSITIVE, "max_header_bytes": _int(1),
+    "max_header_count": _int(1), "max_body_bytes": _int(0), "max_connections": _int(1),
+    "max_requests_per_connection": _int(0), "max_concurrent_streams": _int(1),
+    "drain_timeout": _ZERO_OK,
+})  # fmt: skip
+_UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
+    "balance": _choice("round_robin", "least_conn"), "max_connections": _int(1),
+    "max_idle": _int(0), "idle_timeout": _POSITIVE, "connect_timeout": _POSITIVE,
+    "response_header_timeout": _POSITIVE, "read_timeout": _ZERO_OK, "queue_size": _int(0),
+    "queue_timeout": _ZERO_OK, "max_requests_per_connection": _int(0), "max_fails": _int(1),
+    "fail_window": _POSITIVE, "fail_timeout": _POSITIVE,
+})  # fmt: skip
+_ROUTE_FIELDS: Mapping[str, _Conv] = MappingProxyType({
+    "upstream": _string, "host": _route_host, "path_prefix": _path_prefix, "strip_prefix": _bool,
+})  # fmt: skip
+_LOG_FIELDS: Mapping[str, _Conv] = MappingProxyType({
+    "access": _string, "format": _choice("json", "combined"),
+    "level": _choice("debug", "info", "warning", "error"),
+})  # fmt: skip
+
+
+def _dotted(path: _KeyPath) -> str:
+    """``("routes", 0, "upstream")`` -> ``routes[0].upstream``; odd names are quoted."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+            out += f".{name}" if out else name
+    return out
+
+
+def _resolve(base_dir: Path, value: str) -> Path:
+    return Path(os.path.abspath(os.path.join(base_dir, value)))
+
+
+def _address(value: object, *, upstream: bool) -> ServerAddress:
+    """A listen address (no scheme, port 0 allowed) or an upstream server (port 1..65535)."""
+    text = _string(value)
+    if not upstream and "://" in text:
+        raise ValueError(f'bad address "{text}": a listen address takes no scheme')
+    address = parse_address(text)
+    if upstream and address.port == 0:
+        raise ValueError(f'bad address "{text}": the port must be from 1 to 65535')
+    return address
+
+
+class _Checker:
+    """Collects problems while the dataclasses are built, so one pass reports all of them."""
+
+    def __init__(self, path: str, index: _LineIndex, base_dir: Path) -> None:
+        self.path, self.index, self.base_dir = path, index, base_dir
+        self.problems: list[ConfigProblem] = []
+
+    def add(self, key: _KeyPath, message: str) -> None:
+        line = self.index.line_of(key)
+        self.problems.append(ConfigProblem(self.path, line, _dotted(key), message))
+
+    def convert(self, value: object, key: _KeyPath, conv: _Conv) -> Any:
+        """``conv(value)``, or None after recording its ValueError as a problem at ``key``."""
+        try:
+            return conv(value)
+        except ValueError as exc:
+            self.add(key, str(exc))
+            return None
+
+    def table(self, value: object, key: _KeyPath, allowed: Iterable[str]) -> dict[str, Any] | None:
+        """The value as a table, after reporting its unknown keys (with a did-you-mean)."""
+        if not isinstance(value, dict):
+            self.add(key, f"expected a table, got {_kind(value)}")
+            return None
+        allowed = list(allowed)
+        for name in value:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.add(key + (name,), f"unknown key{hint}")
+        return value
+
+    def fields(
+        self, table: dict[str, Any], key: _KeyPath, schema: Mapping[str, _Conv]
+    ) -> dict[str, Any]:
+        """Valid values of the keys present; absent ones keep their dataclass default."""
+        out = {name: self.convert(table[name], key + (name,), conv)
+               for name, conv in schema.items() if name in table}  # fmt: skip
+        return {name: value for name, value in out.items() if value is not None}
+
+    def require(self, table: dict[str, Any], key: _KeyPath, *names: str) -> bool:
+        missing = [name for name in names if name not in table]
+        for name in missing:
+            self.add(key + (name,), "missing required key")
+        return not missing
+
+    def addresses(
+        self, value: object, key: _KeyPath, *, upstream: bool
+    ) -> tuple[ServerAddress, ...] | None:
+        if not isinstance(value, list):
+            self.add(key, f'expected an array of "host:port" strings, got {_kind(value)}')
+            return None
+        out = [self.convert(item, key + (i,), lambda v: _address(v, upstream=upstream))
+               for i, item in enumerate(value)]  # fmt: skip
+        return None if None in out else tuple(out)
+
+    def readable_file(self, value: object, key: _KeyPath) -> Path | None:
+        def conv(value: object) -> Path:
+            path = _resolve(self.base_dir, _string(value))
+            try:
+                with open(path, "rb"):
+                    return path
+            except OSError as exc:
+                raise ValueError(f'cannot read "{path}": {exc.strerror or exc}') from exc
+
+        result: Path | None = self.convert(value, key, conv)
+        return result
+
+
+def _server(c: _Checker, raw: object) -> ServerConfig:
+    key: _KeyPath = ("server",)
+    table = c.table(raw, key, [*_SERVER_FIELDS, "listen", "tls"])
+    if table is None:
+        return ServerConfig()
+    kw = c.fields(table, key, _SERVER_FIELDS)
+    if "tls" in table:
+        kw["tls"] = _tls(c, table["tls"])
+    if "listen" in table:
+        listen = c.addresses(table["listen"], key + ("listen",), upstream=False)
+        if listen == () and "tls" not in table:
+            c.add(key + ("listen",), "is empty: set [server.tls] to serve TLS only")
+        elif listen is not None:
+            kw["listen"] = listen
+    return ServerConfig(**kw)
+
+
+def _tls(c: _Checker, raw: object) -> TlsConfig | None:
+    key: _KeyPath = ("server", "tls")
+    table = c.table(raw, key, ("listen", "cert", "key"))
+    if table is None or not c.require(table, key, "listen", "cert", "key"):
+        return None
+    listen = c.addresses(table["listen"], key + ("listen",), upstream=False)
+    if listen == ():
+        c.add(key + ("listen",), "must list at least one address")
+    cert = c.readable_file(table["cert"], key + ("cert",))
+    tls_key = c.readable_file(table["key"], key + ("key",))
+    if not listen or cert is None or tls_key is None:
+        return None
+    return TlsConfig(listen=listen, cert=cert, key=tls_key)
+
+
+def _admin(c: _Checker, raw: object) -> AdminConfig | None:
+    key: _KeyPath = ("admin",)
+    table = c.table(raw, key, ("listen",))
+    if table is None or not c.require(table, key, "listen"):
+        return None
+    listen = c.convert(table["listen"], key + ("listen",), lambda v: _address(v, upstream=False))
+    return None if listen is None else AdminConfig(listen=listen)
+
+
+def _log(c: _Checker, raw: object) -> LogConfig:
+    table = c.table(raw, ("log",), _LOG_FIELDS)
+    kw = {} if table is None else c.fields(table, ("log",), _LOG_FIELDS)
+    if kw.get("access", "stdout") not in ("stdout", "off"):
+        kw["access"] = str(_resolve(c.base_dir, kw["access"]))
+    return LogConfig(**kw)
+
+
+def _upstreams(c: _Checker, raw: dict[str, Any]) -> dict[str, UpstreamConfig]:
+    out: dict[str, UpstreamConfig] = {}
+    for name, body in raw.items():
+        key: _KeyPath = ("upstreams", name)
+        table = c.table(body, key, [*_UPSTREAM_FIELDS, "servers"])
+        if table is None or not c.require(table, key, "servers"):
+            continue
+        kw = c.fields(table, key, _UPSTREAM_FIELDS)
+        servers = c.addresses(table["servers"], key + ("servers",), upstream=True)
+        if servers == ():
+            c.add(key + ("servers",), "must list at least one server")
+        elif servers is not None:
+            out[name] = UpstreamConfig(name=name, servers=servers, **kw)
+    return out
+
+
+def _routes(c: _Checker, raw: object, names: Iterable[str]) -> list[RouteConfig]:
+    if not isinstance(raw, list):
+        c.add(("routes",), f"expected an array of tables ([[routes]]), got {_kind(raw)}")
+        return []
+    names, out = list(names), []
+    for i, body in enumerate(raw):
+        key: _KeyPath = ("routes", i)
+        table = c.table(body, key, _ROUTE_FIELDS)
+        if table is None or not c.require(table, key, "upstream"):
+            continue
+        kw = c.fields(table, key, _ROUTE_FIELDS)
+        upstream = kw.get("upstream")
+        if isinstance(upstream, str) and upstream not in names:
+            close = difflib.get_close_matches(upstream, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            c.add(key + ("upstream",), f'unknown upstream "{upstream}"{hint}')
+        elif upstream is not None:
+            out.append(RouteConfig(**kw))
+    return out
+
+
+def _build(c: _Checker, data: dict[str, Any], source: Path | None) -> Config | None:
+    c.table(data, (), ("server", "admin", "log", "upstreams", "routes"))
+    server = _server(c, data["server"]) if "server" in data else ServerConfig()
+    admin = _admin(c, data["admin"]) if "admin" in data else None
+    log = _log(c, data["log"]) if "log" in data else LogConfig()
+    raw_upstreams = c.table(data.get("upstreams", {}), ("upstreams",), data.get("upstreams", {}))
+    names = list(raw_upstreams or {})
+    upstreams = _upstreams(c, raw_upstreams or {})
+    if raw_upstreams == {}:
+        c.add(("upstreams",), "no upstreams defined: add an [upstreams.NAME] table")
+    routes = _routes(c, data["routes"], names) if "routes" in data else []
+    if data.get("routes", []) == []:
+        if len(names) == 1:  # a single upstream serves everything without a [[routes]] table
+            routes = [RouteConfig(upstream=names[0])]
+        elif len(names) > 1:
+            c.add(("routes",), "no routes: with several upstreams, add [[routes]] tables")
+    if c.problems:
+        return None
+    return Config(server=server, admin=admin, log=log, upstreams=MappingProxyType(upstreams),
+                  routes=tuple(routes), path=source)  # fmt: skip
+
+
+# -------------------------------------------------------------------------------- entry points
+
+_AT_LINE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def _syntax_problem(path: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigProblem:
+    message = str(exc)
+    match = _AT_LINE.search(message)
+    if match:
+        message = f"{message[: match.start()]} (column {match[2]})"
+        return ConfigProblem(path, int(match[1]), "(syntax)", message)
+    message = message.replace("(at end of document)", "(at end of file)")
+    return ConfigProblem(path, max(1, len(text.splitlines())), "(syntax)", message)
+
+
+def parse_config(text: str, path: str = "<config>", *, base_dir: Path | None = None) -> Config:
+    """Parse TOML text; ``path`` names it in messages and relative paths resolve against
+    ``base_dir`` (default: the folder of ``path``). Raises ConfigError with every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(path, text, exc)]) from exc
+    base_dir = base_dir if base_dir is not None else Path(path).parent
+    checker = _Checker(path, _LineIndex(text), base_dir)
+    config = _build(checker, data, None if path.startswith("<") else Path(path))
+    if config is None:
+        raise ConfigError(sorted(checker.problems, key=lambda problem: problem.line))
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a config file; an unreadable file is a ConfigError on key ``(file)``."""
+    shown = os.fspath(path)
+    try:
+        text = Path(shown).read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        problem = ConfigProblem(shown, 1, "(file)", f"cannot read: {exc.strerror or exc}")
+        raise ConfigError([problem]) from exc
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        problem = ConfigProblem(shown, 1, "(file)", why)
+        raise ConfigError([problem]) from exc
+    return parse_config(text, shown, base_dir=Path(shown).parent)
+
+
+def dev_config(upstream_url: str, listen: str = "127.0.0.1:8080") -> Config:
+    """A ready config for ``pooled-proxy dev URL``: one upstream "dev", one route "/" to it,
+    defaults elsewhere, combined logs for humans. Raises ValueError on a bad URL or address."""
+    server = _address(upstream_url, upstream=True)
+    return Config(
+        server=ServerConfig(listen=(_address(listen, upstream=False),)),
+        log=LogConfig(format="combined"),
+        upstreams=MappingProxyType({"dev": UpstreamConfig(name="dev", servers=(server,))}),
+        routes=(RouteConfig(upstream="dev"),),
+    )
