@@ -149,3 +149,11 @@ class Draining(ProxyError):
     status = 503
     proxy_status = "proxy_internal_error"
     reason = "proxy is shutting down"
+
+
+class ClientDisconnected(ProxyError):
+    """The client went away (or stopped reading) while we were answering; nobody to answer."""
+
+    status = 499
+    proxy_status = "client_disconnected"
+    reason = "client disconnected"

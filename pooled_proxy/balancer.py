@@ -1,0 +1,82 @@
+"""An upstream: its servers, one pool each, the balancing policy and passive health."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import trio
+
+from .config import UpstreamConfig
+from .errors import UpstreamUnavailable
+from .pool import Connector, UpstreamPool
+
+
+class ServerHealth:
+    """Passive health: ``max_fails`` failures within ``fail_window`` mark a server down for
+    ``fail_timeout``. Only consulted when the upstream has more than one server."""
+
+    __slots__ = ("_failures", "down_until", "_config")
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._config = config
+        self._failures: deque[float] = deque()
+        self.down_until = 0.0
+
+    def record_failure(self, now: float) -> bool:
+        """Count a failure; True if it just marked the server down."""
+        window_start = now - self._config.fail_window
+        failures = self._failures
+        failures.append(now)
+        while failures and failures[0] < window_start:
+            failures.popleft()
+        if self._config.max_fails and len(failures) >= self._config.max_fails:
+            failures.clear()
+            self.down_until = now + self._config.fail_timeout
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._failures.clear()
+
+    def is_up(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+class UpstreamGroup:
+    def __init__(self, config: UpstreamConfig, *, connect: Connector | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.pools = [UpstreamPool(server, config, connect=connect) for server in config.servers]
+        self.health = [ServerHealth(config) for _ in self.pools]
+        self._next = itertools.cycle(range(len(self.pools)))
+
+    def choose(self, *, exclude: UpstreamPool | None = None) -> tuple[UpstreamPool, ServerHealth]:
+        """The pool for the next exchange, skipping servers marked down (and ``exclude``)."""
+        pools = self.pools
+        if len(pools) == 1:
+            return pools[0], self.health[0]
+        now = trio.current_time()
+        candidates = [
+            i
+            for i in range(len(pools))
+            if self.health[i].is_up(now) and pools[i] is not exclude
+        ]
+        if not candidates:
+            raise UpstreamUnavailable(f"every server of upstream {self.name!r} is marked down")
+        if self.config.balance == "least_conn":
+            index = min(candidates, key=lambda i: pools[i].load)
+        else:
+            for index in self._next:
+                if index in candidates:
+                    break
+        return pools[index], self.health[index]
+
+    async def run_reapers(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for pool in self.pools:
+                nursery.start_soon(pool.run_reaper)
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()

@@ -1,0 +1,130 @@
+"""The ``pooled-proxy`` command: run, check, dev, demo.
+
+Exit codes: 0 clean (a completed drain included), 2 bad config or usage, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+import trio
+
+from . import __version__
+from .config import Config, dev_config, load_config, parse_address
+from .errors import ConfigError
+from .lifecycle import run as run_proxy
+from .proxy import Proxy
+
+LOG = logging.getLogger("pooled_proxy")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pooled-proxy",
+        description="A reverse proxy with bounded keep-alive upstream pools, HTTP/1.1 and HTTP/2.",
+    )
+    parser.add_argument("--version", action="version", version=f"pooled-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy from a TOML config file")
+    run.add_argument("-c", "--config", default=os.environ.get("POOLED_PROXY_CONFIG"),
+                     help="config file (default: $POOLED_PROXY_CONFIG)")
+
+    check = commands.add_parser("check", help="validate a config file and exit")
+    check.add_argument("-c", "--config", default=os.environ.get("POOLED_PROXY_CONFIG"),
+                       help="config file (default: $POOLED_PROXY_CONFIG)")
+
+    dev = commands.add_parser("dev", help="proxy to one upstream URL with defaults, no config file")
+    dev.add_argument("url", help="the upstream, e.g. http://127.0.0.1:3000")
+    dev.add_argument("--listen", default="127.0.0.1:8080", help="address to listen on")
+
+    demo = commands.add_parser("demo", help="the proxy in front of the built-in demo upstream")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="address to listen on")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str | None) -> Config:
+    if not path:
+        raise SystemExit("pooled-proxy: no config file: pass -c FILE or set $POOLED_PROXY_CONFIG")
+    return load_config(path)
+
+
+def _serve(config: Config) -> int:
+    _configure_logging(config.log.level)
+    try:
+        trio.run(run_proxy, Proxy(config))
+    except OSError as exc:
+        LOG.error("%s", exc)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+async def _demo(listen: str) -> None:
+    from .demo import DemoUpstream
+
+    async with trio.open_nursery() as nursery:
+        upstream_port = await nursery.start(DemoUpstream().serve, "127.0.0.1", 0)
+        config = dev_config(f"http://127.0.0.1:{upstream_port}", listen)
+        config = replace(config, server=replace(config.server, drain_timeout=5.0))
+        LOG.info("demo upstream on http://127.0.0.1:%d; try http://%s/ , /echo, /events, /slow",
+                 upstream_port, listen)
+        await run_proxy(Proxy(config))
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            config = _load(args.config)
+            print(f"{args.config}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))")
+            return EXIT_OK
+        if args.command == "run":
+            return _serve(_load(args.config))
+        if args.command == "dev":
+            return _serve(dev_config(args.url, args.listen))
+        if args.command == "demo":
+            parse_address(args.listen)
+            _configure_logging("info")
+            try:
+                trio.run(_demo, args.listen)
+            except KeyboardInterrupt:
+                pass
+            except OSError as exc:
+                LOG.error("%s", exc)
+                return EXIT_RUNTIME
+            return EXIT_OK
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"pooled-proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The protocol-neutral request/response exchange shared by the HTTP/1.1 and HTTP/2 front ends.
+
+A front end turns its wire into an :class:`Exchange` (request head, body chunks, a response
+sink) and hands it to :func:`pooled_proxy.forward.forward`; the forwarder never knows which
+protocol the client speaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .headers import Headers
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes  # origin-form: path and query
+    authority: bytes  # Host header or :authority
+    scheme: bytes  # b"http" | b"https", as the client reached us
+    headers: Headers  # lower-case names, no Host, no pseudo-headers
+    http_version: bytes  # b"1.1" | b"1.0" | b"2"
+    client_ip: bytes
+    has_body: bool
+    content_length: int | None = None
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS
+
+
+class ResponseSink(Protocol):
+    """Where the forwarder writes the response; each front end implements it."""
+
+    @property
+    def head_sent(self) -> bool: ...
+
+    async def send_informational(self, status: int, headers: Headers) -> None:
+        """A 1xx response (``100 Continue``) relayed before the final head."""
+
+    async def send_head(self, status: int, headers: Headers, *, end: bool = False) -> None: ...
+
+    async def send_data(self, data: bytes) -> None: ...
+
+    async def end(self, trailers: Headers | None = None) -> None: ...
+
+    async def reset(self) -> None:
+        """Abort a response whose head was already sent, so the client sees it as incomplete."""
+
+
+@dataclass(slots=True)
+class ExchangeRecord:
+    """What happened to one exchange: the access log line and the metrics come from this."""
+
+    start: float  # trio.current_time() when the request head was complete
+    wall_start: float  # time.time() at the same moment, for the log
+    method: bytes = b""
+    target: bytes = b""
+    protocol: bytes = b""
+    client_ip: bytes = b""
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    route_upstream: str = ""
+    upstream_server: str = ""
+    upstream_reused: bool | None = None
+    retried: bool = False
+    ttfb: float | None = None
+    duration: float = 0.0
+    error: str = ""  # the Proxy-Status error type, if any
+    event_stream: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Exchange:
+    head: RequestHead
+    body: AsyncIterator[bytes]
+    sink: ResponseSink
+    record: ExchangeRecord

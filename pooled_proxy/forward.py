@@ -1,0 +1,284 @@
+"""forward(exchange): route -> pool checkout -> stream up -> stream down -> release or discard.
+
+This is the only place proxy logic lives; the HTTP/1.1 and HTTP/2 front ends both call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import h11
+import trio
+
+from .answers import error_response
+from .balancer import UpstreamGroup
+from .config import Config, UpstreamConfig
+from .errors import (
+    ClientDisconnected,
+    ConnectTimeout,
+    NoRoute,
+    ProxyError,
+    ReadTimeout,
+    ResponseHeaderTimeout,
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamError,
+)
+from .exchange import Exchange, ExchangeRecord, RequestHead, ResponseSink
+from .headers import client_response_headers, is_event_stream, upstream_request_headers
+from .pool import Connector, UpstreamPool
+from .routing import Router, rewrite_target
+from .upstream import UpstreamConnection
+
+LOG = logging.getLogger("pooled_proxy.forward")
+
+ExchangeObserver = Callable[[ExchangeRecord], None]
+
+
+class _Upload:
+    """Streams the client's request body upstream, one chunk at a time.
+
+    The response-header clock starts when the last byte is sent, so a slow upload does not
+    count against ``response_header_timeout``. A client-side failure (bad chunk, body timeout,
+    size limit, disconnect) is kept in ``error`` and cancels the exchange.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], record: ExchangeRecord) -> None:
+        self.body = body
+        self.record = record
+        self.started = False  # a body chunk was taken from the client: no retry possible
+        self.done = False
+        self.error: ProxyError | None = None
+        self.header_deadline = math.inf
+        self.head_scope: trio.CancelScope | None = None
+
+    def _start_header_clock(self, header_timeout: float) -> None:
+        self.header_deadline = trio.current_time() + header_timeout
+        if self.head_scope is not None:
+            self.head_scope.deadline = self.header_deadline
+
+    async def run(
+        self,
+        connection: UpstreamConnection,
+        header_timeout: float,
+        exchange_scope: trio.CancelScope,
+    ) -> None:
+        try:
+            async for chunk in self.body:
+                self.started = True
+                self.record.bytes_in += len(chunk)
+                await connection.send_body(chunk)
+            await connection.end_body()
+        except UpstreamClosed:
+            # The upstream may have answered early and closed (e.g. 413); the response side
+            # reads that answer or reports the failure.
+            self._start_header_clock(header_timeout)
+            return
+        except ProxyError as exc:
+            self.error = exc
+            exchange_scope.cancel()
+            return
+        self.done = True
+        self._start_header_clock(header_timeout)
+
+
+class Forwarder:
+    """Routes and upstream pools for one config generation."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        connect: Connector | None = None,
+        observers: tuple[ExchangeObserver, ...] = (),
+        upstreams: Mapping[str, UpstreamGroup] | None = None,
+    ) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+        self.upstreams: dict[str, UpstreamGroup] = dict(upstreams or {})
+        for name, upstream_config in config.upstreams.items():
+            if name not in self.upstreams:
+                self.upstreams[name] = UpstreamGroup(upstream_config, connect=connect)
+        self.observers = observers
+        self.stale_retries = 0
+
+    async def run_reapers(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for group in self.upstreams.values():
+                nursery.start_soon(group.run_reapers)
+
+    def close(self) -> None:
+        for group in self.upstreams.values():
+            group.close()
+
+    async def forward(self, exchange: Exchange) -> None:
+        """Serve one exchange completely: the client gets a response or an aborted stream."""
+        record = exchange.record
+        try:
+            await self._forward(exchange)
+        except ClientDisconnected as exc:
+            record.error = exc.proxy_status
+        except ProxyError as exc:
+            await self.answer_error(exchange.sink, record, exc)
+        finally:
+            record.duration = trio.current_time() - record.start
+            for observer in self.observers:
+                observer(record)
+
+    async def answer_error(self, sink: ResponseSink, record: ExchangeRecord, exc: ProxyError) -> None:
+        record.error = exc.proxy_status
+        if isinstance(exc, UpstreamError):
+            LOG.warning("%s %s: %s", record.method.decode(), record.target.decode(), exc.detail)
+        try:
+            if sink.head_sent:
+                await sink.reset()
+                return
+            status, headers, body = error_response(exc)
+            record.status = status
+            await sink.send_head(status, headers)
+            await sink.send_data(body)
+            await sink.end()
+            record.bytes_out += len(body)
+        except ClientDisconnected:
+            pass
+
+    async def _forward(self, exchange: Exchange) -> None:
+        head = exchange.head
+        record = exchange.record
+        route = self.router.match(head.authority, head.path)
+        if route is None:
+            raise NoRoute(f"no route for host {head.authority.decode('latin-1')!r}")
+        group = self.upstreams[route.upstream]
+        record.route_upstream = group.name
+        target = rewrite_target(route, head.target)
+        headers = upstream_request_headers(
+            head.headers,
+            host=head.authority,
+            client_ip=head.client_ip,
+            scheme=head.scheme,
+            protocol=head.http_version,
+        )
+        upload = _Upload(exchange.body, record) if head.has_body else None
+        exclude: UpstreamPool | None = None
+        for attempt in (0, 1):
+            pool, health = group.choose(exclude=exclude)
+            record.upstream_server = str(pool.server)
+            try:
+                connection, reused = await pool.acquire()
+            except (UpstreamConnectError, ConnectTimeout):
+                health.record_failure(trio.current_time())
+                if attempt == 0 and len(group.pools) > 1:
+                    exclude = pool
+                    continue
+                raise
+            record.upstream_reused = reused
+            try:
+                await self._exchange(connection, group.config, head, target, headers, upload, exchange.sink, record)
+            except UpstreamClosed:
+                pool.release(connection, reusable=False)
+                if (
+                    attempt == 0
+                    and reused
+                    and connection.received_bytes == 0
+                    and not exchange.sink.head_sent
+                    and (upload is None or not upload.started)
+                ):
+                    # The keep-alive race: the upstream closed this idle connection just as
+                    # we reused it. Nothing reached it, so a fresh connection is safe.
+                    self.stale_retries += 1
+                    record.retried = True
+                    LOG.debug("stale connection to %s, retrying on a new one", pool.server)
+                    continue
+                health.record_failure(trio.current_time())
+                raise
+            except BaseException:
+                pool.release(connection, reusable=False)
+                raise
+            pool.release(connection, reusable=upload is None or upload.done)
+            health.record_success()
+            return
+
+    async def _exchange(
+        self,
+        connection: UpstreamConnection,
+        upstream: UpstreamConfig,
+        head: RequestHead,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        upload: _Upload | None,
+        sink: ResponseSink,
+        record: ExchangeRecord,
+    ) -> None:
+        header_timeout = upstream.response_header_timeout or math.inf
+        if upload is None:
+            await connection.send_request(head.method, target, headers, end=True)
+            await self._relay_response(
+                connection, upstream, None, trio.current_time() + header_timeout, sink, record
+            )
+            return
+        await connection.send_request(head.method, target, headers, end=False)
+        relay_error: ProxyError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload.run, connection, header_timeout, nursery.cancel_scope)
+            try:
+                await self._relay_response(connection, upstream, upload, math.inf, sink, record)
+            except ProxyError as exc:
+                relay_error = exc
+            # Done (or failed); a body still uploading means the upstream answered early, so
+            # the connection cannot be reused (release sees upload.done False).
+            nursery.cancel_scope.cancel()
+        if upload.error is not None:
+            raise upload.error
+        if relay_error is not None:
+            raise relay_error
+
+    async def _relay_response(
+        self,
+        connection: UpstreamConnection,
+        upstream: UpstreamConfig,
+        upload: _Upload | None,
+        header_deadline: float,
+        sink: ResponseSink,
+        record: ExchangeRecord,
+    ) -> None:
+        while True:
+            head_scope = trio.CancelScope(
+                deadline=upload.header_deadline if upload is not None else header_deadline
+            )
+            if upload is not None:
+                upload.head_scope = head_scope
+            with head_scope:
+                response = await connection.receive_response_head()
+            if head_scope.cancelled_caught:
+                connection.close()
+                raise ResponseHeaderTimeout(
+                    f"no response head from {connection.server} within "
+                    f"{upstream.response_header_timeout:g}s"
+                )
+            if isinstance(response, h11.Response):
+                break
+            if response.status_code == 100:
+                await sink.send_informational(100, [])
+
+        record.status = response.status_code
+        record.ttfb = trio.current_time() - record.start
+        response_headers = client_response_headers(list(response.headers), protocol=b"1.1")
+        record.event_stream = is_event_stream(response_headers)
+        await sink.send_head(response.status_code, response_headers)
+
+        read_timeout = upstream.read_timeout or math.inf
+        while True:
+            with trio.move_on_after(read_timeout) as read_scope:
+                chunk = await connection.receive_data()
+            if read_scope.cancelled_caught:
+                connection.close()
+                raise ReadTimeout(
+                    f"{connection.server} sent nothing for {upstream.read_timeout:g}s mid-body"
+                )
+            if chunk is None:
+                break
+            record.bytes_out += len(chunk)
+            await sink.send_data(chunk)
+        await sink.end(connection.trailers or None)

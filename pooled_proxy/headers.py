@@ -1,0 +1,149 @@
+"""Pure header rewriting: hop-by-hop stripping, X-Forwarded-*, Via, and h2 <-> h1 translation.
+
+Headers are ``list[tuple[bytes, bytes]]`` with lower-case names at every boundary. Each
+function makes one pass over the list, because this runs for every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1, plus the de-facto ones every proxy strips.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Headers we set ourselves on the way up; whatever the client sent for them is replaced
+# (X-Forwarded-For and Via are appended to instead, see below).
+_SET_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"host"})
+VIA_TOKEN = b"pooled-proxy"
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Names listed in ``Connection`` headers: those headers are hop-by-hop too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def _drop_set(headers: Headers) -> frozenset[bytes]:
+    named = connection_tokens(headers)
+    return HOP_BY_HOP | named if named else HOP_BY_HOP
+
+
+def upstream_request_headers(
+    headers: Headers,
+    *,
+    host: bytes,
+    client_ip: bytes,
+    scheme: bytes,
+    protocol: bytes,
+) -> Headers:
+    """The headers to send upstream for a client request.
+
+    ``protocol`` is the client's HTTP version as it goes into ``Via`` (``b"1.1"`` or ``b"2"``).
+    """
+    drop = _drop_set(headers)
+    out: Headers = [(b"host", host)]
+    forwarded_for = b""
+    via = b""
+    for name, value in headers:
+        if name in drop or name in _SET_BY_PROXY:
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+        elif name == b"via":
+            via = via + b", " + value if via else value
+        else:
+            out.append((name, value))
+    out.append((b"x-forwarded-for", forwarded_for + b", " + client_ip if forwarded_for else client_ip))
+    out.append((b"x-forwarded-proto", scheme))
+    out.append((b"x-forwarded-host", host))
+    hop = protocol + b" " + VIA_TOKEN
+    out.append((b"via", via + b", " + hop if via else hop))
+    return out
+
+
+def client_response_headers(headers: Headers, *, protocol: bytes) -> Headers:
+    """The headers to send the client for an upstream response; ``protocol`` is the upstream's."""
+    drop = _drop_set(headers)
+    out: Headers = []
+    via = b""
+    for name, value in headers:
+        if name in drop:
+            continue
+        if name == b"via":
+            via = via + b", " + value if via else value
+        else:
+            out.append((name, value))
+    hop = protocol + b" " + VIA_TOKEN
+    out.append((b"via", via + b", " + hop if via else hop))
+    return out
+
+
+def keep_alive_timeout(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+    """The ``timeout=N`` an upstream advertises in ``Keep-Alive``, if any."""
+    for name, value in headers:
+        if name != b"keep-alive":
+            continue
+        for param in value.split(b","):
+            key, _, number = param.strip().partition(b"=")
+            if key.strip().lower() == b"timeout":
+                try:
+                    seconds = float(number.strip())
+                except ValueError:
+                    return None
+                return seconds if seconds >= 0 else None
+    return None
+
+
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
+
+
+def h2_request_to_h1(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> tuple[dict[bytes, bytes], Headers]:
+    """Split an HTTP/2 header block into pseudo-headers and ordinary headers.
+
+    Cookie crumbs (RFC 9113 section 8.2.3) are joined with ``; `` into one header, as an
+    HTTP/1.1 upstream expects.
+    """
+    pseudo: dict[bytes, bytes] = {}
+    out: Headers = []
+    cookies: list[bytes] = []
+    for name, value in headers:
+        if name.startswith(b":"):
+            pseudo[name] = value
+        elif name == b"cookie":
+            cookies.append(value)
+        else:
+            out.append((name, value))
+    if cookies:
+        out.append((b"cookie", b"; ".join(cookies)))
+    return pseudo, out
+
+
+def h1_response_to_h2(status: int, headers: Headers) -> Headers:
+    """An HTTP/2 response header block: ``:status`` first, names lower-case, no h1-only ones."""
+    out: Headers = [(b":status", str(status).encode())]
+    for name, value in headers:
+        name = name.lower()
+        if name in HOP_BY_HOP or name == b"host":
+            continue
+        out.append((name, value))
+    return out

@@ -1,0 +1,355 @@
+"""A bounded pool of keep-alive connections to one upstream server.
+
+``PoolState`` is the pure bookkeeping (no trio, no sockets): capacity, the idle LIFO stack,
+the FIFO wait queue. ``UpstreamPool`` is the trio shell that opens, hands out, reaps and
+closes connections, deciding everything through ``PoolState`` first and doing the I/O after.
+
+Invariants (checked by a hypothesis state machine in the tests):
+``in_use + connecting + len(idle) <= max_connections`` and ``len(idle) <= max_idle``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from .config import ServerAddress, UpstreamConfig
+from .errors import Draining, PoolTimeout
+from .upstream import UpstreamConnection, open_connection
+
+
+class PooledConnection(Protocol):
+    requests_sent: int
+    keepalive_expiry: float | None
+
+    def close(self) -> None: ...
+
+    def is_readable(self) -> bool: ...
+
+
+C = TypeVar("C", bound=PooledConnection)
+
+
+class Waiter(Generic[C]):
+    """A request queued for a connection: it is handed either a connection or a connect slot."""
+
+    __slots__ = ("event", "connection", "may_connect")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.connection: C | None = None
+        self.may_connect = False
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    in_use: int
+    idle: int
+    connecting: int
+    waiting: int
+    opened: int
+    reused: int
+    closed: Mapping[str, int]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain
+    queue_rejected: int  # queue full
+    queue_timeouts: int
+    queue_waits: int
+    queue_wait_seconds: float
+
+
+class PoolState(Generic[C]):
+    """Pure pool accounting. Methods return what to close; the shell closes it."""
+
+    def __init__(self, *, max_connections: int, max_idle: int, idle_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: deque[tuple[C, float]] = deque()  # (connection, expires_at); newest on the right
+        self.in_use = 0
+        self.connecting = 0
+        self.waiters: deque[Waiter[C]] = deque()
+
+    @property
+    def total(self) -> int:
+        return self.in_use + self.connecting + len(self.idle)
+
+    def can_open(self) -> bool:
+        return self.total < self.max_connections
+
+    def expiry(self, connection: C, now: float) -> float:
+        expires = now + self.idle_timeout
+        if connection.keepalive_expiry is not None:
+            expires = min(expires, connection.keepalive_expiry)
+        return expires
+
+    def take_idle(self, now: float) -> tuple[C | None, list[tuple[C, str]]]:
+        """The most recently used live idle connection (LIFO keeps the hot ones warm)."""
+        dead: list[tuple[C, str]] = []
+        while self.idle:
+            connection, expires_at = self.idle.pop()
+            if expires_at <= now:
+                dead.append((connection, _expiry_reason(connection, expires_at)))
+            elif connection.is_readable():
+                dead.append((connection, "stale"))
+            else:
+                self.in_use += 1
+                return connection, dead
+        return None, dead
+
+    def put_back(self, connection: C, now: float) -> tuple[Waiter[C] | None, str | None]:
+        """A reusable connection comes back: to the first waiter, else the idle stack.
+
+        Returns the waiter it went to, or a close reason if it must be closed instead.
+        The caller has already taken it out of ``in_use``.
+        """
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.connection = connection
+            self.in_use += 1
+            return waiter, None
+        if len(self.idle) >= self.max_idle:
+            return None, "max_idle"
+        expires_at = self.expiry(connection, now)
+        if expires_at <= now:
+            return None, _expiry_reason(connection, expires_at)
+        self.idle.append((connection, expires_at))
+        return None, None
+
+    def grant_capacity(self) -> Waiter[C] | None:
+        """After capacity was freed: let the first waiter open a connection (slot reserved)."""
+        if self.waiters and self.can_open():
+            waiter = self.waiters.popleft()
+            waiter.may_connect = True
+            self.connecting += 1
+            return waiter
+        return None
+
+    def expire(self, now: float) -> list[tuple[C, str]]:
+        keep: deque[tuple[C, float]] = deque()
+        dead: list[tuple[C, str]] = []
+        for connection, expires_at in self.idle:
+            if expires_at <= now:
+                dead.append((connection, _expiry_reason(connection, expires_at)))
+            else:
+                keep.append((connection, expires_at))
+        self.idle = keep
+        return dead
+
+    def next_expiry(self) -> float:
+        return min((expires_at for _, expires_at in self.idle), default=math.inf)
+
+
+def _expiry_reason(connection: PooledConnection, expires_at: float) -> str:
+    if connection.keepalive_expiry is not None and expires_at >= connection.keepalive_expiry:
+        return "keepalive_timeout"
+    return "idle_timeout"
+
+
+Connector = Callable[[ServerAddress], Awaitable[UpstreamConnection]]
+
+
+class UpstreamPool:
+    """The connections to one upstream server. ``acquire`` is cancellation-safe."""
+
+    def __init__(
+        self,
+        server: ServerAddress,
+        config: UpstreamConfig,
+        *,
+        connect: Connector | None = None,
+    ) -> None:
+        self.server = server
+        self.config = config
+        self._connect: Connector = connect or (
+            lambda s: open_connection(s, connect_timeout=config.connect_timeout)
+        )
+        self._state: PoolState[UpstreamConnection] = PoolState(
+            max_connections=config.max_connections,
+            max_idle=config.max_idle,
+            idle_timeout=config.idle_timeout,
+        )
+        self._closed_by: Counter[str] = Counter()
+        self._opened = 0
+        self._reused = 0
+        self._queue_rejected = 0
+        self._queue_timeouts = 0
+        self._queue_waits = 0
+        self._queue_wait_seconds = 0.0
+        self._closing = False
+        self._reaper_wakeup = trio.Event()
+        self._reaper_target = math.inf
+
+    def __repr__(self) -> str:
+        s = self._state
+        return (
+            f"<UpstreamPool {self.server} in_use={s.in_use} idle={len(s.idle)} "
+            f"connecting={s.connecting} waiting={len(s.waiters)}>"
+        )
+
+    def statistics(self) -> PoolStatistics:
+        s = self._state
+        return PoolStatistics(
+            in_use=s.in_use,
+            idle=len(s.idle),
+            connecting=s.connecting,
+            waiting=len(s.waiters),
+            opened=self._opened,
+            reused=self._reused,
+            closed=dict(self._closed_by),
+            queue_rejected=self._queue_rejected,
+            queue_timeouts=self._queue_timeouts,
+            queue_waits=self._queue_waits,
+            queue_wait_seconds=self._queue_wait_seconds,
+        )
+
+    @property
+    def load(self) -> int:
+        """Connections busy or about to be, for least_conn balancing."""
+        return self._state.in_use + self._state.connecting + len(self._state.waiters)
+
+    def _close(self, connection: UpstreamConnection, reason: str) -> None:
+        connection.close()
+        self._closed_by[reason] += 1
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection for one exchange, and whether it is a reused one.
+
+        Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
+        ``queue_timeout``, and the connect errors of :func:`open_connection`.
+        """
+        if self._closing:
+            raise Draining("upstream pool is closing")
+        state = self._state
+        connection, dead = state.take_idle(trio.current_time())
+        for stale, reason in dead:
+            self._close(stale, reason)
+        if connection is not None:
+            self._reused += 1
+            # No checkpoint on this path on purpose: it is the hot path, and the exchange
+            # checkpoints on its first send anyway.
+            return connection, True
+        if state.can_open():
+            state.connecting += 1
+            return await self._open(), False
+        return await self._wait()
+
+    async def _wait(self) -> tuple[UpstreamConnection, bool]:
+        state = self._state
+        if len(state.waiters) >= self.config.queue_size:
+            self._queue_rejected += 1
+            raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
+        waiter: Waiter[UpstreamConnection] = Waiter()
+        state.waiters.append(waiter)
+        started = trio.current_time()
+        self._queue_waits += 1
+        try:
+            with trio.move_on_after(self.config.queue_timeout or math.inf):
+                await waiter.event.wait()
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        finally:
+            self._queue_wait_seconds += trio.current_time() - started
+        if waiter.connection is not None:
+            self._reused += 1
+            return waiter.connection, True
+        if waiter.may_connect:
+            return await self._open(), False
+        self._abandon(waiter)
+        if self._closing:
+            raise Draining("upstream pool is closing")
+        self._queue_timeouts += 1
+        raise PoolTimeout(
+            f"no connection to {self.server} within queue_timeout "
+            f"({self.config.queue_timeout:g}s)"
+        )
+
+    def _abandon(self, waiter: Waiter[UpstreamConnection]) -> None:
+        """A waiter gave up (timeout or cancel): return whatever it was handed."""
+        state = self._state
+        if waiter.connection is not None:
+            connection, waiter.connection = waiter.connection, None
+            self.release(connection, reusable=True)
+        elif waiter.may_connect:
+            waiter.may_connect = False
+            state.connecting -= 1
+            self._grant_capacity()
+        else:
+            try:
+                state.waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    async def _open(self) -> UpstreamConnection:
+        """Open a connection for a slot already counted in ``connecting``."""
+        state = self._state
+        try:
+            connection = await self._connect(self.server)
+        except BaseException:
+            state.connecting -= 1
+            self._grant_capacity()
+            raise
+        state.connecting -= 1
+        state.in_use += 1
+        self._opened += 1
+        return connection
+
+    def _grant_capacity(self) -> None:
+        waiter = self._state.grant_capacity()
+        if waiter is not None:
+            waiter.event.set()
+
+    def release(self, connection: UpstreamConnection, *, reusable: bool) -> None:
+        """Give a connection back. Only a connection whose exchange completed cleanly is reusable."""
+        state = self._state
+        state.in_use -= 1
+        reason: str | None = "error"
+        if reusable and connection.is_reusable() and not self._closing:
+            limit = self.config.max_requests_per_connection
+            if limit and connection.requests_sent >= limit:
+                reason = "max_requests"
+            else:
+                connection.prepare_reuse()
+                now = trio.current_time()
+                waiter, reason = state.put_back(connection, now)
+                if waiter is not None:
+                    waiter.event.set()
+                    return
+                if reason is None:
+                    expires_at = state.idle[-1][1]
+                    if expires_at < self._reaper_target:
+                        self._reaper_wakeup.set()
+                    return
+        elif self._closing:
+            reason = "drain"
+        self._close(connection, reason)
+        self._grant_capacity()
+
+    async def run_reaper(self) -> None:
+        """Close idle connections as they expire, so none outlives ``idle_timeout``."""
+        while True:
+            self._reaper_wakeup = trio.Event()
+            self._reaper_target = self._state.next_expiry()
+            with trio.move_on_at(self._reaper_target):
+                await self._reaper_wakeup.wait()
+            now = trio.current_time()
+            expired = self._state.expire(now)
+            for connection, reason in expired:
+                self._close(connection, reason)
+            if expired:
+                self._grant_capacity()
+
+    def close(self) -> None:
+        """Stop pooling: close idle connections now, in-use ones when they come back."""
+        self._closing = True
+        state = self._state
+        while state.idle:
+            connection, _ = state.idle.pop()
+            self._close(connection, "drain")
+        while state.waiters:
+            waiter = state.waiters.popleft()
+            waiter.event.set()  # wakes with neither connection nor slot: a PoolTimeout

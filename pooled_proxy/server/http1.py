@@ -1,0 +1,319 @@
+"""The HTTP/1.1 front end: one h11 server connection per client, keep-alive, pipelining.
+
+Requests on a connection are served one after another, so pipelined requests are answered
+in order (h11 keeps the bytes of the next request buffered until we start its cycle).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from http import HTTPStatus
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h11
+import trio
+
+from ..answers import error_response
+from ..errors import (
+    BodyTooLarge,
+    ClientDisconnected,
+    ClientError,
+    ProxyError,
+    RequestBodyTimeout,
+    RequestHeaderTimeout,
+)
+from ..exchange import Exchange, ExchangeRecord, RequestHead
+from ..headers import Headers
+from ..proxy import Proxy
+
+LOG = logging.getLogger("pooled_proxy.http1")
+
+MAX_RECEIVE = 64 * 1024
+CLOSE_TIMEOUT = 2.0  # how long a polite close may linger after an error answer
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class _Timeout(Exception):
+    pass
+
+
+class HTTP1Connection:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        proxy: Proxy,
+        *,
+        client_ip: bytes,
+        scheme: bytes,
+        initial_data: bytes = b"",
+    ) -> None:
+        self.stream = stream
+        self.proxy = proxy
+        self.client_ip = client_ip
+        self.scheme = scheme
+        server = proxy.server
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_bytes)
+        if initial_data:
+            self.h11.receive_data(initial_data)
+        self.requests = 0
+        self.head_sent = False
+        self.close_after_response = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _receive(self, deadline: float) -> None:
+        with trio.move_on_at(deadline) as scope:
+            try:
+                data = await self.stream.receive_some(MAX_RECEIVE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+        if scope.cancelled_caught:
+            raise _Timeout
+        self.h11.receive_data(data)
+
+    async def _next_event(self, deadline: float) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._receive(deadline)
+
+    async def _wait_for_request_bytes(self) -> bool:
+        """Idle between requests until the client sends more, times out, or we drain."""
+        if self.h11.trailing_data[0] or self.proxy.draining:
+            return not self.proxy.draining
+        scope = trio.CancelScope(deadline=trio.current_time() + self.proxy.server.keepalive_timeout)
+        self.proxy.idle_waits.add(scope)
+        try:
+            with scope:
+                while not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
+                    data = await self.stream.receive_some(MAX_RECEIVE)
+                    self.h11.receive_data(data)
+                    if not data:
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return False
+        finally:
+            self.proxy.idle_waits.discard(scope)
+        return not scope.cancelled_caught
+
+    async def _read_request(self) -> h11.Request | None:
+        if self.requests and not await self._wait_for_request_bytes():
+            return None
+        deadline = trio.current_time() + self.proxy.server.header_timeout
+        try:
+            event = await self._next_event(deadline)
+        except _Timeout:
+            raise RequestHeaderTimeout(
+                f"request head not complete within {self.proxy.server.header_timeout:g}s"
+            ) from None
+        except h11.RemoteProtocolError as exc:
+            raise ClientError(str(exc), status=exc.error_status_hint) from None
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        return event
+
+    async def _request_body(self, limit: int) -> AsyncIterator[bytes]:
+        body_timeout = self.proxy.server.body_timeout or math.inf
+        received = 0
+        while True:
+            try:
+                event = await self._next_event(trio.current_time() + body_timeout)
+            except _Timeout:
+                raise RequestBodyTimeout(
+                    f"request body stalled for {self.proxy.server.body_timeout:g}s"
+                ) from None
+            except h11.RemoteProtocolError as exc:
+                raise ClientError(f"bad request body: {exc}", status=exc.error_status_hint) from None
+            if isinstance(event, h11.Data):
+                received += len(event.data)
+                if limit and received > limit:
+                    raise BodyTooLarge(f"request body over max_body_bytes ({limit})")
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise ClientDisconnected("client closed the connection mid-body")
+
+    # -- writing (the ResponseSink protocol) -------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        write_timeout = self.proxy.server.write_timeout or math.inf
+        try:
+            with trio.fail_after(write_timeout):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            raise ClientDisconnected(f"client did not read for {write_timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientDisconnected(f"client went away: {exc}") from None
+
+    async def send_informational(self, status: int, headers: Headers) -> None:
+        if self.h11.they_are_waiting_for_100_continue or status != 100:
+            await self._write(self.h11.send(h11.InformationalResponse(status_code=status, headers=headers)))
+
+    async def send_head(self, status: int, headers: Headers, *, end: bool = False) -> None:
+        if self.proxy.draining or self.close_after_response:
+            headers = [*headers, (b"connection", b"close")]
+        try:
+            data = self.h11.send(
+                h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
+            )
+            if end:
+                data += self.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            self.h11.send_failed()
+            raise ClientDisconnected(f"cannot send response: {exc}") from None
+        self.head_sent = True
+        await self._write(data)
+
+    async def send_data(self, data: bytes) -> None:
+        await self._write(self.h11.send(h11.Data(data=data)))
+
+    async def end(self, trailers: Headers | None = None) -> None:
+        # Trailers are dropped: HTTP/1.1 clients rarely ask for them (TE: trailers), and h11
+        # can only send them on a chunked response.
+        await self._write(self.h11.send(h11.EndOfMessage()))
+
+    async def reset(self) -> None:
+        """Abort: close the connection mid-response so the client sees it incomplete."""
+        self.h11.send_failed()
+        await trio.aclose_forcefully(self.stream)
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def _request_head(self, request: h11.Request) -> RequestHead:
+        server = self.proxy.server
+        if len(request.headers) > server.max_header_count:
+            raise ClientError(
+                f"more than {server.max_header_count} request headers", status=431
+            )
+        authority = b""
+        headers: Headers = []
+        content_length: int | None = None
+        chunked = False
+        for name, value in request.headers:
+            if name == b"host":
+                authority = value
+                continue
+            if name == b"content-length":
+                if content_length is not None:
+                    raise ClientError("repeated Content-Length")
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            headers.append((name, value))
+        if chunked and content_length is not None:
+            raise ClientError("both Content-Length and Transfer-Encoding")
+        if request.method == b"CONNECT":
+            raise ClientError("CONNECT is not supported by a reverse proxy", status=405)
+        target = request.target
+        if not target.startswith(b"/"):
+            target, authority = _origin_form(target, authority)
+        return RequestHead(
+            method=request.method,
+            target=target,
+            authority=authority,
+            scheme=self.scheme,
+            headers=headers,
+            http_version=request.http_version,
+            client_ip=self.client_ip,
+            has_body=chunked or bool(content_length),
+            content_length=content_length,
+        )
+
+    async def serve(self) -> None:
+        """Serve requests until the client or a limit closes the connection."""
+        try:
+            while await self._serve_one():
+                self.h11.start_next_cycle()
+        except ClientDisconnected:
+            pass
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await self.stream.aclose()
+
+    async def _serve_one(self) -> bool:
+        """One request-response cycle; True if the connection can carry another."""
+        now = trio.current_time()
+        record = ExchangeRecord(start=now, wall_start=time.time(), client_ip=self.client_ip)
+        try:
+            request = await self._read_request()
+            if request is None:
+                return False
+            record.start = trio.current_time()
+            record.method, record.target = request.method, request.target
+            record.protocol = b"HTTP/" + request.http_version
+            head = self._request_head(request)
+        except ProxyError as exc:
+            await self._answer_and_close(exc, record)
+            return False
+        self.requests += 1
+        server = self.proxy.server
+        limit = server.max_requests_per_connection
+        self.close_after_response = bool(limit and self.requests >= limit)
+        if server.max_body_bytes and (head.content_length or 0) > server.max_body_bytes:
+            await self._answer_and_close(
+                BodyTooLarge(f"Content-Length over max_body_bytes ({server.max_body_bytes})"), record
+            )
+            return False
+        exchange = Exchange(
+            head=head,
+            body=self._request_body(server.max_body_bytes),
+            sink=self,
+            record=record,
+        )
+        self.head_sent = False
+        self.proxy.active_exchanges += 1
+        try:
+            await self.proxy.forwarder.forward(exchange)
+        finally:
+            self.proxy.active_exchanges -= 1
+        return (
+            self.h11.our_state is h11.DONE
+            and self.h11.their_state is h11.DONE
+            and not self.proxy.draining
+        )
+
+    async def _answer_and_close(self, exc: ProxyError, record: ExchangeRecord) -> None:
+        """Answer an error found before any exchange started, then close the connection."""
+        status, headers, body = error_response(exc)
+        record.status, record.error = status, exc.proxy_status
+        headers.append((b"connection", b"close"))
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            # h11 refuses to send a response before it has seen a request; a bad or missing
+            # request head gets hand-built bytes instead.
+            if self.h11.their_state is h11.SEND_BODY or self.h11.their_state is h11.DONE:
+                data = self.h11.send(h11.Response(status_code=status, headers=headers))
+                data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+            else:
+                data = _raw_response(status, headers, body)
+            await self._write(data)
+        except (ClientDisconnected, h11.LocalProtocolError):
+            return
+        finally:
+            record.duration = trio.current_time() - record.start
+            for observer in self.proxy.forwarder.observers:
+                observer(record)
+
+
+def _raw_response(status: int, headers: Headers, body: bytes) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b""))]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _origin_form(target: bytes, authority: bytes) -> tuple[bytes, bytes]:
+    """absolute-form (``http://host/path``) -> origin-form; the target's host wins (RFC 9112 3.2.2)."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        if target == b"*":
+            return target, authority
+        raise ClientError("request target must be origin-form or absolute-form")
+    host, slash, path = rest.partition(b"/")
+    return (b"/" + path if slash else b"/"), (host or authority)

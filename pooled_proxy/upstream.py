@@ -1,0 +1,193 @@
+"""One keep-alive HTTP/1.1 connection to an upstream server: a thin trio shell around h11.
+
+Everything above this module sees only :mod:`pooled_proxy.errors`, never trio or h11
+exceptions: they are mapped once, here.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import ssl
+from typing import Any
+
+import h11
+import trio
+
+from .config import ServerAddress
+from .errors import (
+    ConnectTimeout,
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
+from .headers import Headers, keep_alive_timeout
+
+MAX_RECEIVE = 64 * 1024
+MAX_RESPONSE_HEAD = 64 * 1024
+# Retire a connection this long before the upstream's advertised Keep-Alive timeout, so we
+# never send on a socket the upstream is about to close (the keep-alive race).
+KEEPALIVE_SAFETY_MARGIN = 1.0
+
+
+async def open_connection(
+    server: ServerAddress, *, connect_timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> UpstreamConnection:
+    try:
+        with trio.fail_after(connect_timeout or math.inf):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(server.host, server.port)
+            if server.tls:
+                context = ssl_context or ssl.create_default_context()
+                tls = trio.SSLStream(stream, context, server_hostname=server.host, https_compatible=True)
+                await tls.do_handshake()
+                stream = tls
+    except trio.TooSlowError:
+        raise ConnectTimeout(f"connect to {server} timed out after {connect_timeout:g}s") from None
+    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+        raise UpstreamConnectError(f"connect to {server} failed: {exc}") from None
+    return UpstreamConnection(stream, server)
+
+
+def _socket_of(stream: trio.abc.Stream) -> Any:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return getattr(stream, "socket", None)
+
+
+class UpstreamConnection:
+    """An h11 client connection. Used by one exchange at a time; the pool owns it in between."""
+
+    def __init__(self, stream: trio.abc.Stream, server: ServerAddress) -> None:
+        self.server = server
+        self._stream = stream
+        self._socket = _socket_of(stream)
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.requests_sent = 0
+        self.received_bytes = 0  # of the current response, to tell a stale socket from a bad reply
+        self.keepalive_expiry: float | None = None  # from the upstream's Keep-Alive header
+        self.closed = False
+        self.send_failed = False
+        self.trailers: Headers = []
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.server} requests={self.requests_sent}>"
+
+    # -- state, all sync -------------------------------------------------------------------
+
+    def is_reusable(self) -> bool:
+        return (
+            not self.closed
+            and not self.send_failed
+            and self._h11.our_state is h11.DONE
+            and self._h11.their_state is h11.DONE
+        )
+
+    def is_readable(self) -> bool:
+        """An idle connection that is readable has been closed (or broken) by the upstream."""
+        if self.closed or self._socket is None:
+            return self.closed
+        try:
+            readable, _, _ = select.select([self._socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def prepare_reuse(self) -> None:
+        self._h11.start_next_cycle()
+
+    def close(self) -> None:
+        """Close at once, without a TLS goodbye: used for failed, cancelled and expired connections."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._socket is not None:
+            self._socket.close()
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # Not closed yet: the upstream may have answered early (a 413, say) before closing,
+            # and that answer is still waiting in our receive buffer.
+            self.send_failed = True
+            raise UpstreamClosed(f"upstream {self.server} closed while we were sending: {exc}") from None
+
+    async def send_request(
+        self, method: bytes, target: bytes, headers: Headers, *, end: bool
+    ) -> None:
+        """Send the request head; with ``end``, the request has no body and is complete."""
+        self.requests_sent += 1
+        self.received_bytes = 0
+        try:
+            data = self._h11.send(h11.Request(method=method, target=target, headers=headers))
+            if end:
+                data += self._h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            self.close()
+            raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
+        await self._send(data)
+
+    async def send_body(self, chunk: bytes) -> None:
+        await self._send(self._h11.send(h11.Data(data=chunk)))
+
+    async def end_body(self) -> None:
+        await self._send(self._h11.send(h11.EndOfMessage()))
+
+    async def _next_event(self) -> Any:
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.close()
+                if self.received_bytes and self._h11.their_state is not h11.SEND_BODY:
+                    raise UpstreamProtocolError(f"bad response from {self.server}: {exc}") from None
+                raise UpstreamClosed(
+                    f"upstream {self.server} closed the connection mid-response: {exc}"
+                ) from None
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self._stream.receive_some(MAX_RECEIVE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.close()
+                raise UpstreamClosed(f"upstream {self.server} reset the connection: {exc}") from None
+            if not data and not self.received_bytes:
+                self.close()
+                raise UpstreamClosed(f"upstream {self.server} closed the connection before responding")
+            self.received_bytes += len(data)
+            self._h11.receive_data(data)
+
+    async def receive_response_head(self) -> h11.Response | h11.InformationalResponse:
+        event = await self._next_event()
+        if isinstance(event, (h11.Response, h11.InformationalResponse)):
+            if isinstance(event, h11.Response):
+                advertised = keep_alive_timeout(event.headers)
+                if advertised is not None:
+                    self.keepalive_expiry = trio.current_time() + max(
+                        0.0, advertised - KEEPALIVE_SAFETY_MARGIN
+                    )
+            return event
+        self.close()
+        raise UpstreamClosed(f"upstream {self.server} closed the connection before a response")
+
+    async def receive_data(self) -> bytes | None:
+        """The next response body chunk as it arrived, or ``None`` at the end (see ``trailers``)."""
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                self.trailers = list(event.headers)
+                return None
+            self.close()
+            raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")
+
+    @property
+    def expects_more_response(self) -> bool:
+        return self._h11.their_state is h11.SEND_BODY
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
