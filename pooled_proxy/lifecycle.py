@@ -27,30 +27,32 @@ async def serve(
     task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``proxy.begin_drain()``, then drain and return."""
-    async with trio.open_nursery() as root:
-        root.start_soon(proxy.forwarder.run_reapers)
-        async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as accept:
-                addresses = await accept.start(serve_listeners, proxy, handlers)
-                for address in addresses:
-                    LOG.info("listening on http://%s (HTTP/1.1, h2c)", address)
-                task_status.started(addresses)
-                await proxy.drain_started.wait()
-                accept.cancel_scope.cancel()
-            deadline = trio.current_time() + proxy.server.drain_timeout
-            handlers.cancel_scope.deadline = deadline
-            LOG.info(
-                "drain started: %d exchange(s) in flight, %d client connection(s), grace %gs",
-                proxy.active_exchanges,
-                proxy.client_connections,
-                proxy.server.drain_timeout,
-            )
-        if handlers.cancel_scope.cancelled_caught:
-            LOG.warning("drain deadline passed: in-flight exchanges were cut")
-        else:
-            LOG.info("drain complete: every exchange finished")
+    try:
+        async with trio.open_nursery() as root:
+            root.start_soon(proxy.forwarder.run_reapers)
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as accept:
+                    addresses = await accept.start(serve_listeners, proxy, handlers)
+                    for address in addresses:
+                        LOG.info("listening on http://%s (HTTP/1.1, h2c)", address)
+                    task_status.started(addresses)
+                    await proxy.drain_started.wait()
+                    accept.cancel_scope.cancel()
+                handlers.cancel_scope.deadline = trio.current_time() + proxy.server.drain_timeout
+                LOG.info(
+                    "drain started: %d exchange(s) in flight, %d client connection(s), grace %gs",
+                    proxy.active_exchanges,
+                    proxy.client_connections,
+                    proxy.server.drain_timeout,
+                )
+            if handlers.cancel_scope.cancelled_caught:
+                LOG.warning("drain deadline passed: in-flight exchanges were cut")
+            else:
+                LOG.info("drain complete: every exchange finished")
+            root.cancel_scope.cancel()
+    finally:
+        # Cancelled or drained, no pooled connection outlives the proxy.
         proxy.forwarder.close()
-        root.cancel_scope.cancel()
 
 
 async def run(

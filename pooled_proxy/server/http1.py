@@ -248,6 +248,11 @@ class HTTP1Connection:
             record.method, record.target = request.method, request.target
             record.protocol = b"HTTP/" + request.http_version
             head = self._request_head(request)
+            if not head.has_body:
+                # A bodiless request's EndOfMessage is already parsed; take it now so the
+                # client side reaches DONE without a body reader.
+                end = self.h11.next_event()
+                assert isinstance(end, h11.EndOfMessage), end
         except ProxyError as exc:
             await self._answer_and_close(exc, record)
             return False

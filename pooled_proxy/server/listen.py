@@ -64,6 +64,10 @@ async def handle_client(
             stream, proxy, client_ip=client_ip, scheme=scheme, initial_data=initial
         )
         await connection.serve()
+    except Exception:
+        # One bad connection must never take the others down with it.
+        LOG.exception("connection from %s failed", client_ip.decode())
+        await trio.aclose_forcefully(stream)
     finally:
         proxy.client_connections -= 1
 

@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` runs the proxy, `make test` runs the tests.
+# Each makes the virtualenv (.venv) with everything it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pooled-proxy demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow"
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
