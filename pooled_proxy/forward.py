@@ -196,8 +196,12 @@ class Forwarder:
             except BaseException:
                 pool.release(connection, reusable=False)
                 raise
+            # The upstream's part is complete: free its connection before flushing the
+            # end of the response to a client that may be slow.
+            trailers = connection.trailers
             pool.release(connection, reusable=upload is None or upload.done)
             health.record_success()
+            await exchange.sink.end(trailers or None)
             return
 
     async def _exchange(
@@ -281,4 +285,3 @@ class Forwarder:
                 break
             record.bytes_out += len(chunk)
             await sink.send_data(chunk)
-        await sink.end(connection.trailers or None)

@@ -1,0 +1,301 @@
+"""UpstreamPool and PoolState: bounds, idle expiry, the wait queue, cancellation safety.
+
+Driven with trio's MockClock over in-memory streams, so every timeout runs instantly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pooled_proxy.config import ServerAddress, UpstreamConfig
+from pooled_proxy.errors import PoolTimeout
+from pooled_proxy.pool import PoolState, UpstreamPool
+from pooled_proxy.upstream import UpstreamConnection
+
+SERVER = ServerAddress("127.0.0.1", 9)
+
+
+class Connector:
+    """Hands out UpstreamConnections over memory streams and remembers the far ends."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.opened: list[UpstreamConnection] = []
+
+    async def __call__(self, server: ServerAddress) -> UpstreamConnection:
+        await trio.sleep(self.delay)
+        near, _far = trio.testing.memory_stream_pair()
+        connection = UpstreamConnection(near, server)
+        self.opened.append(connection)
+        return connection
+
+
+def make_pool(connector: Connector, **limits: object) -> UpstreamPool:
+    config = UpstreamConfig(name="app", servers=(SERVER,), **limits)  # type: ignore[arg-type]
+    return UpstreamPool(SERVER, config, connect=connector)
+
+
+def finish_exchange(connection: UpstreamConnection) -> None:
+    """Walk the h11 state machine through one complete exchange, so it is reusable."""
+    import h11
+
+    conn = connection._h11
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert isinstance(conn.next_event(), h11.Response)
+    assert isinstance(conn.next_event(), h11.EndOfMessage)
+
+
+async def test_idle_connection_is_reused_lifo(autojump_clock):
+    connector = Connector()
+    pool = make_pool(connector)
+    first, reused = await pool.acquire()
+    second, _ = await pool.acquire()
+    assert not reused
+    for connection in (first, second):
+        finish_exchange(connection)
+    pool.release(first, reusable=True)
+    pool.release(second, reusable=True)
+    again, reused = await pool.acquire()
+    assert reused and again is second  # most recently used first
+    assert pool.statistics().idle == 1 and pool.statistics().in_use == 1
+
+
+async def test_reaper_closes_idle_connections_after_idle_timeout(autojump_clock, nursery):
+    connector = Connector()
+    pool = make_pool(connector, idle_timeout=60.0)
+    nursery.start_soon(pool.run_reaper)
+    connection, _ = await pool.acquire()
+    finish_exchange(connection)
+    pool.release(connection, reusable=True)
+    await trio.sleep(59)
+    assert pool.statistics().idle == 1 and not connection.closed
+    await trio.sleep(2)
+    stats = pool.statistics()
+    assert stats.idle == 0 and connection.closed
+    assert stats.closed == {"idle_timeout": 1}
+    fresh, reused = await pool.acquire()
+    assert not reused and fresh is not connection
+
+
+async def test_upstream_keepalive_hint_retires_connection_early(autojump_clock, nursery):
+    connector = Connector()
+    pool = make_pool(connector, idle_timeout=60.0)
+    nursery.start_soon(pool.run_reaper)
+    connection, _ = await pool.acquire()
+    finish_exchange(connection)
+    connection.keepalive_expiry = trio.current_time() + 4.0  # upstream said timeout=5
+    pool.release(connection, reusable=True)
+    await trio.sleep(4.5)
+    assert connection.closed
+    assert pool.statistics().closed == {"keepalive_timeout": 1}
+
+
+async def test_max_idle_closes_the_surplus(autojump_clock):
+    connector = Connector()
+    pool = make_pool(connector, max_idle=1)
+    a, _ = await pool.acquire()
+    b, _ = await pool.acquire()
+    finish_exchange(a)
+    finish_exchange(b)
+    pool.release(a, reusable=True)
+    pool.release(b, reusable=True)
+    stats = pool.statistics()
+    assert stats.idle == 1 and stats.closed == {"max_idle": 1} and b.closed
+
+
+async def test_unreusable_connection_is_closed_not_pooled(autojump_clock):
+    pool = make_pool(Connector())
+    connection, _ = await pool.acquire()
+    pool.release(connection, reusable=True)  # exchange never completed: h11 says no
+    assert connection.closed and pool.statistics().idle == 0
+    assert pool.statistics().closed == {"error": 1}
+
+
+async def test_max_requests_per_connection(autojump_clock):
+    pool = make_pool(Connector(), max_requests_per_connection=1)
+    connection, _ = await pool.acquire()
+    finish_exchange(connection)
+    connection.requests_sent = 1
+    pool.release(connection, reusable=True)
+    assert connection.closed and pool.statistics().closed == {"max_requests": 1}
+
+
+async def test_waiter_gets_released_connection_in_fifo_order(autojump_clock, nursery):
+    pool = make_pool(Connector(), max_connections=1, queue_timeout=30.0)
+    held, _ = await pool.acquire()
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        connection, reused = await pool.acquire()
+        order.append(i)
+        assert reused and connection is held
+        finish_exchange(connection)
+        pool.release(connection, reusable=True)
+
+    for i in range(3):
+        nursery.start_soon(wait, i)
+        await trio.testing.wait_all_tasks_blocked()
+    assert pool.statistics().waiting == 3
+    finish_exchange(held)
+    pool.release(held, reusable=True)
+    await trio.testing.wait_all_tasks_blocked()
+    assert order == [0, 1, 2]
+    assert pool.statistics().in_use == 0 and pool.statistics().opened == 1
+
+
+async def test_queue_timeout_raises_pool_timeout(autojump_clock):
+    pool = make_pool(Connector(), max_connections=1, queue_timeout=5.0)
+    await pool.acquire()
+    start = trio.current_time()
+    with pytest.raises(PoolTimeout):
+        await pool.acquire()
+    assert trio.current_time() - start == pytest.approx(5.0)
+    stats = pool.statistics()
+    assert stats.waiting == 0 and stats.queue_timeouts == 1
+
+
+async def test_full_queue_rejects_at_once(autojump_clock, nursery):
+    pool = make_pool(Connector(), max_connections=1, queue_size=2, queue_timeout=30.0)
+    await pool.acquire()
+    for _ in range(2):
+        nursery.start_soon(pool.acquire)
+    await trio.testing.wait_all_tasks_blocked()
+    start = trio.current_time()
+    with pytest.raises(PoolTimeout, match="full"):
+        await pool.acquire()
+    assert trio.current_time() == start
+    assert pool.statistics().queue_rejected == 1
+
+
+async def test_freed_capacity_lets_a_waiter_connect(autojump_clock, nursery):
+    connector = Connector()
+    pool = make_pool(connector, max_connections=1, queue_timeout=30.0)
+    held, _ = await pool.acquire()
+    got: list[bool] = []
+
+    async def wait() -> None:
+        _, reused = await pool.acquire()
+        got.append(reused)
+
+    nursery.start_soon(wait)
+    await trio.testing.wait_all_tasks_blocked()
+    pool.release(held, reusable=False)  # broken: closed, its slot goes to the waiter
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == [False] and len(connector.opened) == 2
+    stats = pool.statistics()
+    assert stats.in_use == 1 and stats.connecting == 0
+
+
+async def test_cancelled_waiter_leaves_the_queue(autojump_clock):
+    pool = make_pool(Connector(), max_connections=1, queue_timeout=30.0)
+    held, _ = await pool.acquire()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.acquire)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().waiting == 1
+        nursery.cancel_scope.cancel()
+    assert pool.statistics().waiting == 0
+    finish_exchange(held)
+    pool.release(held, reusable=True)  # nobody waits any more: it goes idle
+    stats = pool.statistics()
+    assert stats.in_use == 0 and stats.idle == 1
+
+
+async def test_cancelled_connect_frees_its_slot(autojump_clock):
+    pool = make_pool(Connector(delay=10), max_connections=1)
+    with trio.move_on_after(1):
+        await pool.acquire()
+    stats = pool.statistics()
+    assert stats.connecting == 0 and stats.in_use == 0
+    connection, _ = await pool.acquire()  # the slot is usable again
+    assert connection is not None
+
+
+async def test_close_drains_pool(autojump_clock):
+    pool = make_pool(Connector())
+    a, _ = await pool.acquire()
+    b, _ = await pool.acquire()
+    finish_exchange(a)
+    finish_exchange(b)
+    pool.release(a, reusable=True)
+    pool.close()
+    assert a.closed
+    pool.release(b, reusable=True)
+    assert b.closed
+    assert pool.statistics().closed == {"drain": 2}
+
+
+class FakeConnection:
+    requests_sent = 0
+    keepalive_expiry = None
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_readable(self) -> bool:
+        return False
+
+
+class PoolStateMachine(RuleBasedStateMachine):
+    """Random acquire/release/expire sequences never break the pool's bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: PoolState[FakeConnection] = PoolState(
+            max_connections=4, max_idle=2, idle_timeout=10.0
+        )
+        self.now = 0.0
+        self.leased: list[FakeConnection] = []
+
+    @rule()
+    def acquire(self) -> None:
+        connection, dead = self.state.take_idle(self.now)
+        assert all(c.closed is False for c, _ in dead)
+        if connection is None and self.state.can_open():
+            self.state.connecting += 1
+            self.state.connecting -= 1
+            self.state.in_use += 1
+            connection = FakeConnection()
+        if connection is not None:
+            self.leased.append(connection)
+
+    @precondition(lambda self: self.leased)
+    @rule(data=st.data(), reusable=st.booleans())
+    def release(self, data: st.DataObject, reusable: bool) -> None:
+        connection = self.leased.pop(data.draw(st.integers(0, len(self.leased) - 1)))
+        self.state.in_use -= 1
+        if reusable:
+            waiter, reason = self.state.put_back(connection, self.now)
+            assert waiter is None
+            if reason is not None:
+                connection.close()
+        else:
+            connection.close()
+
+    @rule(seconds=st.floats(0, 20))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for connection, _ in self.state.expire(self.now):
+            connection.close()
+
+    @invariant()
+    def bounded(self) -> None:
+        assert self.state.total <= self.state.max_connections
+        assert len(self.state.idle) <= self.state.max_idle
+        assert self.state.in_use == len(self.leased)
+        assert all(not c.closed for c, _ in self.state.idle)
+        assert all(expires > self.now or True for _, expires in self.state.idle)
+
+
+TestPoolStateMachine = PoolStateMachine.TestCase
+TestPoolStateMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)

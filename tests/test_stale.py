@@ -1,0 +1,130 @@
+"""The keep-alive race: an upstream that closes an idle connection we are about to reuse."""
+
+from __future__ import annotations
+
+import socket
+
+import h11
+import trio
+import trio.testing
+
+from tests.helpers import H11Client, make_config, start_proxy
+
+
+class OneShotUpstream:
+    """Answers the first request on each connection, keeps the connection open, and closes it
+    without answering when a second request arrives: the stale-connection race, every time."""
+
+    def __init__(self, *, close_idle_after: float | None = None) -> None:
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.close_idle_after = close_idle_after
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            answered = False
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if answered and self.close_idle_after is not None:
+                        await trio.sleep(self.close_idle_after)
+                        return
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    if answered:
+                        # A second request on this connection: drop it on the floor.
+                        stream.socket.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
+                        return
+                    self.requests.append(event.method + b" " + event.target)
+                if isinstance(event, h11.EndOfMessage):
+                    body = b"ok"
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
+                        + conn.send(h11.Data(data=body))
+                        + conn.send(h11.EndOfMessage())
+                    )
+                    answered = True
+                    conn.start_next_cycle()
+
+
+async def test_stale_reuse_of_idempotent_request_is_retried_not_502(nursery):
+    upstream = OneShotUpstream()
+    port = await nursery.start(upstream.serve)
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            for _ in range(5):
+                reply = await client.request("GET", "/")
+                assert (reply.status, reply.body) == (200, b"ok")
+    # Every reuse hit a dead connection and was retried once on a fresh one.
+    await trio.testing.wait_all_tasks_blocked()
+    assert proxy.proxy.forwarder.stale_retries == 4
+    assert upstream.connections == 5
+    assert proxy.pool().statistics().in_use == 0
+
+
+async def test_stale_reuse_of_post_with_body_is_not_replayed(nursery):
+    upstream = OneShotUpstream()
+    port = await nursery.start(upstream.serve)
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            assert (await client.request("GET", "/")).status == 200
+            reply = await client.request("POST", "/orders", body=b"x" * 10)
+    # The body may have reached the upstream: replaying a POST could do it twice.
+    assert reply.status == 502
+    assert b"error=http_response_incomplete" in reply.headers[b"proxy-status"]
+    assert upstream.requests == [b"GET /"]
+
+
+async def test_idle_connection_closed_by_upstream_is_never_handed_out(nursery):
+    upstream = OneShotUpstream(close_idle_after=0.05)
+    port = await nursery.start(upstream.serve)
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            assert (await client.request("GET", "/")).status == 200
+            await trio.sleep(0.2)  # the upstream has closed the idle connection by now
+            assert (await client.request("GET", "/")).status == 200
+    stats = proxy.pool().statistics()
+    assert stats.closed.get("stale") == 1
+    assert proxy.proxy.forwarder.stale_retries == 0
+
+
+async def test_connect_timeout_is_504(nursery):
+    # A listener whose accept queue is full: further SYNs are dropped and connect() hangs.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = trio.socket.socket()
+            with trio.move_on_after(0.2):
+                await filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        proxy = await start_proxy(nursery, make_config(port, connect_timeout=0.3))
+        with trio.fail_after(5):
+            async with await H11Client.connect(proxy.port) as client:
+                reply = await client.request("GET", "/")
+        assert reply.status == 504
+        assert b"error=connection_timeout" in reply.headers[b"proxy-status"]
+        assert proxy.pool().statistics().connecting == 0
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
