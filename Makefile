@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+LISTEN ?= 127.0.0.1:8080
 
 .PHONY: demo test test-all bench clean
 
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/pooled-proxy demo
+	$(VENV)/bin/pooled-proxy demo --listen $(LISTEN)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
