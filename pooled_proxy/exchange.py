@@ -7,7 +7,7 @@ protocol the client speaks.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,14 +69,20 @@ class ExchangeRecord:
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    route: str = ""  # the matched route as "host/prefix" ("*" for any host)
     route_upstream: str = ""
     upstream_server: str = ""
     upstream_reused: bool | None = None
     retried: bool = False
+    connect_time: float | None = None  # opening the upstream connection, when a new one was opened
+    upstream_header_time: float | None = None  # request sent upstream -> response head received
     ttfb: float | None = None
     duration: float = 0.0
     error: str = ""  # the Proxy-Status error type, if any
     event_stream: bool = False
+    # The request's headers as the client sent them (read by the access log's combined
+    # format for Referer and User-Agent); a reference, not a copy.
+    request_headers: Sequence[tuple[bytes, bytes]] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -53,9 +53,11 @@ class _Upload:
         self.error: ProxyError | None = None
         self.header_deadline = math.inf
         self.head_scope: trio.CancelScope | None = None
+        self.sent_at: float | None = None  # when the last body byte went upstream
 
     def _start_header_clock(self, header_timeout: float) -> None:
-        self.header_deadline = trio.current_time() + header_timeout
+        self.sent_at = trio.current_time()
+        self.header_deadline = self.sent_at + header_timeout
         if self.head_scope is not None:
             self.head_scope.deadline = self.header_deadline
 
@@ -103,6 +105,7 @@ class Forwarder:
                 self.upstreams[name] = UpstreamGroup(upstream_config, connect=connect)
         self.observers = observers
         self.stale_retries = 0
+        self.active_event_streams = 0  # SSE responses whose head was sent and that are not over
 
     async def run_reapers(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -123,6 +126,8 @@ class Forwarder:
         except ProxyError as exc:
             await self.answer_error(exchange.sink, record, exc)
         finally:
+            if record.event_stream:
+                self.active_event_streams -= 1
             record.duration = trio.current_time() - record.start
             for observer in self.observers:
                 observer(record)
@@ -151,7 +156,9 @@ class Forwarder:
         if route is None:
             raise NoRoute(f"no route for host {head.authority.decode('latin-1')!r}")
         group = self.upstreams[route.upstream]
+        record.route = (route.host or "*") + route.path_prefix
         record.route_upstream = group.name
+        record.request_headers = head.headers
         target = rewrite_target(route, head.target)
         headers = upstream_request_headers(
             head.headers,
@@ -174,6 +181,8 @@ class Forwarder:
                     continue
                 raise
             record.upstream_reused = reused
+            if not reused:
+                record.connect_time = connection.connect_time
             try:
                 await self._exchange(connection, group.config, head, target, headers, upload, exchange.sink, record)
             except UpstreamClosed:
@@ -218,16 +227,20 @@ class Forwarder:
         header_timeout = upstream.response_header_timeout or math.inf
         if upload is None:
             await connection.send_request(head.method, target, headers, end=True)
+            sent_at = trio.current_time()
             await self._relay_response(
-                connection, upstream, None, trio.current_time() + header_timeout, sink, record
+                connection, upstream, None, sent_at + header_timeout, sink, record, sent_at=sent_at
             )
             return
         await connection.send_request(head.method, target, headers, end=False)
+        head_sent_at = trio.current_time()
         relay_error: ProxyError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload.run, connection, header_timeout, nursery.cancel_scope)
             try:
-                await self._relay_response(connection, upstream, upload, math.inf, sink, record)
+                await self._relay_response(
+                    connection, upstream, upload, math.inf, sink, record, sent_at=head_sent_at
+                )
             except ProxyError as exc:
                 relay_error = exc
             # Done (or failed); a body still uploading means the upstream answered early, so
@@ -246,6 +259,8 @@ class Forwarder:
         header_deadline: float,
         sink: ResponseSink,
         record: ExchangeRecord,
+        *,
+        sent_at: float | None = None,
     ) -> None:
         while True:
             head_scope = trio.CancelScope(
@@ -267,9 +282,16 @@ class Forwarder:
                 await sink.send_informational(100, [])
 
         record.status = response.status_code
-        record.ttfb = trio.current_time() - record.start
+        now = trio.current_time()
+        record.ttfb = now - record.start
+        if upload is not None and upload.sent_at is not None:
+            sent_at = upload.sent_at  # else the upstream answered before the body was all sent
+        if sent_at is not None:
+            record.upstream_header_time = now - sent_at
         response_headers = client_response_headers(list(response.headers), protocol=b"1.1")
         record.event_stream = is_event_stream(response_headers)
+        if record.event_stream:
+            self.active_event_streams += 1  # until forward() finishes the exchange
         await sink.send_head(response.status_code, response_headers)
 
         read_timeout = upstream.read_timeout or math.inf

@@ -287,12 +287,14 @@ class UpstreamPool:
     async def _open(self) -> UpstreamConnection:
         """Open a connection for a slot already counted in ``connecting``."""
         state = self._state
+        started = trio.current_time()
         try:
             connection = await self._connect(self.server)
         except BaseException:
             state.connecting -= 1
             self._grant_capacity()
             raise
+        connection.connect_time = trio.current_time() - started
         state.connecting -= 1
         state.in_use += 1
         self._opened += 1

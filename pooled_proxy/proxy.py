@@ -6,6 +6,8 @@ new requests while exchanges in flight finish on the forwarder they started with
 
 from __future__ import annotations
 
+from collections import Counter
+
 import trio
 
 from .config import Config, ServerConfig
@@ -29,6 +31,9 @@ class Proxy:
         # cancels them so idle keep-alive connections close at once.
         self.idle_waits: set[trio.CancelScope] = set()
         self.client_connections = 0
+        # Open client connections by protocol ("http/1.1", "h2"): each front end counts its
+        # own while it serves a connection; the metrics read it at scrape time.
+        self.connections_by_protocol: Counter[str] = Counter()
         self.active_exchanges = 0
 
     @property

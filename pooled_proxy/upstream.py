@@ -65,6 +65,7 @@ class UpstreamConnection:
         self.requests_sent = 0
         self.received_bytes = 0  # of the current response, to tell a stale socket from a bad reply
         self.keepalive_expiry: float | None = None  # from the upstream's Keep-Alive header
+        self.connect_time: float | None = None  # seconds it took to open, set by the pool
         self.closed = False
         self.send_failed = False
         self.trailers: Headers = []

@@ -227,12 +227,14 @@ class HTTP1Connection:
 
     async def serve(self) -> None:
         """Serve requests until the client or a limit closes the connection."""
+        self.proxy.connections_by_protocol["http/1.1"] += 1
         try:
             while await self._serve_one():
                 self.h11.start_next_cycle()
         except ClientDisconnected:
             pass
         finally:
+            self.proxy.connections_by_protocol["http/1.1"] -= 1
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self.stream.aclose()
 

@@ -1,0 +1,157 @@
+"""The access log, parsed and matched line by line to the requests that were sent."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from datetime import datetime
+
+import trio
+import trio.testing
+
+from pooled_proxy.accesslog import AccessLog
+from pooled_proxy.config import LogConfig
+from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
+from tests.test_metrics import _closed_port
+
+COMBINED = re.compile(
+    r'(?P<client>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}|-) '
+    r'(?P<bytes_out>\d+|-) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)" in=(?P<bytes_in>\d+) '
+    r"upstream=(?P<upstream>\S+) conn=(?P<conn>new|reused|-) ttfb=(?P<ttfb>[\d.]+|-) "
+    r"rt=(?P<rt>[\d.]+) error=(?P<error>\S+)\n"
+)
+
+
+async def test_json_lines_in_a_file_match_each_request(nursery, demo_upstream, tmp_path):
+    _, port = demo_upstream
+    path = tmp_path / "access.log"
+    access_log = AccessLog.from_config(LogConfig(access=str(path), format="json"))
+    assert access_log is not None
+    proxy = await start_proxy(nursery, make_config(port), observers=(access_log,))
+    started = time.time()
+    sent: list[tuple[str, str, int, int, int]] = []  # method, path, status, bytes in, bytes out
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            for method, target, body in [
+                ("GET", "/echo?x=1", b""),
+                ("GET", "/status/404", b""),
+                ("POST", "/echo", b"y" * 100),
+            ]:
+                reply = await client.request(method, target, body=body)
+                sent.append((method, target, reply.status, len(body), len(reply.body)))
+        # An error answered before any routing: a malformed request head.
+        answer = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ")
+    # Line-buffered: every line is in the file while the proxy still runs.
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    access_log.close()
+    assert len(entries) == 4
+    for entry, (method, target, status, bytes_in, bytes_out) in zip(entries, sent):
+        assert (entry["method"], entry["path"], entry["status"]) == (method, target, status)
+        assert (entry["bytes_in"], entry["bytes_out"]) == (bytes_in, bytes_out)
+        assert entry["protocol"] == "HTTP/1.1"
+        assert entry["client"] == HOST
+        assert entry["upstream"] == "app"
+        assert entry["upstream_server"] == f"{HOST}:{port}"
+        assert entry["error"] is None
+        assert 0 <= entry["ttfb_ms"] <= entry["duration_ms"] < 5000
+        logged_at = datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
+        assert started - 1 <= logged_at <= time.time()
+    # One client connection, sequential requests: the first opened the upstream connection.
+    assert [e["upstream_connection"] for e in entries[:3]] == ["new", "reused", "reused"]
+    bad = entries[3]
+    assert bad["status"] == 400 and bad["error"] == "http_request_error"
+    assert bad["upstream_server"] is None and bad["upstream_connection"] is None
+
+
+async def test_combined_format_on_stdout_carries_the_proxy_fields(nursery, demo_upstream, capsys):
+    _, port = demo_upstream
+    dead_port = _closed_port()
+    access_log = AccessLog.from_config(LogConfig(access="stdout", format="combined"))
+    assert access_log is not None
+    proxy = await start_proxy(nursery, make_config(port), observers=(access_log,))
+    dead = await start_proxy(nursery, make_config(dead_port), observers=(access_log,))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            ok = await client.request(
+                "GET", '/echo?q="quoted"',
+                headers=[("referer", "http://test.local/page"), ("user-agent", "agent/1.0")],
+            )  # fmt: skip
+            assert ok.status == 200
+        async with await H11Client.connect(dead.port) as client:
+            assert (await client.request("GET", "/x")).status == 502
+        await trio.testing.wait_all_tasks_blocked()
+    lines = capsys.readouterr().out.splitlines(keepends=True)
+    assert len(lines) == 2
+    first, second = (COMBINED.fullmatch(line) for line in lines)
+    assert first is not None and second is not None, lines
+    # A quote in the path cannot break out of the quoted request field.
+    assert first["request"] == r"GET /echo?q=\x22quoted\x22 HTTP/1.1"
+    assert (first["status"], first["bytes_out"]) == ("200", str(len(ok.body)))
+    assert (first["referer"], first["agent"]) == ("http://test.local/page", "agent/1.0")
+    assert (first["upstream"], first["conn"], first["error"]) == (f"{HOST}:{port}", "new", "-")
+    assert float(first["ttfb"]) <= float(first["rt"])
+    assert re.fullmatch(r"\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000", first["time"])
+    assert (second["request"], second["status"]) == ("GET /x HTTP/1.1", "502")
+    assert (second["conn"], second["ttfb"], second["error"]) == ("-", "-", "connection_refused")
+
+
+async def test_event_streams_and_stale_retries_are_marked(nursery, demo_upstream):
+    from tests.test_stale import OneShotUpstream
+
+    _, port = demo_upstream
+    stale_upstream = OneShotUpstream()
+    stale_port = await nursery.start(stale_upstream.serve)
+    log = io.StringIO()
+    access_log = AccessLog(log)
+    proxy = await start_proxy(nursery, make_config(port), observers=(access_log,))
+    stale = await start_proxy(nursery, make_config(stale_port), observers=(access_log,))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            reply = await client.request("GET", "/events?count=3&interval=0")
+            assert reply.body.count(b"data: ") == 3
+        async with await H11Client.connect(stale.port) as client:
+            for _ in range(2):
+                assert (await client.request("GET", "/")).status == 200
+        await trio.testing.wait_all_tasks_blocked()  # the proxy logs after its last write
+    events, first, retried = (json.loads(line) for line in log.getvalue().splitlines())
+    assert events["event_stream"] is True and events["bytes_out"] == len(reply.body)
+    assert first["retried"] is False and first["upstream_connection"] == "new"
+    # The reused connection was dead: retried once, on a new connection.
+    assert retried["retried"] is True and retried["upstream_connection"] == "new"
+    assert retried["status"] == 200 and retried["error"] is None
+
+
+async def test_a_failing_log_never_fails_the_exchange(nursery, demo_upstream, caplog):
+    _, port = demo_upstream
+    broken = io.StringIO()
+    broken.close()  # writes raise ValueError, as a closed stdout would
+    access_log = AccessLog(broken)
+    proxy = await start_proxy(nursery, make_config(port), observers=(access_log,))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            for _ in range(3):
+                assert (await client.request("GET", "/echo")).status == 200
+        await trio.testing.wait_all_tasks_blocked()
+    assert (access_log.lines_written, access_log.lines_dropped) == (0, 3)
+    assert [r.message for r in caplog.records if r.name == "pooled_proxy.accesslog"] == [
+        "access log write failed, dropping lines: I/O operation on closed file"
+    ]
+
+
+def test_off_means_no_observer_at_all(tmp_path):
+    assert AccessLog.from_config(LogConfig(access="off")) is None
+    assert not list(tmp_path.iterdir())
+
+
+async def test_an_http10_request_is_logged_with_its_protocol(nursery, demo_upstream):
+    _, port = demo_upstream
+    log = io.StringIO()
+    proxy = await start_proxy(nursery, make_config(port), observers=(AccessLog(log),))
+    with trio.fail_after(5):
+        answer = await raw_exchange(proxy.port, b"GET /echo HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    (entry,) = (json.loads(line) for line in log.getvalue().splitlines())
+    assert (entry["protocol"], entry["path"], entry["status"]) == ("HTTP/1.0", "/echo", 200)
