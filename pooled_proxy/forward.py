@@ -167,6 +167,10 @@ class Forwarder:
             scheme=head.scheme,
             protocol=head.http_version,
         )
+        if head.has_body and head.content_length is None:
+            # The client framed its body hop by hop (chunked, or h2 DATA frames) and that
+            # framing was dropped; without a length h11 would frame the request as bodiless.
+            headers.append((b"transfer-encoding", b"chunked"))
         upload = _Upload(exchange.body, record) if head.has_body else None
         exclude: UpstreamPool | None = None
         for attempt in (0, 1):

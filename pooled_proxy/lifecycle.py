@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import signal
+from functools import partial
 
 import trio
 
 from .config import ServerAddress
 from .proxy import Proxy
+from .server.http2 import serve_h2
 from .server.listen import serve_listeners
 
 LOG = logging.getLogger("pooled_proxy.lifecycle")
@@ -32,7 +34,9 @@ async def serve(
             root.start_soon(proxy.forwarder.run_reapers)
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accept:
-                    addresses = await accept.start(serve_listeners, proxy, handlers)
+                    addresses = await accept.start(
+                        partial(serve_listeners, proxy, handlers, h2_handler=serve_h2)
+                    )
                     for address in addresses:
                         LOG.info("listening on http://%s (HTTP/1.1, h2c)", address)
                     task_status.started(addresses)

@@ -47,11 +47,20 @@ async def sniff_preface(stream: trio.abc.Stream, timeout: float) -> bytes:
 
 
 async def handle_client(
-    stream: trio.abc.Stream, proxy: Proxy, *, scheme: bytes, h2_handler: H2Handler | None
+    stream: trio.abc.Stream,
+    proxy: Proxy,
+    *,
+    scheme: bytes,
+    h2_handler: H2Handler | None,
+    alpn: str | None = None,
 ) -> None:
+    """Serve one client; ``alpn`` is the TLS-negotiated protocol, which wins over sniffing."""
     client_ip = _client_ip(stream)
     proxy.client_connections += 1
     try:
+        if alpn == "h2" and h2_handler is not None:
+            await h2_handler(stream, proxy, client_ip, scheme, b"")
+            return
         try:
             initial = await sniff_preface(stream, proxy.server.header_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

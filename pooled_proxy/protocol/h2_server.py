@@ -1,0 +1,208 @@
+"""The sans-IO half of the HTTP/2 front end: request heads from h2 header blocks, abuse limits.
+
+The h2 library parses frames and keeps stream state; what it does not do is decide when a
+client is abusing the connection. :class:`FrameGuard` reads the same bytes h2 reads, frame
+header by frame header (payloads are skipped, not copied), and counts what is cheap for a
+client to send but costly for us: RST_STREAM right after HEADERS (rapid reset,
+CVE-2023-44487), SETTINGS and PING frames (each makes us write an ACK), empty and PRIORITY
+frames, and long HEADERS/CONTINUATION blocks (the 2024 CONTINUATION flood: h2 buffers a
+header block until END_HEADERS). Over a limit it raises :class:`H2Abuse`; the shell answers
+GOAWAY(ENHANCE_YOUR_CALM) and closes. Time comes in as ``now``, so this is testable without
+a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import ClientError
+from ..exchange import RequestHead
+from ..headers import Headers, h2_request_to_h1
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types (RFC 9113 section 6) and the flags we look at.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING = 0, 1, 2, 3, 4, 5, 6
+CONTINUATION = 9
+FLAG_END_STREAM = 0x1
+FLAG_ACK = 0x1
+FLAG_END_HEADERS = 0x4
+FRAME_HEADER_SIZE = 9
+
+
+class H2Abuse(Exception):
+    """The client broke one of the connection's abuse limits; ``str()`` says which."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbuseLimits:
+    """How much of each cheap-to-send frame a client may send per ``window`` seconds."""
+
+    window: float = 10.0
+    resets: int = 200  # RST_STREAM from the client plus streams we refused
+    settings: int = 100
+    pings: int = 100
+    empty_frames: int = 1000  # PRIORITY, and DATA/HEADERS/CONTINUATION with no payload and no end
+    continuation_frames: int = 32  # per header block
+    header_block_bytes: int = 65536  # encoded size of one HEADERS + CONTINUATION block
+
+    @classmethod
+    def for_server(cls, *, max_concurrent_streams: int, max_header_bytes: int) -> AbuseLimits:
+        # A client that resets every stream it may open, twice over, within one window is
+        # churning, not browsing; the limit grows with the concurrency we allow.
+        return cls(
+            resets=max(200, 2 * max_concurrent_streams),
+            header_block_bytes=max(16384, max_header_bytes),
+        )
+
+
+class _WindowCounter:
+    """Events per fixed time window."""
+
+    __slots__ = ("limit", "window", "start", "count")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.start = -float("inf")
+        self.count = 0
+
+    def add(self, now: float, what: str) -> None:
+        if now - self.start >= self.window:
+            self.start, self.count = now, 0
+        self.count += 1
+        if self.count > self.limit:
+            raise H2Abuse(f"more than {self.limit} {what} within {self.window:g}s")
+
+
+class FrameGuard:
+    """Watches the client's frames as they arrive; raises :class:`H2Abuse` over a limit."""
+
+    def __init__(self, limits: AbuseLimits | None = None) -> None:
+        self.limits = limits = limits or AbuseLimits()
+        self._preface_left = len(PREFACE)
+        self._header = bytearray()  # a frame header split across reads
+        self._skip = 0  # payload bytes of the current frame still to come
+        self._resets = _WindowCounter(limits.resets, limits.window)
+        self._settings = _WindowCounter(limits.settings, limits.window)
+        self._pings = _WindowCounter(limits.pings, limits.window)
+        self._empty = _WindowCounter(limits.empty_frames, limits.window)
+        self._block_bytes = 0
+        self._block_frames = 0
+        #: When the header block now being received began (``None``: none open); the shell
+        #: holds it to ``header_timeout``.
+        self.header_block_since: float | None = None
+
+    def note_refused(self, now: float) -> None:
+        """A stream we refused (over the concurrency limit, or draining) counts as a reset."""
+        self._resets.add(now, "reset or refused streams")
+
+    def feed(self, data: bytes, now: float) -> None:
+        view = memoryview(data)
+        if self._preface_left:
+            taken = min(self._preface_left, len(view))
+            self._preface_left -= taken
+            view = view[taken:]
+        while view:
+            if self._skip:
+                taken = min(self._skip, len(view))
+                self._skip -= taken
+                view = view[taken:]
+                continue
+            need = FRAME_HEADER_SIZE - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) < FRAME_HEADER_SIZE:
+                return
+            header = bytes(self._header)
+            self._header.clear()
+            length = int.from_bytes(header[:3], "big")
+            self._skip = length
+            self._frame(header[3], header[4], length, now)
+
+    def _frame(self, kind: int, flags: int, length: int, now: float) -> None:
+        limits = self.limits
+        if kind == HEADERS or kind == CONTINUATION or kind == PUSH_PROMISE:
+            if kind == CONTINUATION:
+                self._block_frames += 1
+                if self._block_frames > limits.continuation_frames:
+                    raise H2Abuse(
+                        f"more than {limits.continuation_frames} CONTINUATION frames in one "
+                        "header block"
+                    )
+            else:
+                self._block_bytes, self._block_frames = 0, 0
+                self.header_block_since = now
+            self._block_bytes += length
+            if self._block_bytes > limits.header_block_bytes:
+                raise H2Abuse(f"header block over {limits.header_block_bytes} bytes")
+            if flags & FLAG_END_HEADERS:
+                self.header_block_since = None
+            elif length == 0:
+                self._empty.add(now, "empty frames")
+        elif kind == DATA:
+            if length == 0 and not flags & FLAG_END_STREAM:
+                self._empty.add(now, "empty frames")
+        elif kind == RST_STREAM:
+            self._resets.add(now, "reset or refused streams")
+        elif kind == SETTINGS:
+            if not flags & FLAG_ACK:
+                self._settings.add(now, "SETTINGS frames")
+        elif kind == PING:
+            if not flags & FLAG_ACK:
+                self._pings.add(now, "PING frames")
+        elif kind == PRIORITY:
+            self._empty.add(now, "empty frames")
+
+
+def request_head(
+    header_block: Iterable[tuple[bytes, bytes]],
+    *,
+    end_stream: bool,
+    scheme: bytes,
+    client_ip: bytes,
+    max_header_count: int,
+) -> RequestHead:
+    """The protocol-neutral request head for one HTTP/2 request.
+
+    h2 has already validated the block (pseudo-headers present and first, lower-case names,
+    no connection-specific fields). Here ``:authority`` becomes the authority (``Host`` only
+    when it is missing), cookie crumbs are joined, and ``scheme`` is how the client reached
+    us, not what it claims.
+    """
+    pseudo, fields = h2_request_to_h1(header_block)
+    if len(fields) > max_header_count:
+        raise ClientError(f"more than {max_header_count} request headers", status=431)
+    method = pseudo.get(b":method", b"")
+    if method == b"CONNECT":
+        raise ClientError("CONNECT is not supported by a reverse proxy", status=405)
+    authority = pseudo.get(b":authority", b"")
+    headers: Headers = []
+    content_length: int | None = None
+    for name, value in fields:
+        if name == b"host":
+            authority = authority or value
+            continue
+        if name == b"content-length":
+            if not value.isdigit():
+                raise ClientError("bad Content-Length")
+            if content_length is not None and int(value) != content_length:
+                raise ClientError("conflicting Content-Length values")
+            if content_length is not None:
+                continue
+            content_length = int(value)
+        headers.append((name, value))
+    if not authority:
+        raise ClientError("request has neither :authority nor Host")
+    return RequestHead(
+        method=method,
+        target=pseudo.get(b":path", b"/"),
+        authority=authority,
+        scheme=scheme,
+        headers=headers,
+        http_version=b"2",
+        client_ip=client_ip,
+        has_body=not end_stream,
+        content_length=content_length,
+    )
