@@ -15,9 +15,13 @@ from dataclasses import replace
 import trio
 
 from . import __version__
+from .accesslog import AccessLog
+from .admin import AdminServer
 from .config import Config, dev_config, load_config, parse_address
 from .errors import ConfigError
-from .lifecycle import run as run_proxy
+from .forward import ExchangeObserver
+from .lifecycle import Service, run as run_proxy
+from .metrics import ProxyMetrics
 from .proxy import Proxy
 
 LOG = logging.getLogger("pooled_proxy")
@@ -67,13 +71,34 @@ def _load(path: str | None) -> Config:
 def _serve(config: Config) -> int:
     _configure_logging(config.log.level)
     try:
-        trio.run(run_proxy, Proxy(config))
+        trio.run(_run_with_operations, config)
     except OSError as exc:
         LOG.error("%s", exc)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
+
+
+async def _run_with_operations(config: Config) -> None:
+    """The proxy with its access log, and metrics plus the admin listener if ``[admin]`` is set."""
+    access_log = AccessLog.from_config(config.log)
+    metrics = ProxyMetrics() if config.admin is not None else None
+    observers: list[ExchangeObserver] = []
+    if metrics is not None:
+        observers.append(metrics.observe)
+    if access_log is not None:
+        observers.append(access_log)
+    proxy = Proxy(config, observers=tuple(observers))
+    services: list[Service] = []
+    if metrics is not None and config.admin is not None:
+        metrics.bind(proxy)
+        services.append(AdminServer(proxy, metrics, config.admin.listen).serve)
+    try:
+        await run_proxy(proxy, services=services)
+    finally:
+        if access_log is not None:
+            access_log.close()
 
 
 async def _demo(listen: str) -> None:
@@ -85,7 +110,7 @@ async def _demo(listen: str) -> None:
         config = replace(config, server=replace(config.server, drain_timeout=5.0))
         LOG.info("demo upstream on http://127.0.0.1:%d; try http://%s/ , /echo, /events, /slow",
                  upstream_port, listen)
-        await run_proxy(Proxy(config))
+        await _run_with_operations(config)
         nursery.cancel_scope.cancel()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
@@ -22,10 +23,15 @@ LOG = logging.getLogger("pooled_proxy.lifecycle")
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+# A long-lived service (the admin server) started with ``nursery.start`` in the root nursery
+# once the listeners are bound: it outlives the drain and stops when serving ends.
+Service = Callable[..., Awaitable[object]]
+
 
 async def serve(
     proxy: Proxy,
     *,
+    services: Sequence[Service] = (),
     task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``proxy.begin_drain()``, then drain and return."""
@@ -39,6 +45,8 @@ async def serve(
                     )
                     for address in addresses:
                         LOG.info("listening on http://%s (HTTP/1.1, h2c)", address)
+                    for service in services:
+                        await root.start(service)
                     task_status.started(addresses)
                     await proxy.drain_started.wait()
                     accept.cancel_scope.cancel()
@@ -62,6 +70,7 @@ async def serve(
 async def run(
     proxy: Proxy,
     *,
+    services: Sequence[Service] = (),
     task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``serve`` plus signals: the first SIGTERM/SIGINT drains, a second one stops at once."""
@@ -79,5 +88,5 @@ async def run(
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_signals)
-            await serve(proxy, task_status=task_status)
+            await serve(proxy, services=services, task_status=task_status)
             nursery.cancel_scope.cancel()

@@ -175,6 +175,29 @@ async def test_live_gauges_follow_an_event_stream(nursery, demo_upstream):
     assert after.value("pooled_proxy_request_duration_seconds_count") == 0
 
 
+async def test_h2_connections_and_exchanges_are_counted(nursery, demo_upstream):
+    from tests.h2client import H2Client
+
+    _, port = demo_upstream
+    proxy = await start_operated_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.running.port) as client:
+            replies = [await client.get("/echo"), await client.get("/status/503")]
+            assert [reply.status for reply in replies] == [200, 503]
+            during = await proxy.scrape()
+        while (after := await proxy.scrape()).value(
+            "pooled_proxy_client_connections", protocol="h2"
+        ):
+            await trio.sleep(0.02)
+    assert during.value("pooled_proxy_client_connections", protocol="h2") == 1
+    assert during.value("pooled_proxy_client_connections", protocol="http/1.1") == 0
+    assert after.value("pooled_proxy_requests_total", status_class="2xx") == 1
+    assert after.value("pooled_proxy_requests_total", status_class="5xx") == 1
+    # The upstream's own 503 is not one of the proxy's error answers.
+    assert after.value("pooled_proxy_error_responses_total") == 0
+    assert [entry["protocol"] for entry in proxy.log_entries()] == ["HTTP/2", "HTTP/2"]
+
+
 async def test_close_reasons_and_stale_retries_are_counted(nursery, demo_upstream):
     _, port = demo_upstream
     recycled = await start_operated_proxy(nursery, make_config(port, max_requests_per_connection=2))

@@ -638,6 +638,10 @@ async def serve_h2(
     stream: trio.abc.Stream, proxy: Proxy, client_ip: bytes, scheme: bytes, initial_data: bytes
 ) -> None:
     """The ``h2_handler`` for listeners: serve one client that speaks HTTP/2."""
-    await HTTP2Connection(
-        stream, proxy, client_ip=client_ip, scheme=scheme, initial_data=initial_data
-    ).serve()
+    proxy.connections_by_protocol["h2"] += 1  # for the client-connections gauge
+    try:
+        await HTTP2Connection(
+            stream, proxy, client_ip=client_ip, scheme=scheme, initial_data=initial_data
+        ).serve()
+    finally:
+        proxy.connections_by_protocol["h2"] -= 1
