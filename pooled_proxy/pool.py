@@ -54,7 +54,7 @@ class PoolStatistics:
     waiting: int
     opened: int
     reused: int
-    closed: Mapping[str, int]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain
+    closed: Mapping[str, int]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain, upstream_close
     queue_rejected: int  # queue full
     queue_timeouts: int
     queue_waits: int
@@ -328,6 +328,8 @@ class UpstreamPool:
                     return
         elif self._closing:
             reason = "drain"
+        elif reusable and connection.upstream_ends_connection():
+            reason = "upstream_close"
         self._close(connection, reason)
         self._grant_capacity()
 

@@ -83,6 +83,11 @@ class UpstreamConnection:
             and self._h11.their_state is h11.DONE
         )
 
+    def upstream_ends_connection(self) -> bool:
+        """The response completed, but the upstream closes after it (``Connection: close``,
+        HTTP/1.0): a normal end of the connection, not a failure."""
+        return not self.send_failed and self._h11.their_state in (h11.MUST_CLOSE, h11.CLOSED)
+
     def is_readable(self) -> bool:
         """An idle connection that is readable has been closed (or broken) by the upstream."""
         if self.closed or self._socket is None:

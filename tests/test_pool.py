@@ -299,3 +299,19 @@ class PoolStateMachine(RuleBasedStateMachine):
 
 TestPoolStateMachine = PoolStateMachine.TestCase
 TestPoolStateMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+async def test_upstream_connection_close_is_counted_as_upstream_close_not_error(autojump_clock):
+    import h11
+
+    pool = make_pool(Connector())
+    connection, _ = await pool.acquire()
+    conn = connection._h11
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+    assert isinstance(conn.next_event(), h11.Response)
+    assert isinstance(conn.next_event(), h11.EndOfMessage)
+    pool.release(connection, reusable=True)  # a complete exchange the upstream ended
+    assert connection.closed and pool.statistics().idle == 0
+    assert pool.statistics().closed == {"upstream_close": 1}

@@ -192,3 +192,21 @@ async def test_queue_full_is_503_with_retry_after(nursery, demo_upstream):
 async def test_readme_demo_upstream_used_by_cli_exists():
     # the demo command wires DemoUpstream behind the proxy; guard the import path it uses
     assert DemoUpstream().stats.requests == 0
+
+
+async def test_chunked_request_body_is_forwarded_chunked(nursery, demo_upstream):
+    # The client's chunked framing is hop-by-hop; the upstream request must be re-framed as
+    # chunked, or h11 takes it for a bodiless request and refuses the first body chunk.
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            request = h11.Request(
+                method="POST",
+                target="/echo",
+                headers=[("host", "test.local"), ("transfer-encoding", "chunked")],
+            )
+            await client.send(request, h11.Data(data=b"first,"), h11.Data(data=b"second"), h11.EndOfMessage())
+            reply = await client.read_reply()
+    assert reply.status == 200
+    assert reply.body == b"first,second"

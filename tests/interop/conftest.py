@@ -1,0 +1,192 @@
+"""Fixtures that run real third-party servers as subprocesses on 127.0.0.1.
+
+The long-lived ones (one per server program, shared by the whole session) are started on
+first use; ``server_factory`` starts servers with test-specific settings. Every server is
+killed in a ``finally``, with the process group it forked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from .servers import (
+    APPS,
+    HOST,
+    ServerProcess,
+    program_version,
+    python_argv,
+    require_program,
+    start_server,
+)
+
+ServerFactory = Callable[..., ServerProcess]
+
+
+def _package_version(distribution: str) -> str:
+    from importlib.metadata import version
+
+    return version(distribution)
+
+
+def uvicorn_argv(port: int, *extra: str) -> list[str]:
+    return python_argv(
+        "-m", "uvicorn", "tests.interop.apps.asgi_app:app",
+        "--host", HOST, "--port", str(port), "--log-level", "warning", "--no-access-log", *extra,
+    )
+
+
+def hypercorn_argv(port: int) -> list[str]:
+    return python_argv(
+        "-m", "hypercorn", "tests.interop.apps.asgi_app:app", "--bind", f"{HOST}:{port}",
+    )
+
+
+def aiohttp_argv(port: int) -> list[str]:
+    return python_argv(str(APPS / "aiohttp_app.py"), str(port))
+
+
+def gunicorn_argv(port: int) -> list[str]:
+    return python_argv(
+        "-m", "gunicorn", "--worker-class", "sync", "--workers", "2",
+        "--bind", f"{HOST}:{port}", "--log-level", "warning", "tests.interop.apps.wsgi_app:app",
+    )
+
+
+def node_argv(port: int, keepalive_ms: int | None = None) -> list[str]:
+    argv = [require_program("node"), str(APPS / "node_server.js"), str(port)]
+    if keepalive_ms is not None:
+        argv.append(str(keepalive_ms))
+    return argv
+
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+{user}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    # The second parameter makes nginx advertise "Keep-Alive: timeout=30".
+    keepalive_timeout 30s 30s;
+    keepalive_requests 1000;
+    server {{
+        listen {host}:{port};
+        root {dir}/www;
+        # Which upstream connection served a response, as nginx sees it.
+        add_header X-Connection $connection always;
+        add_header X-Connection-Requests $connection_requests always;
+        location = /hello {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
+        location /dav/ {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            client_max_body_size 64m;
+        }}
+        # nginx closes a connection idle 2 s here, and says so: Keep-Alive: timeout=2.
+        location /short-keepalive/ {{ keepalive_timeout 2s 2s; }}
+        # nginx answers the 3rd request on a connection with Connection: close.
+        location /few-requests/ {{ keepalive_requests 3; }}
+    }}
+}}
+"""
+
+
+def nginx_argv(port: int, directory: Path) -> list[str]:
+    nginx = require_program("nginx")
+    for sub in ("www/short-keepalive", "www/few-requests", "www/dav", "client_body"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    (directory / "www/short-keepalive/index.html").write_text("short keep-alive\n")
+    (directory / "www/few-requests/index.html").write_text("few requests\n")
+    (directory / "www/big.bin").write_bytes(bytes(range(256)) * 16384)  # 4 MiB, sendfile
+    # Workers drop to "nobody" when the master is root; keep them able to write the DAV dir.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=directory, host=HOST, port=port, user=user))
+    return [nginx, "-p", str(directory), "-e", "stderr", "-c", str(conf)]
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start servers with test-specific settings; all are killed when the test ends."""
+    started: list[ServerProcess] = []
+
+    def start(name: str, argv_for_port: Callable[[int], Sequence[str]], **kwargs: object) -> ServerProcess:
+        server = start_server(name, argv_for_port, log_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _session_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    argv_for_port: Callable[[int], Sequence[str]],
+    version: str,
+) -> Iterator[ServerProcess]:
+    server = start_server(name, argv_for_port, log_dir=tmp_path_factory.mktemp(name))
+    server.version = version
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def uvicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """uvicorn serving the Starlette app (plain routes, sse-starlette, WebSocket)."""
+    version = (
+        f"uvicorn {_package_version('uvicorn')}, starlette {_package_version('starlette')}, "
+        f"sse-starlette {_package_version('sse-starlette')}"
+    )
+    yield from _session_server(tmp_path_factory, "uvicorn", uvicorn_argv, version)
+
+
+@pytest.fixture(scope="session")
+def hypercorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    version = f"hypercorn {_package_version('hypercorn')}"
+    yield from _session_server(tmp_path_factory, "hypercorn", hypercorn_argv, version)
+
+
+@pytest.fixture(scope="session")
+def aiohttp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    version = f"aiohttp {_package_version('aiohttp')}"
+    yield from _session_server(tmp_path_factory, "aiohttp", aiohttp_argv, version)
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    version = f"gunicorn {_package_version('gunicorn')} (sync worker)"
+    yield from _session_server(tmp_path_factory, "gunicorn", gunicorn_argv, version)
+
+
+@pytest.fixture(scope="session")
+def node_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Node's http server with its default keepAliveTimeout (5 s)."""
+    version = f"node {program_version([require_program('node'), '--version'])}"
+    yield from _session_server(tmp_path_factory, "node", node_argv, version)
+
+
+@pytest.fixture(scope="session")
+def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory = tmp_path_factory.mktemp("nginx-root")
+    version = f"nginx {program_version([require_program('nginx'), '-v'])}"
+    yield from _session_server(
+        tmp_path_factory, "nginx", lambda port: nginx_argv(port, directory), version
+    )

@@ -1,0 +1,144 @@
+"""Third-party programs as subprocesses on 127.0.0.1: start, wait until they accept, kill.
+
+Every server runs in its own process group (``start_new_session``) so that killing it also
+kills the workers it forked (gunicorn, nginx). Output goes to a log file, never a pipe that
+could fill up and stall the server; the log is shown when a server fails to start.
+
+A program the tests need but that is not installed fails the test, because CI (``.ci/run``)
+installs all of them and a silent skip there would hide a gap. Set
+``POOLED_PROXY_ALLOW_SKIP=1`` on a machine without them to skip those tests instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[2]  # the repository: subprocesses import tests.interop.*
+APPS = Path(__file__).resolve().parent / "apps"
+START_TIMEOUT = 20.0
+ALLOW_SKIP_ENV = "POOLED_PROXY_ALLOW_SKIP"
+
+
+def require_program(name: str) -> str:
+    """The path of an installed program, else fail (or skip with POOLED_PROXY_ALLOW_SKIP=1)."""
+    # nginx lives in /usr/sbin, which is not on every user's PATH
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if path is None:
+        message = f"{name!r} is not installed (.ci/run installs it; or set {ALLOW_SKIP_ENV}=1 to skip)"
+        if os.environ.get(ALLOW_SKIP_ENV):
+            pytest.skip(message)
+        pytest.fail(message, pytrace=False)
+    return path
+
+
+def program_version(argv: Sequence[str], pattern: str = r"(\d+(?:\.\d+)+)") -> str:
+    """The first version number a program prints (stdout or stderr) for ``argv``."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    match = re.search(pattern, done.stdout + done.stderr)
+    return match.group(1) if match else "unknown"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    """One running third-party server. Use ``start_server``; always ``stop()`` it."""
+
+    def __init__(self, name: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.name = name
+        self.port = port
+        self.process = process
+        self.log = log
+        self.version = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Kill the server and everything it forked, and reap it. Safe to call twice."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=10)
+
+
+def start_server(
+    name: str,
+    argv_for_port: Callable[[int], Sequence[str]],
+    *,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    attempts: int = 3,
+) -> ServerProcess:
+    """Start ``argv_for_port(port)`` on a free port and wait until it accepts connections.
+
+    A free port can be taken by someone else between our probe and the server's bind, so a
+    server that exits during start-up is tried again on another port.
+    """
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"interop-{name}-"))
+    failures: list[str] = []
+    for attempt in range(attempts):
+        port = free_port()
+        log = log_dir / f"{name}-{attempt}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                list(argv_for_port(port)),
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = ServerProcess(name, port, process, log)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    break
+                if accepts(port):
+                    return server
+                time.sleep(0.05)
+        except BaseException:
+            server.stop()
+            raise
+        server.stop()
+        failures.append(f"attempt {attempt + 1} on port {port}:\n{server.output()[-3000:]}")
+    raise RuntimeError(f"{name} did not start accepting connections:\n" + "\n".join(failures))
+
+
+def python_argv(*args: str) -> list[str]:
+    return [sys.executable, *args]
