@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import trio
 
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the proxy from a TOML config file")
     run.add_argument("-c", "--config", default=os.environ.get("POOLED_PROXY_CONFIG"),
                      help="config file (default: $POOLED_PROXY_CONFIG)")
+    run.add_argument("--watch", action="store_true",
+                     help="reload the config whenever the file changes (as SIGHUP does)")
 
     check = commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", default=os.environ.get("POOLED_PROXY_CONFIG"),
@@ -54,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, *, tag: str = "") -> None:
+    """Log to stderr; ``tag`` (e.g. ``[worker 1 pid 4242]``) names the process that logs."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
 
@@ -68,10 +72,14 @@ def _load(path: str | None) -> Config:
     return load_config(path)
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> int:
     _configure_logging(config.log.level)
+    if path is not None and config.server.workers > 1:
+        from .workers import supervise
+
+        return supervise(config, path, watch=watch)
     try:
-        trio.run(_run_with_operations, config)
+        trio.run(partial(_run_with_operations, config, config_path=path, watch=watch))
     except OSError as exc:
         LOG.error("%s", exc)
         return EXIT_RUNTIME
@@ -80,8 +88,15 @@ def _serve(config: Config) -> int:
     return EXIT_OK
 
 
-async def _run_with_operations(config: Config) -> None:
-    """The proxy with its access log, and metrics plus the admin listener if ``[admin]`` is set."""
+async def _run_with_operations(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    watch: bool = False,
+    launch_config: Config | None = None,
+) -> None:
+    """The proxy with its access log, and metrics plus the admin listener if ``[admin]`` is set;
+    SIGHUP (and with ``watch`` any change of the file) reloads ``config_path``."""
     access_log = AccessLog.from_config(config.log)
     metrics = ProxyMetrics() if config.admin is not None else None
     observers: list[ExchangeObserver] = []
@@ -89,13 +104,13 @@ async def _run_with_operations(config: Config) -> None:
         observers.append(metrics.observe)
     if access_log is not None:
         observers.append(access_log)
-    proxy = Proxy(config, observers=tuple(observers))
+    proxy = Proxy(config, observers=tuple(observers), launch_config=launch_config)
     services: list[Service] = []
     if metrics is not None and config.admin is not None:
         metrics.bind(proxy)
         services.append(AdminServer(proxy, metrics, config.admin.listen).serve)
     try:
-        await run_proxy(proxy, services=services)
+        await run_proxy(proxy, services=services, config_path=config_path, watch=watch)
     finally:
         if access_log is not None:
             access_log.close()
@@ -122,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))")
             return EXIT_OK
         if args.command == "run":
-            return _serve(_load(args.config))
+            return _serve(_load(args.config), args.config, watch=args.watch)
         if args.command == "dev":
             return _serve(dev_config(args.url, args.listen))
         if args.command == "demo":

@@ -7,12 +7,54 @@ new requests while exchanges in flight finish on the forwarder they started with
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import trio
 
+from .balancer import UpstreamGroup
 from .config import Config, ServerConfig
 from .forward import ExchangeObserver, Forwarder
 from .pool import Connector
+
+# A client that connected just before the drain started is about to send its request: its
+# bytes may already be on the way. It gets this long to start, then it counts as idle and is
+# closed (a browser's speculative preconnect must not hold the drain for drain_timeout).
+FIRST_REQUEST_GRACE = 1.0
+
+# Settings a reload cannot apply to a running process: the sockets, the TLS context, the
+# worker processes, the admin listener and the access log are set up once at start.
+RESTART_ONLY = ("server.listen", "server.tls", "server.workers", "admin", "log.access", "log.format")
+
+
+def _restart_only(config: Config) -> tuple[object, ...]:
+    server, log = config.server, config.log
+    return (server.listen, server.tls, server.workers, config.admin, log.access, log.format)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadSummary:
+    """What a reload changed, for the log line."""
+
+    routes: int
+    kept: tuple[str, ...] = ()  # upstreams whose pools (and idle connections) carry on
+    added: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()  # settings changed: new pools, the old ones drain
+    removed: tuple[str, ...] = ()  # their pools drain
+    needs_restart: tuple[str, ...] = ()  # RESTART_ONLY keys that differ
+
+    def __str__(self) -> str:
+        parts = [f"{self.routes} route(s)"]
+        for label, names in (
+            ("kept", self.kept),
+            ("added", self.added),
+            ("replaced", self.replaced),
+            ("removed", self.removed),
+        ):
+            if names:
+                parts.append(f"upstreams {label}: {', '.join(names)}")
+        return "; ".join(parts)
 
 
 class Proxy:
@@ -22,28 +64,167 @@ class Proxy:
         *,
         connect: Connector | None = None,
         observers: tuple[ExchangeObserver, ...] = (),
+        launch_config: Config | None = None,
     ) -> None:
         self.config = config
+        # The config as its file said at start (a worker's listen addresses are pinned to
+        # the supervisor's ports): reloads compare restart-only settings against it.
+        self.launch_config = launch_config or config
+        self._connect = connect
+        self._observers = observers
         self.forwarder = Forwarder(config, connect=connect, observers=observers)
+        self.reloads = 0
         self.draining = False
         self.drain_started = trio.Event()
+        self.drain_started_at: float | None = None
         # Cancel scopes of client connections waiting idle between requests: a drain
         # cancels them so idle keep-alive connections close at once.
         self.idle_waits: set[trio.CancelScope] = set()
+        # Cancel scopes of new connections waiting for their first request bytes.
+        self.first_request_waits: set[trio.CancelScope] = set()
         self.client_connections = 0
         # Open client connections by protocol ("http/1.1", "h2"): each front end counts its
         # own while it serves a connection; the metrics read it at scrape time.
         self.connections_by_protocol: Counter[str] = Counter()
-        self.active_exchanges = 0
+        self._active_exchanges = 0
+        self.exchanges_started = 0  # ever; the drain log counts the ones it waited for
+        self._pool_nursery: trio.Nursery | None = None
+        self._reapers: dict[UpstreamGroup, trio.CancelScope] = {}
 
     @property
     def server(self) -> ServerConfig:
         return self.config.server
 
+    @property
+    def active_exchanges(self) -> int:
+        """Exchanges in flight; front ends count them with ``+= 1`` / ``-= 1``."""
+        return self._active_exchanges
+
+    @active_exchanges.setter
+    def active_exchanges(self, value: int) -> None:
+        if value > self._active_exchanges:
+            self.exchanges_started += value - self._active_exchanges
+        self._active_exchanges = value
+
+    # -- drain -------------------------------------------------------------------------------
+
     def begin_drain(self) -> None:
+        """Stop taking work: listeners close (``serve_listeners`` watches ``drain_started``),
+        idle client connections close now, new ones get ``FIRST_REQUEST_GRACE``."""
         if self.draining:
             return
         self.draining = True
+        self.drain_started_at = trio.current_time()
         self.drain_started.set()
         for scope in list(self.idle_waits):
             scope.cancel()
+        deadline = self.drain_started_at + FIRST_REQUEST_GRACE
+        for scope in list(self.first_request_waits):
+            scope.deadline = min(scope.deadline, deadline)
+
+    @contextmanager
+    def waiting_for_first_request(self) -> Iterator[trio.CancelScope]:
+        """Wrap a new connection's wait for its first bytes: while draining, it is cut after
+        ``FIRST_REQUEST_GRACE`` (check ``cancelled_caught``)."""
+        scope = trio.CancelScope()
+        if self.drain_started_at is not None:
+            scope.deadline = self.drain_started_at + FIRST_REQUEST_GRACE
+        self.first_request_waits.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self.first_request_waits.discard(scope)
+
+    # -- pools ---------------------------------------------------------------------------------
+
+    async def run_pools(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the idle reaper of every pool, including pools a reload adds, until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._pool_nursery = nursery
+                for group in self.forwarder.upstreams.values():
+                    self._start_reaper(group)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._pool_nursery = None
+            self._reapers.clear()
+
+    def _start_reaper(self, group: UpstreamGroup) -> None:
+        if self._pool_nursery is None or group in self._reapers:
+            return
+        scope = trio.CancelScope()
+        self._reapers[group] = scope
+
+        async def reap() -> None:
+            with scope:
+                await group.run_reapers()
+
+        self._pool_nursery.start_soon(reap)
+
+    def _retire(self, group: UpstreamGroup) -> None:
+        """A removed or replaced upstream: idle connections close now, busy ones when their
+        exchange ends; its reaper stops (nothing idle is left to expire)."""
+        group.close()
+        scope = self._reapers.pop(group, None)
+        if scope is not None:
+            scope.cancel()
+
+    def close_pools(self) -> None:
+        """At exit: no pooled connection outlives the proxy."""
+        self.forwarder.close()
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> ReloadSummary:
+        """Swap in a new config (already validated) for new requests.
+
+        Upstreams whose settings are unchanged keep their pools, idle connections included;
+        changed or removed ones get new pools and their old ones drain. Exchanges in flight
+        finish on the forwarder they started with. Restart-only settings keep their running
+        values (reported in ``needs_restart``).
+        """
+        old = self.forwarder
+        kept = {
+            name: old.upstreams[name]
+            for name, upstream in config.upstreams.items()
+            if name in old.upstreams and old.upstreams[name].config == upstream
+        }
+        running = self.config
+        effective = replace(
+            config,
+            server=replace(
+                config.server,
+                listen=running.server.listen,
+                tls=running.server.tls,
+                workers=running.server.workers,
+            ),
+            admin=running.admin,
+            log=replace(config.log, access=running.log.access, format=running.log.format),
+        )
+        new = Forwarder(effective, connect=self._connect, observers=self._observers, upstreams=kept)
+        new.stale_retries = old.stale_retries  # a counter: it carries on across generations
+        self.config = effective
+        self.forwarder = new
+        self.reloads += 1
+        for group in old.upstreams.values():
+            if new.upstreams.get(group.name) is not group:
+                self._retire(group)
+        for group in new.upstreams.values():
+            self._start_reaper(group)
+        differs = [
+            key
+            for key, before, after in zip(
+                RESTART_ONLY, _restart_only(self.launch_config), _restart_only(config)
+            )
+            if before != after
+        ]
+        return ReloadSummary(
+            routes=len(config.routes),
+            kept=tuple(sorted(kept)),
+            added=tuple(sorted(set(config.upstreams) - set(old.upstreams))),
+            replaced=tuple(sorted(set(config.upstreams) & set(old.upstreams) - set(kept))),
+            removed=tuple(sorted(set(old.upstreams) - set(config.upstreams))),
+            needs_restart=tuple(differs),
+        )

@@ -6,7 +6,10 @@ knowledge), anything else is HTTP/1.1.
 
 from __future__ import annotations
 
+import errno
 import logging
+import select
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -62,8 +65,14 @@ async def handle_client(
             await h2_handler(stream, proxy, client_ip, scheme, b"")
             return
         try:
-            initial = await sniff_preface(stream, proxy.server.header_timeout)
+            # While draining, a new connection that sends nothing is idle: it is cut after a
+            # short grace (its request may already be on the way).
+            with proxy.waiting_for_first_request() as first_request:
+                initial = await sniff_preface(stream, proxy.server.header_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return
+        if first_request.cancelled_caught:
             await trio.aclose_forcefully(stream)
             return
         if initial.startswith(H2_PREFACE) and h2_handler is not None:
@@ -81,16 +90,102 @@ async def handle_client(
         proxy.client_connections -= 1
 
 
-async def open_listeners(addresses: tuple[ServerAddress, ...]) -> list[trio.SocketListener]:
+async def open_reuse_port_listeners(address: ServerAddress) -> list[trio.SocketListener]:
+    """Like ``trio.open_tcp_listeners``, with SO_REUSEPORT: worker processes each bind the
+    same port and the kernel spreads new connections between them."""
+    infos = await trio.socket.getaddrinfo(
+        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks: list[trio.socket.SocketType] = []
+    try:
+        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = trio.socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(sockaddr)
+            sock.listen(0xFFFF)  # the kernel caps it at net.core.somaxconn
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return [trio.SocketListener(sock) for sock in socks]
+
+
+async def open_listeners(
+    addresses: tuple[ServerAddress, ...], *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
     for address in addresses:
         try:
-            listeners += await trio.open_tcp_listeners(address.port, host=address.host)
+            if reuse_port:
+                listeners += await open_reuse_port_listeners(address)
+            else:
+                listeners += await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     return listeners
+
+
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def _backlog_waiting(listener: trio.SocketListener) -> bool:
+    poller = select.poll()
+    poller.register(listener.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def accept_until_drain(
+    listeners: list[trio.SocketListener],
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    handler_nursery: trio.Nursery,
+    drain_started: trio.Event,
+) -> None:
+    """Accept until ``drain_started``, then close the listeners: new connections are refused.
+
+    Before closing, the connections the kernel already completed are accepted and served:
+    their clients saw ``connect()`` succeed, and closing a listener would reset them.
+    """
+
+    async def run_handler(stream: trio.abc.Stream) -> None:
+        try:
+            await handler(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def accept_forever(listener: trio.SocketListener) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[exc.errno])
+                await trio.sleep(0.1)
+                continue
+            handler_nursery.start_soon(run_handler, stream)
+
+    try:
+        async with trio.open_nursery() as accepting:
+            for listener in listeners:
+                accepting.start_soon(accept_forever, listener)
+            await drain_started.wait()
+            accepting.cancel_scope.cancel()
+        for listener in listeners:
+            while _backlog_waiting(listener):
+                try:
+                    stream = await listener.accept()
+                except OSError:
+                    break
+                handler_nursery.start_soon(run_handler, stream)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
 
 
 def bound_address(listener: trio.SocketListener) -> ServerAddress:
@@ -105,12 +200,13 @@ async def serve_listeners(
     h2_handler: H2Handler | None = None,
     task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept on every configured address until cancelled; connections run in ``handler_nursery``."""
-    listeners = await open_listeners(proxy.server.listen)
+    """Accept on every configured address until the drain starts (or cancelled); connections
+    run in ``handler_nursery``."""
+    listeners = await open_listeners(proxy.server.listen, reuse_port=proxy.server.workers > 1)
 
     async def handler(stream: trio.abc.Stream) -> None:
         await handle_client(stream, proxy, scheme=b"http", h2_handler=h2_handler)
 
     addresses = [bound_address(listener) for listener in listeners]
     task_status.started(addresses)
-    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+    await accept_until_drain(listeners, handler, handler_nursery, proxy.drain_started)

@@ -1,0 +1,105 @@
+"""Config reload: on SIGHUP, or whenever the file changes (``pooled-proxy run --watch``).
+
+A reload reads and validates the whole file first; a bad file is logged problem by problem
+(``FILE:LINE: key: message``, as ``check`` prints them) and the running config stays. A good
+one is swapped in by :meth:`Proxy.reload`: new requests see the new routes and upstreams,
+exchanges in flight and open connections are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from .config import Config, load_config, parse_config
+from .errors import ConfigError
+from .proxy import Proxy
+
+LOG = logging.getLogger("pooled_proxy.reload")
+
+WATCH_INTERVAL = 0.25  # seconds between two looks at the file's stat()
+
+FileSignature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+
+
+def read_config(path: str) -> tuple[Config, str]:
+    """The config in ``path`` and the exact text it was parsed from (blocking: run it in a
+    thread). Raises ConfigError, naming an unreadable file as ``check`` does."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        load_config(path)  # raises the ConfigError that names the problem
+        raise  # the file became readable in between: report the first failure anyway
+    return parse_config(text, path, base_dir=Path(path).parent), text
+
+
+def log_problems(error: ConfigError, path: str) -> None:
+    LOG.error("reload failed: %s has %d problem(s); keeping the running config",
+              path, len(error.problems))  # fmt: skip
+    for problem in error.problems:
+        LOG.error("%s", problem)
+
+
+class Reloader:
+    """Reloads one proxy from its config file; reloads run one at a time."""
+
+    def __init__(self, proxy: Proxy, path: str) -> None:
+        self.proxy = proxy
+        self.path = path
+        self._lock = trio.Lock()
+
+    async def reload(self, why: str) -> bool:
+        """Read, validate and apply the file; False (and the old config kept) if it is bad."""
+        async with self._lock:
+            if self.proxy.draining:
+                LOG.info("not reloading (%s): draining", why)
+                return False
+            try:
+                config, _ = await trio.to_thread.run_sync(read_config, self.path)
+            except ConfigError as exc:
+                log_problems(exc, self.path)
+                return False
+            except (OSError, UnicodeDecodeError) as exc:
+                LOG.error("reload failed: cannot read %s: %s; keeping the running config",
+                          self.path, exc)  # fmt: skip
+                return False
+            summary = self.proxy.reload(config)
+            logging.getLogger().setLevel(config.log.level.upper())
+            LOG.info("config reloaded (%s) from %s: %s", why, self.path, summary)
+            for key in summary.needs_restart:
+                LOG.warning("%s changed in %s: it takes effect after a restart", key, self.path)
+            return True
+
+
+def _signature(path: str) -> FileSignature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # gone for a moment: editors often save by writing a new file and renaming
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def watch_file(
+    path: str,
+    on_change: Callable[[], Awaitable[object]],
+    *,
+    interval: float = WATCH_INTERVAL,
+) -> None:
+    """Call ``on_change`` each time ``path`` changes (mtime, size or inode), once the change
+    has settled for one ``interval``, so a save in several writes is read once, whole."""
+    seen = await trio.to_thread.run_sync(_signature, path)
+    while True:
+        await trio.sleep(interval)
+        current = await trio.to_thread.run_sync(_signature, path)
+        if current is None or current == seen:
+            continue
+        await trio.sleep(interval)
+        settled = await trio.to_thread.run_sync(_signature, path)
+        if settled != current:
+            continue  # still being written; look again next round
+        seen = current
+        await on_change()

@@ -1,0 +1,147 @@
+"""The real daemon as a subprocess (``python -m pooled_proxy run -c FILE``) for lifecycle,
+reload and worker tests: its config file, its stderr log read line by line, and a cleanup that
+always kills it (and any worker it started)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+HOST = "127.0.0.1"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for the ASCII used here
+    return str(value)
+
+
+@dataclass
+class DaemonConfig:
+    upstreams: dict[str, int]  # name -> port of a server on 127.0.0.1
+    routes: list[dict[str, Any]] = field(default_factory=list)  # [[routes]] tables
+    drain_timeout: str = "3s"
+    workers: int = 1
+    server: dict[str, Any] = field(default_factory=dict)  # more [server] keys
+
+    def to_toml(self) -> str:
+        server = {"listen": [f"{HOST}:0"], "workers": self.workers,
+                  "drain_timeout": self.drain_timeout, **self.server}  # fmt: skip
+        lines = ["[server]", *(f"{k} = {_toml(v)}" for k, v in server.items())]
+        lines += ["", "[log]", 'access = "off"', 'level = "info"']
+        for name, port in self.upstreams.items():
+            lines += ["", f"[upstreams.{name}]", f'servers = ["{HOST}:{port}"]']
+        for route in self.routes:
+            lines += ["", "[[routes]]", *(f"{k} = {_toml(v)}" for k, v in route.items())]
+        return "\n".join(lines) + "\n"
+
+
+class Daemon:
+    def __init__(self, process: trio.Process, config_path: Path) -> None:
+        self.process = process
+        self.config_path = config_path
+        self.lines: list[str] = []
+        self.port = 0
+        self.eof = False
+        self._changed = trio.Event()
+
+    async def read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        pending = b""
+        while chunk := await self.process.stderr.receive_some(65536):
+            *complete, pending = (pending + chunk).split(b"\n")
+            self.lines += [line.decode(errors="replace") for line in complete]
+            self._changed.set()
+            self._changed = trio.Event()
+        await self.process.stderr.aclose()
+        self.eof = True
+        self._changed.set()
+
+    def has_line(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def matches(self, pattern: str) -> list[re.Match[str]]:
+        regex = re.compile(pattern)
+        return [m for line in self.lines if (m := regex.search(line))]
+
+    async def wait_for_line(self, pattern: str, *, after: int = 0) -> re.Match[str]:
+        """The first line from index ``after`` on matching the regex ``pattern``."""
+        regex = re.compile(pattern)
+        index = after
+        while True:
+            while index < len(self.lines):
+                match = regex.search(self.lines[index])
+                index += 1
+                if match:
+                    return match
+            if self.eof:
+                log = "\n".join(self.lines)
+                raise AssertionError(f"no log line matches {pattern!r}; the log:\n{log}")
+            await self._changed.wait()
+
+    async def wait_for_count(self, pattern: str, count: int) -> list[re.Match[str]]:
+        """Wait until ``count`` log lines match the regex ``pattern``."""
+        while len(found := self.matches(pattern)) < count:
+            if self.eof:
+                log = "\n".join(self.lines)
+                raise AssertionError(f"fewer than {count} lines match {pattern!r}; the log:\n{log}")
+            await self._changed.wait()
+        return found
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    @property
+    def worker_pids(self) -> set[int]:
+        return {int(m[1]) for m in self.matches(r"worker \d+ started: pid (\d+)")}
+
+
+@asynccontextmanager
+async def running_daemon(
+    nursery: trio.Nursery, tmp_path: Path, config: DaemonConfig, *args: str
+) -> AsyncIterator[Daemon]:
+    """Write the config, start ``pooled_proxy run``, wait until every worker listens; on the
+    way out, kill whatever is still running."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(config.to_toml())
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "pooled_proxy", "run", "-c", str(path), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    daemon = Daemon(process, path)
+    try:
+        nursery.start_soon(daemon.read_stderr)
+        pattern = r"listening on http://127\.0\.0\.1:(\d+)"
+        await daemon.wait_for_count(pattern, config.workers)
+        daemon.port = int(daemon.matches(pattern)[0][1])
+        yield daemon
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            for pid in daemon.worker_pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            await process.wait()

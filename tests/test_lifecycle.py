@@ -1,0 +1,367 @@
+"""Drain: in-process on MockClock over memory streams (ordering, deadlines, counts), then the
+real daemon as a subprocess under load with SIGTERM (real sockets, real time)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from pooled_proxy.config import ServerAddress
+from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.lifecycle import serve
+from pooled_proxy.proxy import FIRST_REQUEST_GRACE, Proxy
+from pooled_proxy.server.listen import handle_client
+from pooled_proxy.upstream import UpstreamConnection
+from tests.daemon import DaemonConfig, running_daemon
+from tests.helpers import H11Client, make_config
+
+# -- in-process, MockClock -------------------------------------------------------------------
+
+
+class MemoryListen:
+    """Stands in for the TCP listeners: each ``connect()`` is a memory-stream connection
+    served by the real ``handle_client`` in the lifecycle's handler nursery; like a closed
+    listener, it refuses once the drain has started."""
+
+    def __init__(self) -> None:
+        self.proxy: Proxy | None = None
+        self.handlers: trio.Nursery | None = None
+        self.closed = False
+
+    async def __call__(
+        self,
+        proxy: Proxy,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self.proxy, self.handlers = proxy, handler_nursery
+        task_status.started([ServerAddress("memory", 0)])
+        await proxy.drain_started.wait()
+        self.closed = True
+
+    def connect(self) -> H11Client:
+        if self.closed:
+            raise ConnectionRefusedError("listener closed")
+        assert self.handlers is not None and self.proxy is not None
+        client, server = trio.testing.memory_stream_pair()
+        self.handlers.start_soon(
+            partial(handle_client, server, self.proxy, scheme=b"http", h2_handler=None)
+        )
+        return H11Client(client)  # type: ignore[arg-type]
+
+
+def demo_connector(nursery: trio.Nursery, demo: DemoUpstream) -> Callable[[ServerAddress], Awaitable[UpstreamConnection]]:
+    """Upstream connections over memory streams to the demo upstream's connection handler."""
+
+    async def connect(server: ServerAddress) -> UpstreamConnection:
+        near, far = trio.testing.memory_stream_pair()
+        nursery.start_soon(demo._handle, far)
+        return UpstreamConnection(near, server)
+
+    return connect
+
+
+@dataclass
+class Served:
+    proxy: Proxy
+    listen: MemoryListen
+    done: trio.Event
+    done_at: list[float]
+
+
+async def start_in_memory(nursery: trio.Nursery, **server: object) -> Served:
+    demo = DemoUpstream(event_interval=1.0)
+    proxy = Proxy(make_config(9, server=server), connect=demo_connector(nursery, demo))
+    listen = MemoryListen()
+    done, done_at = trio.Event(), []
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(proxy, listen=listen, task_status=task_status)
+        done_at.append(trio.current_time())
+        done.set()
+
+    await nursery.start(run)
+    return Served(proxy, listen, done, done_at)
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await trio.sleep(0.001)
+
+
+async def read_until_closed(client: H11Client) -> bytes:
+    data = b""
+    while chunk := await client.stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_drain_waits_for_in_flight_work_and_closes_idle_at_once(
+    autojump_clock, nursery, caplog
+):
+    with trio.fail_after(60):  # virtual seconds: a hang fails instead of blocking
+        caplog.set_level(logging.INFO, logger="pooled_proxy")
+        served = await start_in_memory(nursery, drain_timeout=10.0)
+        proxy, listen = served.proxy, served.listen
+
+        idle = listen.connect()
+        assert (await idle.request("GET", "/echo")).status == 200
+
+        slow = listen.connect()
+        await slow.send(h11.Request(method="GET", target="/slow?delay=3", headers=[("host", "a")]),
+                        h11.EndOfMessage())  # fmt: skip
+        sse = listen.connect()
+        await sse.send(h11.Request(method="GET", target="/events?count=5", headers=[("host", "a")]),
+                       h11.EndOfMessage())  # fmt: skip
+        assert (await sse.next_event()).status_code == 200
+        assert b"id: 1" in (await sse.next_event()).data
+        upload = listen.connect()
+        await upload.send(
+            h11.Request(method="POST", target="/echo", headers=[("host", "a"), ("content-length", "10")]),
+            h11.Data(data=b"hello"),
+        )
+        await wait_for(lambda: proxy.active_exchanges == 3)
+
+        t0 = trio.current_time()
+        proxy.begin_drain()
+        # New connections are refused; the idle keep-alive connection is closed at once.
+        await wait_for(lambda: listen.closed)
+        with pytest.raises(ConnectionRefusedError):
+            listen.connect()
+        assert await read_until_closed(idle) == b""
+        assert trio.current_time() - t0 < 0.01
+
+        # The upload finishes (the echo's head went out before the drain), then its connection
+        # closes; the slow response's head goes out during the drain and says so.
+        await upload.send(h11.Data(data=b"world"), h11.EndOfMessage())
+        reply = await upload.read_reply()
+        assert (reply.status, reply.body) == (200, b"helloworld")
+        assert await read_until_closed(upload) == b""
+        reply = await slow.read_reply()
+        assert reply.status == 200 and reply.headers[b"connection"] == b"close"
+        assert trio.current_time() - t0 == pytest.approx(3, abs=0.1)
+
+        # The SSE stream gets every event, then its connection closes.
+        events = []
+        while not isinstance(event := await sse.next_event(), h11.EndOfMessage):
+            events.append(event.data)
+        assert [b"id: %d" % n in data for n, data in zip(range(2, 6), events)] == [True] * 4
+        assert await read_until_closed(sse) == b""
+
+        await served.done.wait()
+        # serve returned as soon as the last exchange ended (the SSE stream, 4 s), not at 10 s.
+        assert served.done_at[0] - t0 == pytest.approx(4, abs=0.1)
+        stats = proxy.forwarder.upstreams["app"].pools[0].statistics()
+        assert stats.idle == 0 and stats.in_use == 0
+        assert stats.closed.get("drain", 0) >= 1
+        messages = [r.getMessage() for r in caplog.records if r.name == "pooled_proxy.lifecycle"]
+        assert any(m.startswith("drain started: 3 exchange(s) in flight") for m in messages), messages
+        assert any(
+            m.startswith("drain complete after 4.0") and "waited for 3 exchange(s), all finished" in m
+            for m in messages
+        ), messages
+
+
+async def test_drain_deadline_cuts_what_is_left_and_says_so(autojump_clock, nursery, caplog):
+    with trio.fail_after(60):  # virtual seconds: a hang fails instead of blocking
+        caplog.set_level(logging.INFO, logger="pooled_proxy")
+        served = await start_in_memory(nursery, drain_timeout=2.0)
+        proxy, listen = served.proxy, served.listen
+        hanging, quick = listen.connect(), listen.connect()
+        await hanging.send(h11.Request(method="GET", target="/slow?delay=100", headers=[("host", "a")]),
+                           h11.EndOfMessage())  # fmt: skip
+        await quick.send(h11.Request(method="GET", target="/slow?delay=1", headers=[("host", "a")]),
+                         h11.EndOfMessage())  # fmt: skip
+        await wait_for(lambda: proxy.active_exchanges == 2)
+
+        t0 = trio.current_time()
+        proxy.begin_drain()
+        assert (await quick.read_reply()).status == 200
+        # The hanging one gets no response: its connection closes at the deadline.
+        assert await read_until_closed(hanging) == b""
+        assert trio.current_time() - t0 == pytest.approx(2.0, abs=0.01)
+        await served.done.wait()
+        assert served.done_at[0] - t0 == pytest.approx(2.0, abs=0.01)
+        messages = [r.getMessage() for r in caplog.records if r.name == "pooled_proxy.lifecycle"]
+        assert any(
+            m.startswith("drain deadline passed after 2.0")
+            and "waited for 2 exchange(s), 1 finished, 1 cut" in m
+            for m in messages
+        ), messages
+
+
+async def test_new_connection_gets_a_short_grace_for_its_first_request(autojump_clock, nursery):
+    with trio.fail_after(60):  # virtual seconds: a hang fails instead of blocking
+        served = await start_in_memory(nursery, drain_timeout=30.0)
+        proxy, listen = served.proxy, served.listen
+        late, silent = listen.connect(), listen.connect()
+        await wait_for(lambda: proxy.client_connections == 2)
+
+        t0 = trio.current_time()
+        proxy.begin_drain()
+        await trio.sleep(FIRST_REQUEST_GRACE / 2)
+        # A request that arrives within the grace is served, and the connection then closes.
+        reply = await late.request("GET", "/echo")
+        assert reply.status == 200 and reply.headers[b"connection"] == b"close"
+        assert await read_until_closed(late) == b""
+        # One that never sends a byte is idle: closed when the grace is over.
+        assert await read_until_closed(silent) == b""
+        assert trio.current_time() - t0 == pytest.approx(FIRST_REQUEST_GRACE, abs=0.01)
+        await served.done.wait()
+        assert served.done_at[0] - t0 == pytest.approx(FIRST_REQUEST_GRACE, abs=0.01)
+
+
+# -- the real daemon, SIGTERM ----------------------------------------------------------------
+
+
+async def sse_events(port: int, count: int, interval: float, got_first: trio.Event) -> list[bytes]:
+    """The data lines of a whole SSE stream; raises if it ends incomplete."""
+    async with await H11Client.connect(port) as client:
+        await client.send(
+            h11.Request(method="GET", target=f"/events?count={count}&interval={interval}",
+                        headers=[("host", "a"), ("accept", "text/event-stream")]),
+            h11.EndOfMessage(),
+        )  # fmt: skip
+        assert (await client.next_event()).status_code == 200
+        body = b""
+        while not isinstance(event := await client.next_event(), h11.EndOfMessage):
+            body += event.data
+            got_first.set()
+    return [line for line in body.split(b"\n") if line.startswith(b"id: ")]
+
+
+@dataclass
+class Load:
+    ok: int = 0
+    refused: int = 0
+    stop: bool = False
+
+
+async def load_client(port: int, load: Load, index: int) -> None:
+    """New connection per request until refused: a connection that was accepted must get a
+    complete 200 (an exception here fails the test)."""
+    body = b"x" * (1000 + index)
+    while not load.stop:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            load.refused += 1
+            return
+        async with H11Client(stream) as client:
+            if index % 2:
+                reply = await client.request("POST", "/echo", [("connection", "close")], body)
+                assert (reply.status, reply.body) == (200, body)
+            else:
+                reply = await client.request("GET", "/slow?delay=0.05", [("connection", "close")])
+                assert reply.status == 200
+        load.ok += 1
+
+
+async def slow_upload(port: int, chunks: int, pause: float) -> bytes:
+    async with await H11Client.connect(port) as client:
+        size = chunks * 4096
+        await client.send(h11.Request(method="POST", target="/echo",
+                                      headers=[("host", "a"), ("content-length", str(size))]))  # fmt: skip
+        for n in range(chunks):
+            await client.send(h11.Data(data=bytes([n]) * 4096))
+            await trio.sleep(pause)
+        await client.send(h11.EndOfMessage())
+        reply = await client.read_reply()
+        assert reply.status == 200
+        return reply.body
+
+
+async def test_sigterm_under_load_loses_nothing(nursery, demo_upstream, tmp_path):
+    _, upstream_port = demo_upstream
+    config = DaemonConfig(upstreams={"app": upstream_port}, drain_timeout="3s")
+    with trio.fail_after(15):
+        async with running_daemon(nursery, tmp_path, config) as daemon:
+            port = daemon.port
+            load = Load()
+            results: dict[str, object] = {}
+            got_first_event = trio.Event()
+            async with trio.open_nursery() as clients:
+
+                async def keep(name: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+                    results[name] = await fn(*args)
+
+                clients.start_soon(keep, "sse", sse_events, port, 20, 0.05, got_first_event)
+                clients.start_soon(keep, "upload", slow_upload, port, 20, 0.05)
+                for index in range(8):
+                    clients.start_soon(load_client, port, load, index)
+                idle = await H11Client.connect(port)
+                assert (await idle.request("GET", "/echo")).status == 200
+                await got_first_event.wait()
+                await trio.sleep(0.3)
+                ok_before = load.ok
+
+                sigterm_at = trio.current_time()
+                daemon.send_signal(signal.SIGTERM)
+                await daemon.wait_for_line("drain started: ")
+                # The idle keep-alive connection is closed by the drain, well before the exit.
+                assert await idle.stream.receive_some(100) == b""
+                await idle.aclose()
+            code = await daemon.wait()
+            elapsed = trio.current_time() - sigterm_at
+    assert code == 0
+    assert elapsed < 3.0  # inside drain_timeout: the last exchange (the SSE stream) ended it
+    assert results["sse"] == [b"id: %d" % n for n in range(1, 21)]
+    assert results["upload"] == b"".join(bytes([n]) * 4096 for n in range(20))
+    assert ok_before > 8 and load.refused == 8  # every load client ended on a refusal
+    assert daemon.has_line("drain complete after") and daemon.has_line("all finished")
+
+
+async def test_sigterm_cuts_a_hanging_request_at_drain_timeout(nursery, demo_upstream, tmp_path):
+    upstream, upstream_port = demo_upstream
+    config = DaemonConfig(upstreams={"app": upstream_port}, drain_timeout="1s")
+    with trio.fail_after(10):
+        async with running_daemon(nursery, tmp_path, config) as daemon:
+            async with await H11Client.connect(daemon.port) as client:
+                await client.send(
+                    h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
+                    h11.EndOfMessage(),
+                )
+                await wait_for(lambda: upstream.stats.requests == 1)  # it is in flight
+                sigterm_at = trio.current_time()
+                daemon.send_signal(signal.SIGTERM)
+                with pytest.raises(h11.RemoteProtocolError):  # closed without a response
+                    await client.read_reply()
+                cut_after = trio.current_time() - sigterm_at
+            code = await daemon.wait()
+            exit_after = trio.current_time() - sigterm_at
+    assert code == 0
+    assert 0.9 < cut_after < 1.5
+    assert exit_after < 2.0
+    assert daemon.has_line("drain started: 1 exchange(s) in flight")
+    assert daemon.has_line("waited for 1 exchange(s), 0 finished, 1 cut")
+
+
+async def test_second_signal_stops_at_once(nursery, demo_upstream, tmp_path):
+    upstream, upstream_port = demo_upstream
+    config = DaemonConfig(upstreams={"app": upstream_port}, drain_timeout="30s")
+    with trio.fail_after(10):
+        async with running_daemon(nursery, tmp_path, config) as daemon:
+            async with await H11Client.connect(daemon.port) as client:
+                await client.send(
+                    h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
+                    h11.EndOfMessage(),
+                )
+                await wait_for(lambda: upstream.stats.requests == 1)
+                daemon.send_signal(signal.SIGINT)
+                await daemon.wait_for_line("drain started: 1 exchange")
+                sent_again = trio.current_time()
+                daemon.send_signal(signal.SIGTERM)
+                code = await daemon.wait()
+                stop_took = trio.current_time() - sent_again
+    assert code == 0
+    assert stop_took < 1.0
+    assert daemon.has_line("SIGTERM again: stopping now, cutting 1 exchange(s)")
