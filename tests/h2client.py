@@ -115,7 +115,10 @@ class H2Client:
         for event in self.conn.receive_data(self._without_goaway(data)):
             self.events.append(event)
             self._apply(event)
-        await self.flush()
+        try:
+            await self.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the server is gone; what it sent before going is still read
         return True
 
     def _without_goaway(self, data: bytes) -> bytes:

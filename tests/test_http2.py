@@ -16,7 +16,6 @@ from hyperframe.frame import (
     ContinuationFrame,
     HeadersFrame,
     PingFrame,
-    RstStreamFrame,
     SettingsFrame,
 )
 
@@ -123,7 +122,7 @@ async def test_concurrent_streams_over_the_limit_are_refused(nursery, demo_upstr
             advertised = client.conn.remote_settings.max_concurrent_streams
             again = await client.get("/echo")
     assert advertised == 3
-    assert [r.status for r in replies[:3]] == [200, 200, 200]
+    assert [r.status for r in replies[:3]] == [200, 200, 200], [(i, r.status, r.reset_code) for i, r in zip(ids, replies)]
     assert [r.reset_code for r in replies[3:]] == [ErrorCodes.REFUSED_STREAM] * 2
     assert again.status == 200  # refusing a stream does not end the connection
 
@@ -191,3 +190,202 @@ def _rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+# -- abuse: each ends with GOAWAY and a closed connection, never a hung proxy ------------------
+
+
+async def _expect_cut_off(client: H2Client, code: int = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+    await client.read_until_closed()
+    assert client.closed
+    assert client.goaway is not None and client.goaway.error_code == code, client.goaways
+
+
+async def test_rapid_reset_client_is_cut_off(nursery, demo_upstream, caplog):
+    upstream, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(10):
+        async with await H2Client.connect(proxy.port) as client:
+            sent = 0
+            try:
+                while sent < 5000:
+                    for _ in range(50):  # HEADERS then RST_STREAM at once, as CVE-2023-44487 does
+                        stream_id = client.conn.get_next_available_stream_id()
+                        client.conn.send_headers(stream_id, client.request_headers("GET", "/slow?delay=1"), end_stream=True)
+                        client.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+                        sent += 1
+                    await client.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await _expect_cut_off(client)
+        while proxy.pool().statistics().in_use:
+            await trio.sleep(0.01)
+    assert sent < 5000  # the proxy stopped listening long before the client stopped
+    assert "reset or refused streams" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [SettingsFrame(0), PingFrame(0, opaque_data=b"12345678")],
+    ids=["settings", "ping"],
+)
+async def test_settings_and_ping_floods_are_cut_off(nursery, demo_upstream, frame):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            try:
+                await client.send_raw(frame.serialize() * 500)
+            except trio.BrokenResourceError:
+                pass
+            await _expect_cut_off(client)
+        async with await H2Client.connect(proxy.port) as fresh:
+            assert (await fresh.get("/echo")).status == 200  # the proxy itself is fine
+
+
+async def test_continuation_flood_is_cut_off(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            block = client.conn.encoder.encode(client.request_headers("GET", "/echo"))
+            frames = HeadersFrame(1, data=block[:5]).serialize()
+            frames += b"".join(ContinuationFrame(1, data=b"").serialize() for _ in range(1000))
+            try:
+                await client.send_raw(frames)
+            except trio.BrokenResourceError:
+                pass
+            await _expect_cut_off(client)
+
+
+async def test_oversized_header_lists_are_cut_off(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"max_header_bytes": 8192}))
+    with trio.fail_after(5):
+        # Over max_header_bytes once decoded, though a single small frame on the wire.
+        async with await H2Client.connect(proxy.port) as client:
+            await client.start("GET", "/echo", headers=[("x-big", "a" * 10000)])
+            await client.read_until_closed()
+            assert client.closed and client.goaway is not None
+            assert client.goaway.error_code in (ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.PROTOCOL_ERROR)
+        # A header block spread over many CONTINUATION frames, larger than we accept.
+        async with await H2Client.connect(proxy.port) as client:
+            block = client.conn.encoder.encode(
+                client.request_headers("GET", "/echo", [(f"x-{i}", "v" * 1000) for i in range(30)])
+            )
+            pieces = [block[i : i + 1000] for i in range(0, len(block), 1000)]
+            frames = HeadersFrame(1, data=pieces[0]).serialize()
+            frames += b"".join(ContinuationFrame(1, data=p).serialize() for p in pieces[1:-1])
+            frames += ContinuationFrame(1, data=pieces[-1], flags=["END_HEADERS"]).serialize()
+            try:
+                await client.send_raw(frames)
+            except trio.BrokenResourceError:
+                pass
+            await _expect_cut_off(client)
+
+
+async def test_protocol_errors_end_in_goaway_not_in_a_crash(nursery, demo_upstream, caplog):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            # RST_STREAM on stream 0 (hyperframe refuses to build one, so by hand)
+            await client.send_raw(b"\x00\x00\x04\x03\x00\x00\x00\x00\x00" + b"\x00" * 4)
+            await _expect_cut_off(client, ErrorCodes.PROTOCOL_ERROR)
+        async with await H2Client.connect(proxy.port) as fresh:
+            assert (await fresh.get("/echo")).status == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+# -- limits and timeouts ---------------------------------------------------------------------
+
+
+async def test_body_over_max_body_bytes_gets_413(nursery, demo_upstream):
+    upstream, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"max_body_bytes": 1000}))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            declared = await client.response(
+                await client.start("POST", "/echo", headers=[("content-length", "5000")], body=b"x" * 5000)
+            )
+            undeclared = await client.response(await client.start("POST", "/echo", body=b"x" * 5000))
+            after = await client.get("/echo")
+    assert declared.status == 413
+    assert undeclared.status == 413
+    assert after.status == 200  # the connection goes on
+
+
+async def test_idle_h2_connection_is_closed_after_keepalive_timeout(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"keepalive_timeout": 0.3}))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            assert (await client.get("/echo")).status == 200
+            started = trio.current_time()
+            await client.read_until_closed()
+            waited = trio.current_time() - started
+    assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
+    assert 0.2 < waited < 2
+
+
+async def test_incomplete_header_block_times_out(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"header_timeout": 0.3}))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            block = client.conn.encoder.encode(client.request_headers("GET", "/echo"))
+            await client.send_raw(HeadersFrame(1, data=block).serialize())  # no END_HEADERS
+            await _expect_cut_off(client, ErrorCodes.PROTOCOL_ERROR)
+
+
+async def test_drain_sends_goaway_at_once_and_lets_streams_in_flight_finish(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as busy, await H2Client.connect(proxy.port) as idle:
+            assert (await idle.get("/echo")).status == 200
+            first = await busy.start("GET", "/echo")
+            slow = await busy.start("GET", "/slow?delay=0.5")
+            await busy.response(first)
+            proxy.proxy.begin_drain()
+            await busy.until(lambda: busy.goaway is not None)
+            goaway = busy.goaway
+            assert not busy.replies[slow].ended  # GOAWAY came first, the stream still runs
+            reply = await busy.response(slow)
+            await busy.read_until_closed()
+            await idle.read_until_closed()  # an idle connection is closed right away
+    assert goaway is not None and goaway.last_stream_id == slow and goaway.error_code == 0
+    assert reply.status == 200 and reply.body == b"slow done\n"
+    assert busy.closed and idle.closed and idle.goaway is not None
+
+
+async def test_upload_to_a_stalled_upstream_backpressures_the_client(nursery):
+    """The client's window is credited only as the upstream takes the body."""
+
+    async def never_reads(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, never_reads, 0)
+    upstream_port = listeners[0].socket.getsockname()[1]
+    proxy = await start_proxy(nursery, make_config(upstream_port, response_header_timeout=30.0))
+    chunk = b"u" * 16384
+    total = 64 * 1024 * 1024
+    with trio.fail_after(15):
+        async with await H2Client.connect(proxy.port) as client:
+            stream_id = await client.start("POST", "/upload", end=False)
+            sent = 0
+            while sent < total:
+                window = client.conn.local_flow_control_window(stream_id)
+                if window >= len(chunk):
+                    client.conn.send_data(stream_id, chunk)
+                    sent += len(chunk)
+                    await client.flush()
+                    continue
+                with trio.move_on_after(1.0) as stalled:
+                    await client.receive()
+                if stalled.cancelled_caught:
+                    break  # no credit for a whole second: backpressure reached us
+    print(f"\nupload to a stalled upstream: the client could send {sent} of {total} bytes")
+    assert sent < 32 * 1024 * 1024  # kernel socket buffers plus one window, not the whole body

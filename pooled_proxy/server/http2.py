@@ -370,7 +370,10 @@ class HTTP2Connection:
     def _stream_opened(self, event: h2.events.RequestReceived, now: float) -> None:
         stream_id = event.stream_id
         assert stream_id is not None
-        if self.goaway_sent or self.h2.open_inbound_streams > self.max_streams:
+        # Counted here, not with h2's open_inbound_streams: h2 has already opened every
+        # stream of the bytes just read, so its count runs ahead of the one being decided.
+        active = sum(1 for s in self.streams.values() if not (s.ended or s.closed))
+        if self.goaway_sent or active >= self.max_streams:
             self.guard.note_refused(now)
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
@@ -379,17 +382,20 @@ class HTTP2Connection:
             start=now, wall_start=time.time(), client_ip=self.client_ip, protocol=b"HTTP/2"
         )
         stream = H2Stream(self, stream_id, record)
-        if event.stream_ended is not None:
+        # Whether the request has a body is decided by this HEADERS frame alone: its DATA
+        # and END_STREAM may be in the same read and reach the stream before its task runs.
+        bodiless = event.stream_ended is not None
+        if bodiless:
             stream.request_ended = True
         self.streams[stream_id] = stream
         self.streams_started += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, stream, list(event.headers or ()))
+        self._nursery.start_soon(self._run_stream, stream, list(event.headers or ()), bodiless)
         limit = self.proxy.server.max_requests_per_connection
         if limit and self.streams_started >= limit:
             self._start_goaway()
 
-    async def _run_stream(self, stream: H2Stream, header_block: Headers) -> None:
+    async def _run_stream(self, stream: H2Stream, header_block: Headers, bodiless: bool) -> None:
         proxy = self.proxy
         forwarder = proxy.forwarder
         record = stream.record
@@ -404,7 +410,7 @@ class HTTP2Connection:
                 try:
                     head = request_head(
                         header_block,
-                        end_stream=stream.request_ended,
+                        end_stream=bodiless,
                         scheme=self.scheme,
                         client_ip=self.client_ip,
                         max_header_count=proxy.server.max_header_count,
@@ -418,10 +424,15 @@ class HTTP2Connection:
                     for observer in forwarder.observers:
                         observer(record)
                     return
-                exchange = Exchange(
-                    head=head, body=stream.request_body(), sink=stream, record=record
-                )
-                await forwarder.forward(exchange)
+                body = stream.request_body()
+                try:
+                    exchange = Exchange(head=head, body=body, sink=stream, record=record)
+                    await forwarder.forward(exchange)
+                finally:
+                    # The forwarder may stop mid-body (an early answer, a reset): close the
+                    # generator now rather than leave it to the garbage collector.
+                    with trio.CancelScope(shield=True):
+                        await body.aclose()
         except Exception:
             # A bug in one exchange must not take the connection's other streams down;
             # _stream_done resets this one.
