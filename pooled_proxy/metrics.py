@@ -43,6 +43,7 @@ CLOSE_REASONS = (
     "max_idle",
     "stale",
     "drain",
+    "upstream_close",  # the upstream ended it after a complete response (Connection: close)
 )
 PROTOCOLS = ("http/1.1", "h2")
 

@@ -12,12 +12,14 @@ import trio
 import trio.testing
 
 from tests.helpers import H11Client, make_config, start_proxy
+from tests.operations import start_operated_proxy
 
 from .checks import payload, post_roundtrip
 
 
 async def test_every_request_gets_a_fresh_connection_and_the_client_keeps_its_own(nursery, gunicorn_server):
-    proxy = await start_proxy(nursery, make_config(gunicorn_server.port))
+    operated = await start_operated_proxy(nursery, make_config(gunicorn_server.port))
+    proxy = operated.running
     with trio.fail_after(20):
         async with await H11Client.connect(proxy.port) as client:
             for _ in range(30):
@@ -32,6 +34,10 @@ async def test_every_request_gets_a_fresh_connection_and_the_client_keeps_its_ow
     assert stats.opened == 31 and stats.reused == 0, stats
     assert stats.idle == 0 and stats.in_use == 0
     assert stats.closed == {"upstream_close": 31}, stats  # a normal end, not an error
+    scrape = await operated.scrape()
+    closed = "pooled_proxy_upstream_connections_closed_total"
+    assert scrape.value(closed, reason="upstream_close") == 31
+    assert scrape.value(closed, reason="error") == 0
 
 
 async def test_concurrent_load_and_bodies(nursery, gunicorn_server):

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from tests.helpers import H11Client, make_config, start_proxy
+from tests.operations import start_operated_proxy
 
 from .checks import payload
 
@@ -76,7 +77,8 @@ async def test_connection_close_after_keepalive_requests(nursery, nginx_server):
 
 async def test_advertised_short_keepalive_retires_the_connection_first(nursery, nginx_server):
     """``keepalive_timeout 2s 2s``: the pool retires the connection 1 s before nginx would."""
-    proxy = await start_proxy(nursery, make_config(nginx_server.port))
+    operated = await start_operated_proxy(nursery, make_config(nginx_server.port))
+    proxy = operated.running
     with trio.fail_after(15):
         async with await H11Client.connect(proxy.port) as client:
             first = await client.request("GET", "/short-keepalive/")
@@ -89,3 +91,7 @@ async def test_advertised_short_keepalive_retires_the_connection_first(nursery, 
     stats = proxy.pool().statistics()
     assert stats.closed.get("keepalive_timeout") == 1, stats
     assert "stale" not in stats.closed and proxy.proxy.forwarder.stale_retries == 0
+    scrape = await operated.scrape()
+    closed = "pooled_proxy_upstream_connections_closed_total"
+    assert scrape.value(closed, reason="keepalive_timeout") == 1
+    assert scrape.value(closed, reason="stale") == 0

@@ -22,7 +22,8 @@ import pytest
 import trio
 
 from pooled_proxy.upstream import KEEPALIVE_SAFETY_MARGIN
-from tests.helpers import RunningProxy, make_config, start_proxy
+from tests.helpers import make_config, start_proxy
+from tests.operations import OperatedProxy, start_operated_proxy
 
 from .checks import Lane, assert_live, idle_lane, measure_idle_close, payload, post_roundtrip, read_sse
 from .conftest import ServerFactory, node_argv
@@ -48,9 +49,10 @@ async def measure(port: int) -> Measured:
 async def run_keepalive_sweep(nursery: trio.Nursery, port: int, offsets: tuple[float, ...]) -> Measured:
     measured = await measure(port)
     retire_at = measured.advertised - KEEPALIVE_SAFETY_MARGIN
-    gaps = [retire_at - 0.25, *(measured.closes_after + offset for offset in offsets)]
-    lanes: list[tuple[RunningProxy, Lane]] = [
-        (await start_proxy(nursery, make_config(port)), Lane(method, gap))
+    # 0.5 s short of retirement: still reused even when a loaded machine adds latency
+    gaps = [retire_at - 0.5, *(measured.closes_after + offset for offset in offsets)]
+    lanes: list[tuple[OperatedProxy, Lane]] = [
+        (await start_operated_proxy(nursery, make_config(port)), Lane(method, gap))
         for method in ("GET", "POST")
         for gap in gaps
     ]
@@ -63,8 +65,10 @@ async def run_keepalive_sweep(nursery: trio.Nursery, port: int, offsets: tuple[f
                 )
 
     assert [lane.statuses for _, lane in lanes] == [(200, 200)] * len(lanes), lanes  # zero 502s
-    for proxy, lane in lanes:
-        stats = proxy.pool().statistics()
+    for operated, lane in lanes:
+        stats = operated.running.pool().statistics()
+        scrape = await operated.scrape()
+        closed = "pooled_proxy_upstream_connections_closed_total"
         if lane.gap < retire_at:
             # Still fresh: reused, and Node had not closed it.
             assert (stats.opened, stats.reused) == (1, 1), (lane, stats)
@@ -72,9 +76,11 @@ async def run_keepalive_sweep(nursery: trio.Nursery, port: int, offsets: tuple[f
             # Retired by the pool for the advertised timeout, before Node closed it: the
             # second request went on a new connection, and nothing was ever found stale.
             assert stats.closed.get("keepalive_timeout") == 1, (lane, stats)
+            assert scrape.value(closed, reason="keepalive_timeout") == 1  # on /metrics too
             assert (stats.opened, stats.reused) == (2, 0), (lane, stats)
         assert "stale" not in stats.closed, (lane, stats)
-        assert proxy.proxy.forwarder.stale_retries == 0, lane
+        assert scrape.value(closed, reason="stale") == 0
+        assert operated.running.proxy.forwarder.stale_retries == 0, lane
     return measured
 
 
