@@ -665,6 +665,16 @@ def parse_config(text: str, path: str = "<config>", *, base_dir: Path | None = N
     return config
 
 
+def key_line(path: str | os.PathLike[str], key: tuple[str | int, ...]) -> int:
+    """The line of the config file at ``path`` where ``key`` was written (1 if unknown), for
+    problems found after loading, such as a TLS certificate that does not load."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return 1
+    return _LineIndex(text).line_of(key)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and parse a config file; an unreadable file is a ConfigError on key ``(file)``."""
     shown = os.fspath(path)

@@ -20,6 +20,7 @@ from .proxy import Proxy
 from .reload import Reloader, watch_file
 from .server.http2 import serve_h2
 from .server.listen import serve_listeners
+from .server.tls import serve_tls_listeners, server_ssl_context
 
 LOG = logging.getLogger("pooled_proxy.lifecycle")
 
@@ -97,7 +98,22 @@ async def _listen_h1_h2(
     *,
     task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_listeners(proxy, handler_nursery, h2_handler=serve_h2, task_status=task_status)
+    tls = proxy.server.tls
+    if tls is None:
+        await serve_listeners(proxy, handler_nursery, h2_handler=serve_h2, task_status=task_status)
+        return
+    # Loaded before anything listens: a certificate that cannot be used stops the start.
+    context = server_ssl_context(tls)
+    async with trio.open_nursery() as listening:
+        addresses = await listening.start(
+            partial(serve_listeners, proxy, handler_nursery, h2_handler=serve_h2)
+        )
+        addresses += await listening.start(
+            partial(
+                serve_tls_listeners, proxy, handler_nursery, h2_handler=serve_h2, context=context
+            )
+        )
+        task_status.started(addresses)
 
 
 async def serve(
@@ -115,7 +131,10 @@ async def serve(
             async with trio.open_nursery() as handlers:
                 addresses = await handlers.start(listen, proxy, handlers)
                 for address in addresses:
-                    LOG.info("listening on http://%s (HTTP/1.1, h2c)", address)
+                    if address.tls:
+                        LOG.info("listening on https://%s (HTTP/1.1, h2)", address)
+                    else:
+                        LOG.info("listening on http://%s (HTTP/1.1, h2c)", address)
                 for service in services:
                     await root.start(service)
                 task_status.started(addresses)
