@@ -20,7 +20,6 @@ from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, dev_config, load_config, parse_address
 from .errors import ConfigError
-from .server.tls import check_certificate
 from .forward import ExchangeObserver
 from .lifecycle import Service, run as run_proxy
 from .metrics import ProxyMetrics
@@ -58,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str, *, tag: str = "") -> None:
+def configure_logging(level: str, *, tag: str = "") -> None:
     """Log to stderr; ``tag`` (e.g. ``[worker 1 pid 4242]``) names the process that logs."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -70,19 +69,17 @@ def _configure_logging(level: str, *, tag: str = "") -> None:
 def _load(path: str | None) -> Config:
     if not path:
         raise SystemExit("pooled-proxy: no config file: pass -c FILE or set $POOLED_PROXY_CONFIG")
-    config = load_config(path)
-    check_certificate(config)  # a pair that does not load is a config error, before listening
-    return config
+    return load_config(path)
 
 
 def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> int:
-    _configure_logging(config.log.level)
+    configure_logging(config.log.level)
     if path is not None and config.server.workers > 1:
         from .workers import supervise
 
         return supervise(config, path, watch=watch)
     try:
-        trio.run(partial(_run_with_operations, config, config_path=path, watch=watch))
+        trio.run(partial(run_with_operations, config, config_path=path, watch=watch))
     except OSError as exc:
         LOG.error("%s", exc)
         return EXIT_RUNTIME
@@ -91,7 +88,7 @@ def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> i
     return EXIT_OK
 
 
-async def _run_with_operations(
+async def run_with_operations(
     config: Config,
     *,
     config_path: str | None = None,
@@ -128,7 +125,7 @@ async def _demo(listen: str) -> None:
         config = replace(config, server=replace(config.server, drain_timeout=5.0))
         LOG.info("demo upstream on http://127.0.0.1:%d; try http://%s/ , /echo, /events, /slow",
                  upstream_port, listen)
-        await _run_with_operations(config)
+        await run_with_operations(config)
         nursery.cancel_scope.cancel()
 
 
@@ -145,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(dev_config(args.url, args.listen))
         if args.command == "demo":
             parse_address(args.listen)
-            _configure_logging("info")
+            configure_logging("info")
             try:
                 trio.run(_demo, args.listen)
             except KeyboardInterrupt:

@@ -1,0 +1,318 @@
+"""``server.workers = N``: a supervisor process and N worker processes sharing the port.
+
+The supervisor binds every listen address with SO_REUSEPORT but never listens on it: that
+turns port 0 into one real port for all workers and holds the port while a worker restarts.
+Each worker is a fresh interpreter (``python -m pooled_proxy.workers``) that binds the same
+addresses with SO_REUSEPORT and listens, so the kernel spreads new connections across them.
+
+The supervisor passes the config text it validated to each worker on its stdin, so a worker
+restarted after someone broke the file still starts with the last good config; the pipe then
+stays open, and a worker whose supervisor vanished (EOF) drains and exits. Workers run in
+their own process group: a terminal's Ctrl-C reaches only the supervisor, which passes
+signals on, so each worker sees each signal once.
+
+- a worker that dies is restarted, with a backoff (0.1 s doubling to 5 s, reset once a
+  worker has lived 10 s);
+- SIGTERM/SIGINT: every worker drains; the supervisor exits 0 once all of them exited
+  cleanly. A second signal is passed on (workers stop at once); workers still alive after
+  ``drain_timeout`` + 5 s (or 1 s after a second signal) are killed;
+- SIGHUP (or a change of the file with ``--watch``): the supervisor checks the file; a bad
+  one is logged and nothing changes, a good one is passed on as SIGHUP to every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from .config import Config, ServerAddress, parse_address, parse_config
+from .errors import ConfigError
+from .reload import log_problems, read_config, watch_file
+
+LOG = logging.getLogger("pooled_proxy.workers")
+
+WORKER_ENV = "POOLED_PROXY_WORKER"
+RESTART_BACKOFF_MIN = 0.1
+RESTART_BACKOFF_MAX = 5.0
+STABLE_AFTER = 10.0  # a worker that lived this long resets the restart backoff
+KILL_MARGIN = 5.0  # after drain_timeout, workers still alive are killed
+STOP_GRACE = 1.0  # after a second signal, workers still alive are killed
+EXIT_OK, EXIT_RUNTIME = 0, 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker is told through its environment."""
+
+    index: int
+    config_path: str
+    listen: list[str]  # the supervisor's reserved addresses, port 0 resolved
+    tls_listen: list[str]
+
+
+def _reserve(address: ServerAddress) -> socket.socket:
+    """Bind (no listen) with SO_REUSEPORT: workers can bind the same port, nobody else can."""
+    family, type_, proto, _, sockaddr = socket.getaddrinfo(
+        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    return sock
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    def __init__(self, config: Config, path: str, text: str, *, watch: bool) -> None:
+        self.config = config
+        self.path = os.path.abspath(path)
+        self.text = text  # the last config text that passed the checks
+        self.watch = watch
+        self.workers: dict[int, trio.Process] = {}
+        self.stopping = False
+        self.clean = True
+        self._stop_requested = trio.Event()
+        self._reload_lock = trio.Lock()
+        self._listen: list[str] = []
+        self._tls_listen: list[str] = []
+
+    # -- ports --------------------------------------------------------------------------------
+
+    def reserve(self) -> list[socket.socket]:
+        """Reserve every listen address; the caller closes the sockets at exit."""
+        sockets: list[socket.socket] = []
+        try:
+            tls = self.config.server.tls
+            for addresses, into in (
+                (self.config.server.listen, self._listen),
+                (tls.listen if tls is not None else (), self._tls_listen),
+            ):
+                for address in addresses:
+                    sock = _reserve(address)
+                    sockets.append(sock)
+                    into.append(str(replace(address, port=sock.getsockname()[1])))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
+
+    # -- workers ------------------------------------------------------------------------------
+
+    async def _spawn(self, index: int) -> trio.Process:
+        spec = WorkerSpec(index, self.path, self._listen, self._tls_listen)
+        env = {**os.environ, WORKER_ENV: json.dumps(asdict(spec))}
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "pooled_proxy.workers"],
+            stdin=subprocess.PIPE,
+            env=env,
+            process_group=0,  # its own group: terminal signals reach the supervisor only
+        )
+        data = self.text.encode()
+        assert process.stdin is not None
+        try:
+            await process.stdin.send_all(b"%d\n" % len(data) + data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it died before reading: process.wait() reports how
+        LOG.info("worker %d started: pid %d", index, process.pid)
+        return process
+
+    async def _run_slot(self, index: int) -> None:
+        """Keep worker ``index`` running until the supervisor stops."""
+        backoff = RESTART_BACKOFF_MIN
+        while not self.stopping:
+            started = trio.current_time()
+            process = await self._spawn(index)
+            self.workers[index] = process
+            if self.stopping:  # the drain began while it was starting
+                process.send_signal(signal.SIGTERM)
+            code = await process.wait()
+            del self.workers[index]
+            if process.stdin is not None:
+                await process.stdin.aclose()
+            if self.stopping:
+                if code not in (0, -signal.SIGTERM):
+                    self.clean = False
+                LOG.info("worker %d (pid %d) exited: %s", index, process.pid, _describe(code))
+                return
+            if trio.current_time() - started >= STABLE_AFTER:
+                backoff = RESTART_BACKOFF_MIN
+            LOG.warning("worker %d (pid %d) died (%s); restarting in %.1fs",
+                        index, process.pid, _describe(code), backoff)  # fmt: skip
+            with trio.move_on_after(backoff):
+                await self._stop_requested.wait()
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    def _broadcast(self, signum: int) -> None:
+        for process in list(self.workers.values()):
+            try:
+                process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    async def _kill_after(self, delay: float) -> None:
+        await trio.sleep(delay)
+        for index, process in list(self.workers.items()):
+            LOG.warning("worker %d (pid %d) still running after %gs: killing it",
+                        index, process.pid, delay)  # fmt: skip
+            self.clean = False
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
+
+    # -- signals and reload -------------------------------------------------------------------
+
+    async def _reload(self, why: str) -> None:
+        async with self._reload_lock:
+            if self.stopping:
+                return
+            try:
+                config, text = await trio.to_thread.run_sync(read_config, self.path)
+            except ConfigError as exc:
+                log_problems(exc, self.path)
+                return
+            except (OSError, UnicodeDecodeError) as exc:
+                LOG.error("reload failed: cannot read %s: %s; keeping the running config",
+                          self.path, exc)  # fmt: skip
+                return
+            if config.server.workers != self.config.server.workers:
+                LOG.warning("server.workers changed in %s: it takes effect after a restart",
+                            self.path)  # fmt: skip
+            workers = self.config.server.workers
+            self.config = replace(config, server=replace(config.server, workers=workers))
+            self.text = text
+            LOG.info("%s: %s checked, reloading %d worker(s)", why, self.path, len(self.workers))
+            self._broadcast(signal.SIGHUP)
+
+    async def _watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                nursery.start_soon(self._reload, name)
+            elif not self.stopping:
+                self.stopping = True
+                self._stop_requested.set()
+                LOG.info("%s: draining %d worker(s)", name, len(self.workers))
+                self._broadcast(signal.SIGTERM)
+                nursery.start_soon(self._kill_after, self.config.server.drain_timeout + KILL_MARGIN)
+            else:
+                LOG.warning("%s again: stopping %d worker(s) now", name, len(self.workers))
+                self._broadcast(signal.SIGTERM)  # a worker's second signal stops it at once
+                nursery.start_soon(self._kill_after, STOP_GRACE)
+
+    async def run(self) -> int:
+        count = self.config.server.workers
+        LOG.info("supervisor pid %d: %d workers on %s", os.getpid(), count,
+                 ", ".join(f"http://{a}" for a in self._listen))  # fmt: skip
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals, nursery)
+                if self.watch:
+                    nursery.start_soon(watch_file, self.path, partial(self._reload, "file changed"))
+                async with trio.open_nursery() as slots:
+                    for index in range(count):
+                        slots.start_soon(self._run_slot, index)
+                nursery.cancel_scope.cancel()
+        LOG.info("all workers stopped")
+        return EXIT_OK if self.clean else EXIT_RUNTIME
+
+
+def supervise(config: Config, path: str, *, watch: bool = False) -> int:
+    """Run the supervisor for ``config`` (loaded from ``path``) until it is told to stop."""
+    try:
+        _, text = read_config(path)
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        LOG.error("cannot read %s again: %s", path, exc)
+        return EXIT_RUNTIME
+    supervisor = Supervisor(config, path, text, watch=watch)
+    try:
+        reservations = supervisor.reserve()
+    except OSError as exc:
+        LOG.error("%s", exc)
+        return EXIT_RUNTIME
+    try:
+        return trio.run(supervisor.run)
+    finally:
+        for sock in reservations:
+            sock.close()
+
+
+# -- the worker side ---------------------------------------------------------------------------
+
+
+async def _drain_when_orphaned() -> None:
+    """The supervisor holds our stdin open; EOF means it is gone: drain like on SIGTERM."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stdin:
+        while await stdin.receive_some(4096):
+            pass
+    LOG.warning("supervisor gone: draining")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _serve_worker(config: Config, launch: Config, path: str) -> None:
+    from .cli import run_with_operations
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain_when_orphaned)
+        await run_with_operations(config, config_path=path, launch_config=launch)
+        nursery.cancel_scope.cancel()
+
+
+def worker_config(spec: WorkerSpec, text: str) -> tuple[Config, Config]:
+    """(what this worker runs, what the file said): listen addresses pinned to the
+    supervisor's ports; the admin listener only in worker 0 (one port, one answerer)."""
+    launch = parse_config(text, spec.config_path, base_dir=Path(spec.config_path).parent)
+    server = replace(launch.server, listen=tuple(parse_address(a) for a in spec.listen))
+    if server.tls is not None:
+        tls_listen = tuple(parse_address(a) for a in spec.tls_listen)
+        server = replace(server, tls=replace(server.tls, listen=tls_listen))
+    admin = launch.admin if spec.index == 0 else None
+    return replace(launch, server=server, admin=admin), launch
+
+
+def worker_main() -> int:
+    from .cli import configure_logging
+
+    spec = WorkerSpec(**json.loads(os.environ[WORKER_ENV]))
+    size = int(sys.stdin.buffer.readline())
+    text = sys.stdin.buffer.read(size).decode()
+    config, launch = worker_config(spec, text)
+    configure_logging(config.log.level, tag=f"[worker {spec.index} pid {os.getpid()}]")
+    try:
+        trio.run(_serve_worker, config, launch, spec.config_path)
+    except OSError as exc:
+        LOG.error("%s", exc)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

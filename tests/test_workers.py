@@ -1,0 +1,151 @@
+"""``server.workers = 2``: the real supervisor and its workers as subprocesses.
+
+Which worker serves a connection is read from the kernel: the server side of the TCP
+connection (found in /proc/net/tcp by its ports) is a socket one worker process holds open.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import h11
+import pytest
+import trio
+
+from pooled_proxy.demo import DemoUpstream
+from tests.daemon import Daemon, DaemonConfig, running_daemon
+from tests.helpers import H11Client
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
+)
+
+
+def serving_pid(proxy_port: int, client: H11Client, pids: set[int]) -> int | None:
+    """The process among ``pids`` that holds the proxy's end of ``client``'s connection."""
+    client_port = client.stream.socket.getsockname()[1]
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if (local_port, remote_port) == (proxy_port, client_port):
+                inode = fields[9]
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+async def pids_serving(daemon: Daemon, pids: set[int], target: str, connections: int) -> set[int]:
+    """Open ``connections`` keep-alive connections, GET ``target`` on each (must be 200),
+    and return the pids that served them."""
+    clients = [await H11Client.connect(daemon.port) for _ in range(connections)]
+    try:
+        served = set()
+        for client in clients:
+            assert (await client.request("GET", target)).status == 200
+            pid = serving_pid(daemon.port, client, pids)
+            assert pid is not None
+            served.add(pid)
+        return served
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def routes(*names: str) -> list[dict[str, object]]:
+    return [{"path_prefix": f"/{n}/", "upstream": n, "strip_prefix": True} for n in names]
+
+
+async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both(
+    nursery, demo_upstream, tmp_path
+):
+    upstream, upstream_port = demo_upstream
+    config = DaemonConfig(upstreams={"app": upstream_port}, workers=2, drain_timeout="3s")
+    with trio.fail_after(20):
+        async with running_daemon(nursery, tmp_path, config) as daemon:
+            first = daemon.worker_pids
+            assert len(first) == 2
+            # Both workers take connections on the one shared port.
+            assert await pids_serving(daemon, first, "/echo", 20) == first
+
+            # A worker that dies is restarted, and the new one serves too.
+            victim = min(first)
+            mark = len(daemon.lines)
+            os.kill(victim, signal.SIGKILL)
+            await daemon.wait_for_line(rf"\(pid {victim}\) died \(killed by SIGKILL\); restarting",
+                                       after=mark)  # fmt: skip
+            started = await daemon.wait_for_line(r"worker \d+ started: pid (\d+)", after=mark)
+            newcomer = int(started[1])
+            await daemon.wait_for_line(rf"pid {newcomer}\]: listening on", after=mark)
+            now = first - {victim} | {newcomer}
+            assert newcomer in await pids_serving(daemon, now, "/echo", 20)
+
+            # SIGTERM to the supervisor drains every worker: requests in flight on both of
+            # them finish, then everything exits 0.
+            base = upstream.stats.requests
+            clients = [await H11Client.connect(daemon.port) for _ in range(16)]
+            try:
+                for client in clients:
+                    await client.send(
+                        h11.Request(method="GET", target="/slow?delay=0.5", headers=[("host", "a")]),
+                        h11.EndOfMessage(),
+                    )
+                while upstream.stats.requests < base + len(clients):
+                    await trio.sleep(0.01)
+                in_flight_on = {serving_pid(daemon.port, c, now) for c in clients}
+                daemon.send_signal(signal.SIGTERM)
+                for client in clients:
+                    reply = await client.read_reply()
+                    assert reply.status == 200 and reply.headers[b"connection"] == b"close"
+            finally:
+                for client in clients:
+                    await client.aclose()
+            assert await daemon.wait() == 0
+    assert in_flight_on == now
+    for pid in now:
+        assert daemon.has_line(f"(pid {pid}) exited: exit code 0")
+    assert len(daemon.matches(r"pid \d+\]: drain complete after .*all finished")) == 2
+    assert daemon.has_line("all workers stopped")
+
+
+async def test_sighup_reloads_every_worker_and_a_bad_file_none(nursery, tmp_path):
+    a, b = DemoUpstream(), DemoUpstream()
+    a_port, b_port = await nursery.start(a.serve), await nursery.start(b.serve)
+    config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"), workers=2)
+    with trio.fail_after(20):
+        async with running_daemon(nursery, tmp_path, config) as daemon:
+            pids = daemon.worker_pids
+
+            daemon.config_path.write_text(
+                DaemonConfig(upstreams={"a": a_port}, routes=routes("a", "nope"), workers=2).to_toml()
+            )
+            mark = len(daemon.lines)
+            daemon.send_signal(signal.SIGHUP)
+            await daemon.wait_for_line(r"proxy\.toml:\d+: routes\[1\]\.upstream", after=mark)
+
+            good = DaemonConfig(upstreams={"a": a_port, "b": b_port}, routes=routes("a", "b"), workers=2)
+            daemon.config_path.write_text(good.to_toml())
+            daemon.send_signal(signal.SIGHUP)
+            reloaded = await daemon.wait_for_count(r"pid (\d+)\]: config reloaded \(SIGHUP\)", 2)
+            assert {int(m[1]) for m in reloaded} == pids
+            # Both workers route the new path.
+            assert await pids_serving(daemon, pids, "/b/echo", 20) == pids
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    # The bad file was reported once, by the supervisor, and reached no worker.
+    assert len(daemon.matches(r"reload failed: .* has 1 problem")) == 1
+    assert not daemon.matches(r"\]: reload failed")
