@@ -20,6 +20,7 @@ from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, dev_config, load_config, parse_address
 from .errors import ConfigError
+from .server.tls import check_certificate
 from .forward import ExchangeObserver
 from .lifecycle import Service, run as run_proxy
 from .metrics import ProxyMetrics
@@ -69,7 +70,9 @@ def configure_logging(level: str, *, tag: str = "") -> None:
 def _load(path: str | None) -> Config:
     if not path:
         raise SystemExit("pooled-proxy: no config file: pass -c FILE or set $POOLED_PROXY_CONFIG")
-    return load_config(path)
+    config = load_config(path)
+    check_certificate(config)  # a pair that does not load is a config error, before listening
+    return config
 
 
 def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> int:
