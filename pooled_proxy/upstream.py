@@ -65,6 +65,7 @@ class UpstreamConnection:
         self.requests_sent = 0
         self.received_bytes = 0  # of the current response, to tell a stale socket from a bad reply
         self.keepalive_expiry: float | None = None  # from the upstream's Keep-Alive header
+        self.keepalive_advertised: float | None = None  # its timeout=N, in seconds
         self.connect_time: float | None = None  # seconds it took to open, set by the pool
         self.closed = False
         self.send_failed = False
@@ -165,15 +166,21 @@ class UpstreamConnection:
             self.received_bytes += len(data)
             self._h11.receive_data(data)
 
+    def _restart_keepalive_clock(self) -> None:
+        """The upstream's keep-alive timer runs from the end of its response (Node's does), so
+        ours restarts there too: a response streamed longer than N must not retire the
+        connection the moment it ends."""
+        if self.keepalive_advertised is not None:
+            self.keepalive_expiry = trio.current_time() + max(
+                0.0, self.keepalive_advertised - KEEPALIVE_SAFETY_MARGIN
+            )
+
     async def receive_response_head(self) -> h11.Response | h11.InformationalResponse:
         event = await self._next_event()
         if isinstance(event, (h11.Response, h11.InformationalResponse)):
             if isinstance(event, h11.Response):
-                advertised = keep_alive_timeout(event.headers)
-                if advertised is not None:
-                    self.keepalive_expiry = trio.current_time() + max(
-                        0.0, advertised - KEEPALIVE_SAFETY_MARGIN
-                    )
+                self.keepalive_advertised = keep_alive_timeout(event.headers)
+                self._restart_keepalive_clock()
             return event
         self.close()
         raise UpstreamClosed(f"upstream {self.server} closed the connection before a response")
@@ -186,6 +193,7 @@ class UpstreamConnection:
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
                 self.trailers = list(event.headers)
+                self._restart_keepalive_clock()
                 return None
             self.close()
             raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")

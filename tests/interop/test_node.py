@@ -115,3 +115,18 @@ async def test_routes_sse_and_header_rewriting(nursery, node_server):
             events = await read_sse(client, "/sse?count=6&interval=150")
     assert_live(events, 6)
     assert proxy.pool().statistics().opened == 1
+
+
+async def test_keepalive_clock_starts_when_the_response_ends(nursery, server_factory: ServerFactory):
+    """Node starts its keep-alive timer when a response *ends*. A response that streamed
+    longer than the advertised timeout must not get its connection retired on return."""
+    node = server_factory("node-ka2-long", lambda port: node_argv(port, 2000))
+    proxy = await start_proxy(nursery, make_config(node.port))
+    with trio.fail_after(15):
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            events = await read_sse(client, "/sse?count=4&interval=600")  # 1.8 s > 2 s - 1 s
+            assert len(events) == 4
+            assert (await client.get("/")).status_code == 200
+    stats = proxy.pool().statistics()
+    assert (stats.opened, stats.reused) == (1, 1), stats
+    assert "keepalive_timeout" not in stats.closed, stats
