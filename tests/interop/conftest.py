@@ -8,10 +8,19 @@ killed in a ``finally``, with the process group it forked.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
+import trustme
+
+from pooled_proxy.config import ServerAddress, TlsConfig
+from pooled_proxy.lifecycle import serve
+from pooled_proxy.proxy import Proxy
+from tests.helpers import make_config
 
 from .servers import (
     APPS,
@@ -190,3 +199,59 @@ def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     yield from _session_server(
         tmp_path_factory, "nginx", lambda port: nginx_argv(port, directory), version
     )
+
+
+@dataclass(frozen=True)
+class TlsSetup:
+    """A trustme CA, its PEM file (for curl --cacert) and the proxy's [server.tls]."""
+
+    ca: trustme.CA
+    ca_file: Path
+    config: TlsConfig
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> TlsSetup:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(directory / "ca.pem")
+    cert = ca.issue_cert(HOST, "localhost")
+    for n, pem in enumerate(cert.cert_chain_pems):
+        pem.write_to_path(directory / "cert.pem", append=n > 0)
+    cert.private_key_pem.write_to_path(directory / "key.pem")
+    config = TlsConfig(listen=(ServerAddress(HOST, 0),), cert=directory / "cert.pem", key=directory / "key.pem")
+    return TlsSetup(ca, directory / "ca.pem", config)
+
+
+@dataclass(frozen=True)
+class TlsProxy:
+    proxy: Proxy
+    port: int  # cleartext
+    tls_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://{HOST}:{self.tls_port}"
+
+    def pool(self):  # type: ignore[no-untyped-def]
+        return self.proxy.forwarder.upstreams["app"].pools[0]
+
+
+async def start_tls_proxy(nursery: trio.Nursery, upstream_port: int, tls: TlsSetup, **upstream: object) -> TlsProxy:
+    """The proxy with a cleartext and a TLS (ALPN h2, http/1.1) listener, both on port 0."""
+    config = make_config(upstream_port, server={"tls": tls.config}, **upstream)
+    proxy = Proxy(config)
+    addresses = await nursery.start(serve, proxy)
+    plain = [a.port for a in addresses if not a.tls]
+    secure = [a.port for a in addresses if a.tls]
+    assert len(plain) == 1 and len(secure) == 1, addresses
+    return TlsProxy(proxy, plain[0], secure[0])

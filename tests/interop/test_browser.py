@@ -21,6 +21,7 @@ import trio
 from tests.helpers import make_config, start_proxy
 
 from .browser import Browser
+from .conftest import TlsSetup, start_tls_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,7 @@ PAGE_STATE = """JSON.stringify({
   protocol: document.getElementById("protocol")?.textContent ?? null,
   echo: document.getElementById("echo")?.textContent ?? null,
   done: document.getElementById("done")?.textContent ?? null,
+  resources: performance.getEntriesByType("resource").map((e) => [new URL(e.name).pathname, e.nextHopProtocol]),
   events: Array.from(document.querySelectorAll("#events li")).map((li) => ({
     n: Number(li.dataset.n), sent: Number(li.dataset.sent), received: Number(li.dataset.received),
   })),
@@ -69,7 +71,8 @@ def assert_page_worked(run: PageRun, protocol: str) -> None:
     assert [e["n"] for e in events] == list(range(1, EVENTS + 1))
     assert state["done"] == f"done {EVENTS}"
     assert state["echo"] == "hello from the browser"
-    assert state["protocol"] == protocol
+    assert state["protocol"] == protocol  # the page itself
+    assert ["/echo", protocol] in state["resources"], state["resources"]  # the fetch
     # Live: the DOM was seen part-filled, and the first event was on the page before the
     # upstream sent the last one.
     assert any(0 < count < EVENTS for count in run.counts_seen), run.counts_seen
@@ -86,3 +89,16 @@ async def test_chromium_eventsource_and_fetch_over_http11(nursery, uvicorn_serve
         )
     print(f"screenshot: {shot}")
     assert_page_worked(run, "http/1.1")
+
+
+async def test_chromium_eventsource_and_fetch_over_h2_with_tls(nursery, uvicorn_server, tls_setup: TlsSetup, tmp_path: Path):
+    # The trustme CA is not in Chromium's store; the brief allows skipping verification.
+    proxy = await start_tls_proxy(nursery, uvicorn_server.port, tls_setup)
+    shot = tmp_path / "chromium-h2.png"
+    with trio.fail_after(60):
+        run = await trio.to_thread.run_sync(
+            load_page, tmp_path / "profile", f"{proxy.tls_url}/page?count={EVENTS}&interval={INTERVAL}",
+            shot, "--ignore-certificate-errors",
+        )
+    print(f"screenshot: {shot}")
+    assert_page_worked(run, "h2")
