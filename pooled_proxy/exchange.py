@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .headers import Headers
+
+if TYPE_CHECKING:
+    import trio
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -56,6 +59,15 @@ class ResponseSink(Protocol):
         """Abort a response whose head was already sent, so the client sees it as incomplete."""
 
 
+class ClientUpgrade(Protocol):
+    """A client connection that can switch protocols (HTTP/1.1 ``Upgrade: websocket``)."""
+
+    async def switch_protocols(self, headers: Headers) -> tuple[trio.abc.Stream, bytes]:
+        """Send ``101 Switching Protocols`` and hand over the raw client stream, with the
+        bytes the client already sent behind its request; HTTP on it is over."""
+        ...
+
+
 @dataclass(slots=True)
 class ExchangeRecord:
     """What happened to one exchange: the access log line and the metrics come from this."""
@@ -92,3 +104,6 @@ class Exchange:
     body: AsyncIterator[bytes]
     sink: ResponseSink
     record: ExchangeRecord
+    # Set by the HTTP/1.1 front end for a bodiless request asking for a WebSocket upgrade:
+    # forward() then keeps the Upgrade headers and turns a 101 into a byte tunnel.
+    upgrade: ClientUpgrade | None = None

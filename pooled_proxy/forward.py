@@ -26,10 +26,11 @@ from .errors import (
     UpstreamConnectError,
     UpstreamError,
 )
-from .exchange import Exchange, ExchangeRecord, RequestHead, ResponseSink
+from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, ResponseSink
 from .headers import client_response_headers, is_event_stream, upstream_request_headers
 from .pool import Connector, UpstreamPool
 from .routing import Router, rewrite_target
+from .tunnel import requested_upgrade, run_tunnel, switched_response_headers, upgrade_request_headers
 from .upstream import UpstreamConnection
 
 LOG = logging.getLogger("pooled_proxy.forward")
@@ -167,6 +168,11 @@ class Forwarder:
             scheme=head.scheme,
             protocol=head.http_version,
         )
+        upgrade = requested_upgrade(head.headers) if exchange.upgrade is not None else None
+        if upgrade is not None:
+            # Hop-by-hop, but this hop must ask for the switch too (the front end vouched
+            # that the client connection can be handed over).
+            headers += upgrade_request_headers(upgrade)
         if head.has_body and head.content_length is None:
             # The client framed its body hop by hop (chunked, or h2 DATA frames) and that
             # framing was dropped; without a length h11 would frame the request as bodiless.
@@ -188,7 +194,10 @@ class Forwarder:
             if not reused:
                 record.connect_time = connection.connect_time
             try:
-                await self._exchange(connection, group.config, head, target, headers, upload, exchange.sink, record)
+                await self._exchange(
+                    connection, group.config, head, target, headers, upload, exchange.sink, record,
+                    upgrade=exchange.upgrade if upgrade is not None else None,
+                )
             except UpstreamClosed:
                 pool.release(connection, reusable=False)
                 if (
@@ -209,6 +218,12 @@ class Forwarder:
             except BaseException:
                 pool.release(connection, reusable=False)
                 raise
+            if connection.upgraded:
+                # A tunnel ran and has closed both streams: nothing left to send, and the
+                # connection spoke another protocol, so it is never pooled again.
+                pool.release(connection, reusable=False, close_reason="upgraded")
+                health.record_success()
+                return
             # The upstream's part is complete: free its connection before flushing the
             # end of the response to a client that may be slow.
             trailers = connection.trailers
@@ -227,13 +242,16 @@ class Forwarder:
         upload: _Upload | None,
         sink: ResponseSink,
         record: ExchangeRecord,
+        *,
+        upgrade: ClientUpgrade | None = None,
     ) -> None:
         header_timeout = upstream.response_header_timeout or math.inf
         if upload is None:
             await connection.send_request(head.method, target, headers, end=True)
             sent_at = trio.current_time()
             await self._relay_response(
-                connection, upstream, None, sent_at + header_timeout, sink, record, sent_at=sent_at
+                connection, upstream, None, sent_at + header_timeout, sink, record,
+                sent_at=sent_at, upgrade=upgrade,
             )
             return
         await connection.send_request(head.method, target, headers, end=False)
@@ -265,6 +283,7 @@ class Forwarder:
         record: ExchangeRecord,
         *,
         sent_at: float | None = None,
+        upgrade: ClientUpgrade | None = None,
     ) -> None:
         while True:
             head_scope = trio.CancelScope(
@@ -282,6 +301,9 @@ class Forwarder:
                 )
             if isinstance(response, h11.Response):
                 break
+            if response.status_code == 101 and upgrade is not None:
+                await self._tunnel(connection, upstream, response, upgrade, record)
+                return
             if response.status_code == 100:
                 await sink.send_informational(100, [])
 
@@ -311,3 +333,29 @@ class Forwarder:
                 break
             record.bytes_out += len(chunk)
             await sink.send_data(chunk)
+
+    async def _tunnel(
+        self,
+        connection: UpstreamConnection,
+        upstream: UpstreamConfig,
+        response: h11.InformationalResponse,
+        upgrade: ClientUpgrade,
+        record: ExchangeRecord,
+    ) -> None:
+        """After the upstream's 101: relay it, then copy raw bytes both ways until it ends."""
+        record.status = 101
+        record.ttfb = trio.current_time() - record.start
+        upstream_stream, upstream_data = connection.detach()
+        client_stream, client_data = await upgrade.switch_protocols(
+            switched_response_headers(list(response.headers))
+        )
+        stats = await run_tunnel(
+            client_stream,
+            upstream_stream,
+            client_data=client_data,
+            upstream_data=upstream_data,
+            idle_timeout=upstream.read_timeout or math.inf,
+        )
+        record.bytes_in += stats.bytes_up
+        record.bytes_out += stats.bytes_down
+        record.extra["tunnel_closed_by"] = stats.closed_by

@@ -54,7 +54,7 @@ class PoolStatistics:
     waiting: int
     opened: int
     reused: int
-    closed: Mapping[str, int]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain, upstream_close
+    closed: Mapping[str, int]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain, upgraded, upstream_close
     queue_rejected: int  # queue full
     queue_timeouts: int
     queue_waits: int
@@ -305,11 +305,17 @@ class UpstreamPool:
         if waiter is not None:
             waiter.event.set()
 
-    def release(self, connection: UpstreamConnection, *, reusable: bool) -> None:
-        """Give a connection back. Only a connection whose exchange completed cleanly is reusable."""
+    def release(
+        self, connection: UpstreamConnection, *, reusable: bool, close_reason: str = "error"
+    ) -> None:
+        """Give a connection back. Only a connection whose exchange completed cleanly is reusable.
+
+        ``close_reason`` counts a connection that is not reusable (``upgraded``: it carried
+        a WebSocket tunnel).
+        """
         state = self._state
         state.in_use -= 1
-        reason: str | None = "error"
+        reason: str | None = close_reason
         if reusable and connection.is_reusable() and not self._closing:
             limit = self.config.max_requests_per_connection
             if limit and connection.requests_sent >= limit:

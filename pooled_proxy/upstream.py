@@ -69,6 +69,7 @@ class UpstreamConnection:
         self.connect_time: float | None = None  # seconds it took to open, set by the pool
         self.closed = False
         self.send_failed = False
+        self.upgraded = False  # switched protocols (101): a tunnel owns the stream now
         self.trailers: Headers = []
 
     def __repr__(self) -> str:
@@ -197,6 +198,15 @@ class UpstreamConnection:
                 return None
             self.close()
             raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")
+
+    def detach(self) -> tuple[trio.abc.Stream, bytes]:
+        """After a ``101``: the raw stream and the bytes the upstream sent behind the 101 head.
+
+        The connection is spent (h11 is in SWITCHED_PROTOCOL, so it is never reusable); the
+        caller closes it when the tunnel ends.
+        """
+        self.upgraded = True
+        return self._stream, self._h11.trailing_data[0]
 
     @property
     def expects_more_response(self) -> bool:

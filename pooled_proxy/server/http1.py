@@ -28,6 +28,7 @@ from ..errors import (
 from ..exchange import Exchange, ExchangeRecord, RequestHead
 from ..headers import Headers
 from ..proxy import Proxy
+from ..tunnel import requested_upgrade
 
 LOG = logging.getLogger("pooled_proxy.http1")
 
@@ -61,6 +62,10 @@ class HTTP1Connection:
         self.requests = 0
         self.head_sent = False
         self.close_after_response = False
+        self.request_read = trio.Event()  # this cycle's request is read whole, body included
+        self.client_gone = False
+        self.request_method = b""
+        self.body_left: int | None = None  # of a response with a known length, once its head is sent
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -135,6 +140,7 @@ class HTTP1Connection:
                     raise BodyTooLarge(f"request body over max_body_bytes ({limit})")
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                self.request_read.set()
                 return
             else:
                 raise ClientDisconnected("client closed the connection mid-body")
@@ -168,15 +174,31 @@ class HTTP1Connection:
             self.h11.send_failed()
             raise ClientDisconnected(f"cannot send response: {exc}") from None
         self.head_sent = True
+        self.body_left = _body_length(self.request_method, status, headers)
         await self._write(data)
 
     async def send_data(self, data: bytes) -> None:
+        if self.body_left is not None:
+            self.body_left -= len(data)
         await self._write(self.h11.send(h11.Data(data=data)))
 
     async def end(self, trailers: Headers | None = None) -> None:
         # Trailers are dropped: HTTP/1.1 clients rarely ask for them (TE: trailers), and h11
         # can only send them on a chunked response.
         await self._write(self.h11.send(h11.EndOfMessage()))
+
+    async def switch_protocols(self, headers: Headers) -> tuple[trio.abc.Stream, bytes]:
+        """Send the upstream's 101; from here the connection belongs to a tunnel (ClientUpgrade)."""
+        try:
+            data = self.h11.send(
+                h11.InformationalResponse(status_code=101, headers=headers, reason=REASONS[101])
+            )
+        except h11.LocalProtocolError as exc:
+            self.h11.send_failed()
+            raise ClientDisconnected(f"cannot switch protocols: {exc}") from None
+        self.head_sent = True
+        await self._write(data)
+        return self.stream, self.h11.trailing_data[0]
 
     async def reset(self) -> None:
         """Abort: close the connection mid-response so the client sees it incomplete."""
@@ -267,22 +289,70 @@ class HTTP1Connection:
                 BodyTooLarge(f"Content-Length over max_body_bytes ({server.max_body_bytes})"), record
             )
             return False
+        body = self._request_body(server.max_body_bytes)
         exchange = Exchange(
             head=head,
-            body=self._request_body(server.max_body_bytes),
+            body=body,
             sink=self,
             record=record,
+            upgrade=self if self._may_upgrade(head) else None,
         )
         self.head_sent = False
+        self.request_method = head.method
+        self.body_left = None
+        self.request_read = trio.Event()
+        if not head.has_body:
+            self.request_read.set()
         self.proxy.active_exchanges += 1
         try:
-            await self.proxy.forwarder.forward(exchange)
+            async with trio.open_nursery() as nursery:
+                if exchange.upgrade is None:  # a tunnel reads the client itself
+                    nursery.start_soon(self._watch_for_disconnect, nursery.cancel_scope, record)
+                await self.proxy.forwarder.forward(exchange)
+                nursery.cancel_scope.cancel()
         finally:
             self.proxy.active_exchanges -= 1
+            await body.aclose()  # an upload the exchange abandoned (413, early answer, cancel)
         return (
-            self.h11.our_state is h11.DONE
+            not self.client_gone
+            and self.h11.our_state is h11.DONE
             and self.h11.their_state is h11.DONE
             and not self.proxy.draining
+        )
+
+    async def _watch_for_disconnect(self, exchange_scope: trio.CancelScope, record: ExchangeRecord) -> None:
+        """Cancel the exchange as soon as the client closes its connection.
+
+        Otherwise a client leaving a quiet SSE stream or a slow response would only be noticed
+        at the next write, which may be minutes away; cancelled, the exchange closes its
+        upstream connection instead of pooling it, so the upstream sees the disconnect too.
+        Like nginx, a half-close (EOF) counts as leaving. Bytes that arrive instead are the
+        next pipelined request: they are kept for the next cycle and the watch ends.
+        """
+        await self.request_read.wait()  # until then, the body reader owns the receive side
+        if self.h11.trailing_data[0]:
+            return
+        try:
+            data = await self.stream.receive_some(MAX_RECEIVE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if data:
+            self.h11.receive_data(data)
+            return
+        self.client_gone = True
+        if self.h11.our_state is h11.DONE or self.body_left == 0:
+            # It had the whole response (a Content-Length body is complete on the wire before
+            # end() runs): a normal close, not a disconnect.
+            return
+        record.error = record.error or ClientDisconnected.proxy_status
+        exchange_scope.cancel()
+
+    def _may_upgrade(self, head: RequestHead) -> bool:
+        """A bodiless HTTP/1.1 request asking for a WebSocket that h11 holds as a switch proposal."""
+        return (
+            not head.has_body
+            and self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL
+            and requested_upgrade(head.headers) is not None
         )
 
     async def _answer_and_close(self, exc: ProxyError, record: ExchangeRecord) -> None:
@@ -307,6 +377,16 @@ class HTTP1Connection:
             record.duration = trio.current_time() - record.start
             for observer in self.proxy.forwarder.observers:
                 observer(record)
+
+
+def _body_length(method: bytes, status: int, headers: Headers) -> int | None:
+    """The response body's length as framed on the wire, or None if only its end tells."""
+    if method == b"HEAD" or status in (204, 304):
+        return 0
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
 
 
 def _raw_response(status: int, headers: Headers, body: bytes) -> bytes:
