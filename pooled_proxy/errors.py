@@ -143,6 +143,14 @@ class PoolTimeout(ProxyError):
     reason = "upstream connection pool exhausted"
 
 
+class TooManyConnections(ProxyError):
+    """Over ``server.max_connections`` client connections: answered 503, then closed."""
+
+    status = 503
+    proxy_status = "connection_limit_reached"
+    reason = "too many client connections"
+
+
 class Draining(ProxyError):
     """The proxy is shutting down and takes no new work."""
 

@@ -22,6 +22,7 @@ from .errors import (
     UpstreamProtocolError,
 )
 from .headers import Headers, keep_alive_timeout
+from .protocol.h1_checks import ResponseChecker, Violation
 
 MAX_RECEIVE = 64 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -71,6 +72,8 @@ class UpstreamConnection:
         self.send_failed = False
         self.upgraded = False  # switched protocols (101): a tunnel owns the stream now
         self.trailers: Headers = []
+        # Every response byte passes the strict framing checks before h11 reads it.
+        self._checker = ResponseChecker(max_head_bytes=MAX_RESPONSE_HEAD)
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.server} requests={self.requests_sent}>"
@@ -83,6 +86,8 @@ class UpstreamConnection:
             and not self.send_failed
             and self._h11.our_state is h11.DONE
             and self._h11.their_state is h11.DONE
+            # Bytes behind a complete response would be read as the next request's response.
+            and not self._h11.trailing_data[0]
         )
 
     def upstream_ends_connection(self) -> bool:
@@ -128,6 +133,7 @@ class UpstreamConnection:
         """Send the request head; with ``end``, the request has no body and is complete."""
         self.requests_sent += 1
         self.received_bytes = 0
+        self._checker.expect(method)
         try:
             data = self._h11.send(h11.Request(method=method, target=target, headers=headers))
             if end:
@@ -165,6 +171,11 @@ class UpstreamConnection:
                 self.close()
                 raise UpstreamClosed(f"upstream {self.server} closed the connection before responding")
             self.received_bytes += len(data)
+            try:
+                self._checker.feed(data)
+            except Violation as exc:
+                self.close()
+                raise UpstreamProtocolError(f"bad response from {self.server}: {exc}") from None
             self._h11.receive_data(data)
 
     def _restart_keepalive_clock(self) -> None:

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..exchange import Exchange, ExchangeRecord, RequestHead
 from ..headers import Headers
+from ..protocol.h1_checks import RequestChecker, Violation
 from ..proxy import Proxy
 from ..tunnel import requested_upgrade
 
@@ -57,8 +58,12 @@ class HTTP1Connection:
         self.scheme = scheme
         server = proxy.server
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_bytes)
+        self.checker = RequestChecker(
+            max_head_bytes=server.max_header_bytes, max_header_count=server.max_header_count
+        )
+        self.violation: Violation | None = None
         if initial_data:
-            self.h11.receive_data(initial_data)
+            self._feed(initial_data)
         self.requests = 0
         self.head_sent = False
         self.close_after_response = False
@@ -77,6 +82,24 @@ class HTTP1Connection:
                 data = b""
         if scope.cancelled_caught:
             raise _Timeout
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Hand client bytes to h11 only once the strict framing checks passed them.
+
+        A violation (smuggling-shaped bytes, see protocol/h1_checks.py) is kept, and h11 gets
+        nothing from the bad block on: what came before is served in order, then the next
+        read answers the violation and closes.
+        """
+        if self.violation is not None:
+            return
+        try:
+            self.checker.feed(data)
+        except Violation as exc:
+            self.violation = exc
+            data = data[: exc.clean_bytes]  # requests ahead of the bad one are still served
+            if not data:
+                return  # (b"" would tell h11 the client closed)
         self.h11.receive_data(data)
 
     async def _next_event(self, deadline: float) -> Any:
@@ -84,11 +107,14 @@ class HTTP1Connection:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if self.violation is not None:
+                self.close_after_response = True  # the answer says so: Connection: close
+                raise ClientError(str(self.violation), status=self.violation.status)
             await self._receive(deadline)
 
     async def _wait_for_request_bytes(self) -> bool:
         """Idle between requests until the client sends more, times out, or we drain."""
-        if self.h11.trailing_data[0] or self.proxy.draining:
+        if self.h11.trailing_data[0] or self.violation is not None or self.proxy.draining:
             return not self.proxy.draining
         scope = trio.CancelScope(deadline=trio.current_time() + self.proxy.server.keepalive_timeout)
         self.proxy.idle_waits.add(scope)
@@ -96,8 +122,8 @@ class HTTP1Connection:
             with scope:
                 while not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                     data = await self.stream.receive_some(MAX_RECEIVE)
-                    self.h11.receive_data(data)
-                    if not data:
+                    self._feed(data)
+                    if not data or self.violation is not None:
                         break
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return False
@@ -129,14 +155,17 @@ class HTTP1Connection:
             try:
                 event = await self._next_event(trio.current_time() + body_timeout)
             except _Timeout:
+                self.close_after_response = True  # the answer says so: Connection: close
                 raise RequestBodyTimeout(
                     f"request body stalled for {self.proxy.server.body_timeout:g}s"
                 ) from None
             except h11.RemoteProtocolError as exc:
+                self.close_after_response = True
                 raise ClientError(f"bad request body: {exc}", status=exc.error_status_hint) from None
             if isinstance(event, h11.Data):
                 received += len(event.data)
                 if limit and received > limit:
+                    self.close_after_response = True
                     raise BodyTooLarge(f"request body over max_body_bytes ({limit})")
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -337,7 +366,7 @@ class HTTP1Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if data:
-            self.h11.receive_data(data)
+            self._feed(data)
             return
         self.client_gone = True
         if self.h11.our_state is h11.DONE or self.body_left == 0:

@@ -14,13 +14,16 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..answers import error_response
 from ..config import ServerAddress
+from ..errors import TooManyConnections
 from ..proxy import Proxy
-from .http1 import HTTP1Connection
+from .http1 import HTTP1Connection, _raw_response
 
 LOG = logging.getLogger("pooled_proxy.listen")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+REFUSE_TIMEOUT = 1.0  # how long a connection over max_connections may take to be told so
 
 # Set by the HTTP/2 front end module when it is available; kept as a hook so this module
 # does not import h2 machinery it does not own.
@@ -61,6 +64,9 @@ async def handle_client(
     client_ip = _client_ip(stream)
     proxy.client_connections += 1
     try:
+        if proxy.client_connections > proxy.server.max_connections:
+            await refuse_over_limit(stream, proxy.server.max_connections)
+            return
         if alpn == "h2" and h2_handler is not None:
             await h2_handler(stream, proxy, client_ip, scheme, b"")
             return
@@ -88,6 +94,30 @@ async def handle_client(
         await trio.aclose_forcefully(stream)
     finally:
         proxy.client_connections -= 1
+
+
+async def refuse_over_limit(stream: trio.abc.Stream, limit: int) -> None:
+    """Over ``server.max_connections``: a short 503 with ``Connection: close``, then close.
+
+    Accepted and answered rather than left in the kernel's backlog, so the client learns at
+    once. The close is polite: half-close, then read what the client sends until it closes
+    too (bounded by REFUSE_TIMEOUT), so its unread request does not turn our close into a
+    reset that destroys the 503 before the client reads it.
+    """
+    status, headers, body = error_response(
+        TooManyConnections(f"over server.max_connections ({limit})")
+    )
+    headers.append((b"connection", b"close"))
+    with trio.move_on_after(REFUSE_TIMEOUT):
+        try:
+            await stream.send_all(_raw_response(status, headers, body))
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(64 * 1024):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 async def open_reuse_port_listeners(address: ServerAddress) -> list[trio.SocketListener]:

@@ -1,0 +1,378 @@
+"""Strict HTTP/1.1 framing checks, run over the raw bytes before h11 parses them.
+
+h11 is a correct parser but a lenient one, and leniency is what request smuggling feeds on:
+it unfolds obsolete line folding, merges repeated identical ``Content-Length`` headers
+(also ``Content-Length: 5, 5``), accepts a bare LF as a line end (so ``X: a\\nTransfer-Encoding:
+chunked`` is two headers to h11 but one header with an LF in it to a strict peer), takes up to
+20 hex digits of chunk size and anything after a ``;`` in a chunk line, and accepts a complete
+head larger than its limit if it arrives in one piece. A peer (a CDN in front of us, an
+upstream behind us) that reads such bytes differently sees different message boundaries.
+
+So every byte the front end or the upstream client receives goes through a checker here
+first, and only bytes it accepts reach h11. The checker parses the stream itself, as strictly
+as RFC 9112 allows a recipient to: CRLF line ends only, no NUL, CR or LF inside a line, no
+other control characters in field values, no obs-fold, no whitespace between a field name and
+its colon, at most one ``Content-Length`` (plain digits) and one ``Transfer-Encoding``
+(exactly ``chunked``), never both, at most one ``Host``, no ``Transfer-Encoding`` in HTTP/1.0,
+chunk sizes of at most 16 hex digits with CRLF exactly where it belongs. Because it tracks
+message boundaries on its own, any bytes it accepts are framed by h11 the same way.
+
+Sans-IO: bytes in, a :class:`Violation` out (with the status a client should get); no trio.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum, auto
+
+__all__ = ["Violation", "RequestChecker", "ResponseChecker", "check_head"]
+
+# RFC 9110 5.6.2 token: the only bytes a field name may have (so no space before the colon).
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# A field value after trimming OWS: VCHAR, obs-text, SP and HTAB; no other control bytes.
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_START_LINE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]+")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
+_REQUEST_VERSION = re.compile(rb"\S+ \S+ HTTP/([0-9]\.[0-9])")
+_STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: .*)?")
+# A chunk line: size (16 hex digits reach 2**64; more is an overflow attempt), an optional
+# extension without control bytes, trailing whitespace as h11 allows it. h11 allows no
+# whitespace before the ";", and neither do we.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\x00-\x08\x0a-\x1f\x7f]*)?[ \t]*")
+# A lone CR (followed by anything but LF) or a lone LF: never a line end here.
+_BARE_CR_OR_LF = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
+_OWS = b" \t"
+LF = b"\n"
+MAX_CHUNK_LINE = 4096  # size plus extensions; real clients send a few bytes
+
+
+class Violation(Exception):
+    """Bytes that break HTTP/1.1 framing; ``status`` is the answer a client should get.
+
+    ``clean_bytes``: how many bytes of the ``feed()`` that raised it came before the block
+    (head, chunk line, trailers) at fault. They are whole messages or body bytes, safe to
+    parse, so pipelined requests ahead of a bad one are still served in order.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.clean_bytes = 0
+
+
+class _Framing(Enum):
+    NONE = auto()
+    LENGTH = auto()
+    CHUNKED = auto()
+    UNTIL_CLOSE = auto()
+
+
+class Head:
+    """What the framing checks learned from one valid head."""
+
+    __slots__ = ("start_line", "version", "status", "content_length", "chunked")
+
+    def __init__(self) -> None:
+        self.start_line = b""
+        self.version = b""  # b"1.1", b"1.0"
+        self.status = 0  # responses only
+        self.content_length: int | None = None
+        self.chunked = False
+
+
+def _field_lines(lines: list[bytes], *, max_count: int | None, what: str) -> list[tuple[bytes, bytes]]:
+    """Validate header (or trailer) lines; names are returned lower-case."""
+    if max_count is not None and len(lines) > max_count:
+        raise Violation(f"more than {max_count} {what} fields", 431)
+    fields: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise Violation(f"obsolete line folding in {what}")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise Violation(f"{what} line without a colon")
+        if not _TOKEN.fullmatch(name):
+            # Catches "Name :" (whitespace before the colon) and empty or non-token names.
+            raise Violation(f"invalid {what} field name {name[:40]!r}")
+        value = value.strip(_OWS)
+        if not _FIELD_VALUE.fullmatch(value):
+            raise Violation(f"control character in the value of {what} field {name.decode()!r}")
+        fields.append((name.lower(), value))
+    return fields
+
+
+def check_head(raw: bytes, *, request: bool, max_header_count: int | None = None) -> Head:
+    """Validate one complete head: ``raw`` runs from the start line to the final CRLF CRLF.
+
+    Raises :class:`Violation`; returns what the body framing depends on.
+    """
+    if not raw.endswith(b"\r\n\r\n"):
+        raise Violation("head does not end with CRLF CRLF")
+    if b"\x00" in raw:
+        raise Violation("NUL in head")
+    if _BARE_CR_OR_LF.search(raw):
+        raise Violation("bare CR or LF in head")
+    lines = raw[:-4].split(b"\r\n")
+    head = Head()
+    head.start_line = lines[0]
+    if not _START_LINE.fullmatch(lines[0]):
+        raise Violation("control character in start line" if lines[0] else "empty start line")
+    if request:
+        match = _REQUEST_VERSION.fullmatch(lines[0])
+        if match is None:
+            raise Violation("malformed request line")
+        head.version = match.group(1)
+    else:
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            raise Violation("malformed status line")
+        head.version = lines[0][5:8]
+        head.status = int(match.group(1))
+    hosts = 0
+    transfer_encodings = 0
+    for name, value in _field_lines(lines[1:], max_count=max_header_count, what="header"):
+        if name == b"content-length":
+            if head.content_length is not None:
+                raise Violation("repeated Content-Length")
+            if not _CONTENT_LENGTH.fullmatch(value):
+                raise Violation(f"invalid Content-Length {value[:40]!r}")
+            head.content_length = int(value)
+        elif name == b"transfer-encoding":
+            transfer_encodings += 1
+            if transfer_encodings > 1:
+                raise Violation("repeated Transfer-Encoding")
+            if value.lower() != b"chunked":
+                # RFC 9112 6.1: a transfer coding we do not implement is a 501, not a 400.
+                raise Violation(f"unsupported Transfer-Encoding {value[:40]!r}", 501)
+            head.chunked = True
+        elif name == b"host":
+            hosts += 1
+    if head.chunked and head.content_length is not None:
+        raise Violation("both Content-Length and Transfer-Encoding")
+    if head.chunked and head.version == b"1.0":
+        raise Violation("Transfer-Encoding in an HTTP/1.0 message")  # RFC 9112 6.1
+    if request and hosts > 1:
+        raise Violation("more than one Host header")  # RFC 9112 3.2
+    return head
+
+
+class _State(Enum):
+    HEAD = auto()
+    LENGTH_BODY = auto()
+    CHUNK_LINE = auto()
+    CHUNK_DATA = auto()
+    CHUNK_END = auto()  # the CRLF after a chunk's data
+    TRAILERS = auto()
+    UNTIL_CLOSE = auto()
+    IDLE = auto()  # responses: nothing is due until the next request goes out
+    STOPPED = auto()  # the protocol was switched: the bytes are no longer HTTP/1.1
+
+
+class _StreamChecker:
+    """The message-stream parser both directions share; subclasses frame what follows a head."""
+
+    def __init__(self, *, max_head_bytes: int, max_header_count: int | None) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_header_count = max_header_count
+        self._state = _State.HEAD
+        self._block = bytearray()  # the head, chunk line or trailer section so far
+        self._scanned = 0  # how much of _block was already checked for NUL and bare CR/LF
+        self._remaining = 0  # bytes left of a Content-Length body or of a chunk
+        self._offset = 0  # stream position of the next byte to check
+        self._block_start = 0  # stream position where the current block began
+        self.heads = 0  # complete heads accepted
+        self._start = b""  # what every head must begin with, checked as soon as it arrives
+
+    def feed(self, data: bytes) -> None:
+        """Check the next bytes received; ``b""`` (end of stream) is never a violation here."""
+        view = memoryview(data)
+        fed_at = self._offset
+        try:
+            while self._offset - fed_at < len(view):
+                self._offset += self._step(view[self._offset - fed_at :])
+        except Violation as exc:
+            exc.clean_bytes = max(0, self._block_start - fed_at)
+            raise
+
+    # -- subclass hooks ------------------------------------------------------------------
+
+    def _check_head(self, raw: bytes) -> Head:
+        raise NotImplementedError
+
+    def _after_head(self, head: Head) -> _Framing:
+        raise NotImplementedError
+
+    def _after_message(self) -> _State:
+        raise NotImplementedError
+
+    # -- the state machine -----------------------------------------------------------------
+
+    def _step(self, data: memoryview) -> int:
+        """Check the start of ``data``; returns how many bytes that took."""
+        state = self._state
+        if state is _State.LENGTH_BODY or state is _State.CHUNK_DATA:
+            taken = min(self._remaining, len(data))
+            self._remaining -= taken
+            if not self._remaining:
+                if state is _State.LENGTH_BODY:
+                    self._state = self._after_message()
+                else:
+                    self._state = _State.CHUNK_END
+            return taken
+        if state is _State.UNTIL_CLOSE or state is _State.IDLE or state is _State.STOPPED:
+            return len(data)
+        if not self._block:
+            self._block_start = self._offset
+        if state is _State.CHUNK_END:
+            need = 2 - len(self._block)
+            self._block += data[:need]
+            if len(self._block) == 2:
+                if self._block != b"\r\n":
+                    raise Violation("chunk data not followed by CRLF")
+                self._block.clear()
+                self._state = _State.CHUNK_LINE
+            return min(need, len(data))
+        return self._collect(data)
+
+    def _collect(self, data: memoryview) -> int:
+        """Collect a CRLF-delimited block (head, chunk line, trailers); check it once complete."""
+        state = self._state
+        block = self._block
+        start = len(block)
+        block += data
+        if state is _State.CHUNK_LINE:
+            end = block.find(b"\r\n", max(0, start - 1))
+            end = end + 2 if end >= 0 else -1
+            limit, status, what = MAX_CHUNK_LINE, 400, "chunk size line"
+        elif state is _State.TRAILERS and block[:2] == b"\r\n":
+            end = 2
+            limit, status, what = self.max_head_bytes, 431, "trailer section"
+        else:
+            end = block.find(b"\r\n\r\n", max(0, start - 3))
+            end = end + 4 if end >= 0 else -1
+            limit, status, what = self.max_head_bytes, 431, "head"
+            if state is _State.TRAILERS:
+                what = "trailer section"
+        complete = end if end >= 0 else len(block)
+        if state is _State.HEAD and self._start and start < len(self._start):
+            # Garbage instead of a status line is refused at once, not after a timeout.
+            if block[: len(self._start)] != self._start[: len(block)]:
+                raise Violation(f"{what} does not start with {self._start.decode()}")
+        # Bare CR or LF and NUL are refused as soon as they arrive, before h11 can read a
+        # head ending in LF LF that this parser would still be waiting on.
+        scan_from = max(0, self._scanned - 1)
+        if block.find(b"\x00", scan_from, complete) >= 0:
+            raise Violation(f"NUL in {what}")
+        bad = _BARE_CR_OR_LF.search(block, scan_from, complete)
+        if bad is not None:
+            raise Violation(f"bare {'LF' if bad.group() == LF else 'CR'} in {what}")
+        if complete > limit:
+            raise Violation(f"{what} longer than {limit} bytes", status)
+        if end < 0:
+            self._scanned = len(block)
+            return len(data)
+        raw = bytes(block[:end])
+        block.clear()
+        self._scanned = 0
+        if state is _State.HEAD:
+            self._on_head(raw)
+        elif state is _State.CHUNK_LINE:
+            self._on_chunk_line(raw)
+        else:
+            lines = raw[:-4].split(b"\r\n") if raw != b"\r\n" else []
+            _field_lines(lines, max_count=self.max_header_count, what="trailer")
+            self._state = self._after_message()
+        return end - start
+
+    def _on_head(self, raw: bytes) -> None:
+        head = self._check_head(raw)
+        self.heads += 1
+        framing = self._after_head(head)
+        if framing is _Framing.CHUNKED:
+            self._state = _State.CHUNK_LINE
+        elif framing is _Framing.LENGTH and head.content_length:
+            self._remaining = head.content_length
+            self._state = _State.LENGTH_BODY
+        elif framing is _Framing.UNTIL_CLOSE:
+            self._state = _State.UNTIL_CLOSE
+        else:
+            self._state = self._after_message()
+
+    def _on_chunk_line(self, raw: bytes) -> None:
+        match = _CHUNK_LINE.fullmatch(raw, 0, len(raw) - 2)
+        if match is None:
+            raise Violation(f"invalid chunk size line {raw[:40]!r}")
+        size = int(match.group(1), 16)
+        if size:
+            self._remaining = size
+            self._state = _State.CHUNK_DATA
+        else:
+            self._state = _State.TRAILERS
+
+
+class RequestChecker(_StreamChecker):
+    """Checks what a client sends: a stream of requests, pipelined or one by one.
+
+    Bytes behind a request proposing a protocol switch (``Upgrade``) are checked as the next
+    request too: a client must wait for the ``101`` before it speaks the new protocol (RFC
+    6455 4.1), and once the switch happens the front end stops feeding this checker.
+    """
+
+    def __init__(self, *, max_head_bytes: int, max_header_count: int | None = None) -> None:
+        super().__init__(max_head_bytes=max_head_bytes, max_header_count=max_header_count)
+
+    def _check_head(self, raw: bytes) -> Head:
+        return check_head(raw, request=True, max_header_count=self.max_header_count)
+
+    def _after_head(self, head: Head) -> _Framing:
+        if head.chunked:
+            return _Framing.CHUNKED
+        return _Framing.LENGTH if head.content_length else _Framing.NONE
+
+    def _after_message(self) -> _State:
+        return _State.HEAD
+
+
+class ResponseChecker(_StreamChecker):
+    """Checks what an upstream sends: the response(s) to one request at a time."""
+
+    def __init__(self, *, max_head_bytes: int) -> None:
+        super().__init__(max_head_bytes=max_head_bytes, max_header_count=None)
+        self._state = _State.IDLE
+        self._start = b"HTTP/"
+        self._method = b""
+        self._final = False
+        self._switched = False
+
+    def expect(self, method: bytes) -> None:
+        """A request went out: its response (after any 1xx) comes next."""
+        self._method = method
+        self._final = self._switched = False
+        self._block.clear()
+        self._scanned = 0
+        self._state = _State.HEAD
+
+    def _check_head(self, raw: bytes) -> Head:
+        return check_head(raw, request=False)
+
+    def _after_head(self, head: Head) -> _Framing:
+        status = head.status
+        if status == 101:
+            self._final = self._switched = True
+            return _Framing.NONE
+        self._final = status >= 200
+        # RFC 9112 6.3: these responses end at the head, whatever they say about a body.
+        if status < 200 or status in (204, 304) or self._method == b"HEAD":
+            return _Framing.NONE
+        if head.chunked:
+            return _Framing.CHUNKED
+        if head.content_length is not None:
+            return _Framing.LENGTH
+        return _Framing.UNTIL_CLOSE
+
+    def _after_message(self) -> _State:
+        if not self._final:
+            return _State.HEAD  # that was a 1xx: the real response follows
+        # After a 101 the bytes belong to the new protocol; after a final response nothing is
+        # due (h11 keeps any stray bytes, and the connection is then not reused).
+        return _State.STOPPED if self._switched else _State.IDLE

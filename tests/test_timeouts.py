@@ -1,0 +1,186 @@
+"""Slow or stuck clients and upstreams, on trio's MockClock over in-memory streams: each
+timeout fires at exactly its configured time, answers what the contract says, and lets go of
+the upstream connection at that moment, not later."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from pooled_proxy.proxy import Proxy
+from tests.faulty_upstream import FaultyUpstream, memory_client, read_until_close
+from tests.helpers import make_config
+
+SERVER = {
+    "header_timeout": 10.0,
+    "keepalive_timeout": 75.0,
+    "body_timeout": 60.0,
+    "write_timeout": 30.0,
+}
+UPSTREAM = {"response_header_timeout": 20.0, "read_timeout": 40.0}
+
+
+@pytest.fixture
+def upstream() -> FaultyUpstream:
+    return FaultyUpstream()
+
+
+@pytest.fixture
+def proxy(nursery: trio.Nursery, upstream: FaultyUpstream) -> Proxy:
+    # Port 1 is never dialled: the connector reaches the faulty upstream in memory.
+    return Proxy(make_config(1, server=SERVER, **UPSTREAM), connect=upstream.connector(nursery))
+
+
+def guarded(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A hang fails the test after 300 s of (mock) time instead of blocking the suite."""
+
+    @functools.wraps(test)
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        with trio.fail_after(300):
+            await test(*args, **kwargs)
+
+    return wrapper
+
+
+def _statuses(data: bytes) -> list[int]:
+    return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+def _pool_in_use(proxy: Proxy) -> int:
+    return proxy.forwarder.upstreams["app"].pools[0].statistics().in_use
+
+
+@guarded
+async def test_incomplete_head_is_408_and_close_at_header_timeout(nursery, autojump_clock, proxy):
+    client = memory_client(nursery, proxy)
+    start = trio.current_time()
+    await client.send_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n")
+    reply = await read_until_close(client)
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert _statuses(reply) == [408]
+    assert b"\r\nconnection: close\r\n" in reply.lower()
+
+
+@guarded
+async def test_slowloris_head_is_not_kept_alive_by_dripping(nursery, autojump_clock, proxy):
+    client = memory_client(nursery, proxy)
+    start = trio.current_time()
+
+    async def drip() -> None:
+        head = b"GET /ok HTTP/1.1\r\nHost: a\r\n" + b"X-Drip: " + b"d" * 100
+        try:
+            for i in range(len(head)):
+                await client.send_all(head[i : i + 1])
+                await trio.sleep(1.0)
+        except trio.BrokenResourceError:
+            pass  # the proxy hung up on us
+
+    nursery.start_soon(drip)
+    reply = await read_until_close(client)
+    # One byte a second keeps arriving, but the head had 10 s in total, not 10 s per byte.
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert _statuses(reply) == [408]
+
+
+@guarded
+async def test_idle_keepalive_connection_closes_at_keepalive_timeout(nursery, autojump_clock, proxy):
+    client = memory_client(nursery, proxy)
+    await client.send_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+    first = b""
+    while not first.endswith(b"\r\n\r\nok"):
+        first += await client.receive_some(65536)
+    assert _statuses(first) == [200]
+    idle_from = trio.current_time()
+    assert await read_until_close(client) == b""
+    assert trio.current_time() - idle_from == pytest.approx(75.0)
+
+
+@guarded
+async def test_stalled_body_is_408_and_frees_the_upstream_at_body_timeout(
+    nursery, autojump_clock, proxy, upstream
+):
+    client = memory_client(nursery, proxy)
+    await client.send_all(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+    await trio.sleep(59.0)
+    # The head and half the body went upstream; the upstream waits for the rest.
+    assert upstream.connections_open == 1 and _pool_in_use(proxy) == 1
+    start = trio.current_time() - 59.0
+    reply = await read_until_close(client)
+    assert trio.current_time() - start == pytest.approx(60.0)
+    assert _statuses(reply) == [408]
+    assert b"\r\nconnection: close\r\n" in reply.lower()
+    # At that same moment the upstream connection was closed, not pooled.
+    await trio.testing.wait_all_tasks_blocked()
+    assert trio.current_time() - start == pytest.approx(60.0)
+    assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+    assert [(r.body, r.complete) for r in upstream.requests] == [(b"hello", False)]
+
+
+@guarded
+async def test_body_timeout_is_silence_not_total_time(nursery, autojump_clock, proxy, upstream):
+    client = memory_client(nursery, proxy)
+    await client.send_all(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n")
+    for byte in b"slow":  # 4 x 50 s: 200 s in all, never 60 s of silence
+        await trio.sleep(50.0)
+        await client.send_all(bytes([byte]))
+    reply = b""
+    while not reply.endswith(b"\r\n\r\nok"):
+        reply += await client.receive_some(65536)
+    assert _statuses(reply) == [200]
+    assert [(r.body, r.complete) for r in upstream.requests] == [(b"slow", True)]
+
+
+@guarded
+async def test_client_that_stops_reading_frees_the_upstream_at_write_timeout(
+    nursery, autojump_clock, proxy, upstream
+):
+    client = memory_client(nursery, proxy, lockstep=True)
+    await client.send_all(b"GET /endless HTTP/1.1\r\nHost: a\r\n\r\n")
+    start = trio.current_time()
+    await trio.sleep(29.0)
+    assert upstream.connections_open == 1 and _pool_in_use(proxy) == 1
+    # Never reading: the proxy's first write blocks, and 30 s later it gives up on us, and
+    # on the endless upstream response with us.
+    await trio.sleep(1.5)
+    assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+    assert upstream.faults["endless"] == 1
+    with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+        with trio.fail_after(1):
+            while True:
+                await client.send_all(b"x")
+    assert trio.current_time() - start < 32.0
+    await client.aclose()
+
+
+@guarded
+async def test_silent_upstream_is_504_at_response_header_timeout(nursery, autojump_clock, proxy, upstream):
+    client = memory_client(nursery, proxy)
+    start = trio.current_time()
+    await client.send_all(b"GET /hang HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    reply = await read_until_close(client)
+    assert trio.current_time() - start == pytest.approx(20.0)
+    assert _statuses(reply) == [504]
+    assert b"error=http_response_timeout" in reply
+    await trio.testing.wait_all_tasks_blocked()
+    assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+
+
+@guarded
+async def test_upstream_silent_mid_body_is_cut_at_read_timeout(nursery, autojump_clock, proxy, upstream):
+    client = memory_client(nursery, proxy)
+    start = trio.current_time()
+    await client.send_all(b"GET /hang-mid-body HTTP/1.1\r\nHost: a\r\n\r\n")
+    reply = await read_until_close(client)
+    assert trio.current_time() - start == pytest.approx(40.0)
+    # The head went out promising 1000 bytes; 10 came, then the stream was cut.
+    assert _statuses(reply) == [200]
+    assert reply.endswith(b"\r\n\r\n" + b"x" * 10)
+    await trio.testing.wait_all_tasks_blocked()
+    assert trio.current_time() - start == pytest.approx(40.0)
+    assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
