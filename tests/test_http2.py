@@ -22,6 +22,7 @@ from hyperframe.frame import (
 from pooled_proxy.protocol.h2_server import PREFACE
 from tests.h2client import H2Client
 from tests.helpers import H11Client, make_config, start_proxy
+from tests.interop.clients import h2load
 
 ErrorCodes = h2.errors.ErrorCodes
 
@@ -389,3 +390,60 @@ async def test_upload_to_a_stalled_upstream_backpressures_the_client(nursery):
                     break  # no credit for a whole second: backpressure reached us
     print(f"\nupload to a stalled upstream: the client could send {sent} of {total} bytes")
     assert sent < 32 * 1024 * 1024  # kernel socket buffers plus one window, not the whole body
+
+
+async def test_h2load_8_connections_10_streams_each_through_h2c(nursery, demo_upstream):
+    upstream, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, max_connections=8))
+    result = await h2load("-n", "2000", "-c", "8", "-m", "10", f"{proxy.url}/echo", timeout=60)
+    assert result.protocol == "h2c", result.output
+    assert (result.succeeded, result.failed, result.errored) == (2000, 0, 0), result.output
+    assert result.status_2xx == 2000
+    assert upstream.stats.max_concurrent_connections <= 8
+
+
+async def test_upstream_trailers_are_relayed_as_h2_trailers(nursery):
+    async def with_trailers(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(65536)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n"
+                b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"
+            )
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, with_trailers, 0)
+    proxy = await start_proxy(nursery, make_config(listeners[0].socket.getsockname()[1]))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            reply = await client.get("/", headers=[("te", "trailers")])
+    assert reply.status == 200 and reply.body == b"hello"
+    assert reply.trailers == [(b"x-checksum", b"abc")]
+
+
+async def test_a_stream_whose_client_stops_reading_is_reset_after_write_timeout(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"write_timeout": 0.3}))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port, auto_ack=False) as client:
+            stalled = await client.start("GET", "/bytes/10000000")
+            reply = await client.response(stalled)
+            assert reply.reset_code == ErrorCodes.CANCEL and len(reply.body) == 65535
+            client.auto_ack = True
+            assert (await client.get("/echo")).status == 200  # only that stream was given up
+        while proxy.pool().statistics().in_use:
+            await trio.sleep(0.01)
+    assert proxy.pool().statistics().closed.get("error") == 1  # half-read: never pooled
+
+
+async def test_max_requests_per_connection_ends_h2_with_goaway(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"max_requests_per_connection": 2}))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            replies = [await client.get("/echo"), await client.get("/echo")]
+            await client.read_until_closed()
+    assert [r.status for r in replies] == [200, 200]
+    assert client.goaway is not None and client.goaway.last_stream_id == 3
