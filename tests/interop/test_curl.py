@@ -1,11 +1,12 @@
-"""curl in front of the proxy (demo upstream behind it): HTTP/1.1, h2c prior knowledge, TLS+ALPN."""
+"""curl in front of the proxy (demo upstream behind it) over HTTP/1.1.
+
+curl over h2c is in test_h2_clients.py, over TLS with ALPN in test_tls_clients.py.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import trio
 
 from tests.helpers import make_config, start_proxy
 
