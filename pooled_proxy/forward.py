@@ -215,6 +215,12 @@ class Forwarder:
                     continue
                 health.record_failure(trio.current_time())
                 raise
+            except UpstreamError:
+                # An invalid response or a timeout is the server failing too (passive health),
+                # not only a refused or reset connection.
+                pool.release(connection, reusable=False)
+                health.record_failure(trio.current_time())
+                raise
             except BaseException:
                 pool.release(connection, reusable=False)
                 raise
