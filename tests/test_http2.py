@@ -221,6 +221,7 @@ async def test_rapid_reset_client_is_cut_off(nursery, demo_upstream, caplog):
             await _expect_cut_off(client)
         while proxy.pool().statistics().in_use:
             await trio.sleep(0.01)
+    print(f"\nrapid reset: cut off after the client had sent {sent} HEADERS+RST_STREAM pairs")
     assert sent < 5000  # the proxy stopped listening long before the client stopped
     assert "reset or refused streams" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -334,7 +334,8 @@ class HTTP2Connection:
             LOG.warning("HTTP/2 client %s: %s; closing", self.client_ip.decode(), exc)
             self._goaway_and_close(ErrorCodes.ENHANCE_YOUR_CALM, str(exc))
             return False
-        self._pull()
+        finally:
+            self._pull()  # ACKs, WINDOW_UPDATEs and RST_STREAMs h2 wrote for these events
         return True
 
     def _handle(self, event: h2.events.Event, now: float) -> bool:
