@@ -111,9 +111,11 @@ def combined_line(record: ExchangeRecord) -> str:
 class AccessLog:
     """Writes one line per exchange to ``stream``; call it as an ``ExchangeRecord`` observer."""
 
-    def __init__(self, stream: TextIO, format: str = "json", *, close_stream: bool = False) -> None:
+    def __init__(
+        self, stream: TextIO, log_format: str = "json", *, close_stream: bool = False
+    ) -> None:
         self.stream = stream
-        self.format = json_line if format == "json" else combined_line
+        self.format = json_line if log_format == "json" else combined_line
         self._close_stream = close_stream
         self.lines_written = 0
         self.lines_dropped = 0

@@ -127,7 +127,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Re
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(MAX_RECEIVE))
+            conn.receive_data(bytes(await stream.receive_some(MAX_RECEIVE)))
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
