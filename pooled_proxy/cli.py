@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -81,13 +81,27 @@ def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> i
         from .workers import supervise
 
         return supervise(config, path, watch=watch)
+    return _run_trio(partial(run_with_operations, config, config_path=path, watch=watch))
+
+
+def _run_trio(async_fn: Callable[[], Awaitable[object]]) -> int:
+    """Run the event loop; a runtime OSError (a port in use, say) is one log line and exit 1."""
     try:
-        trio.run(partial(run_with_operations, config, config_path=path, watch=watch))
+        trio.run(async_fn)
+    except KeyboardInterrupt:
+        return EXIT_OK
     except OSError as exc:
         LOG.error("%s", exc)
         return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        return EXIT_OK
+    except BaseExceptionGroup as group:
+        # Raised inside a nursery, the OSError arrives wrapped in exception groups.
+        os_errors = group.subgroup(OSError)
+        if os_errors is None:
+            raise
+        while isinstance(os_errors, BaseExceptionGroup):
+            os_errors = os_errors.exceptions[0]
+        LOG.error("%s", os_errors)
+        return EXIT_RUNTIME
     return EXIT_OK
 
 
@@ -146,14 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             parse_address(args.listen)
             configure_logging("info")
-            try:
-                trio.run(_demo, args.listen)
-            except KeyboardInterrupt:
-                pass
-            except OSError as exc:
-                LOG.error("%s", exc)
-                return EXIT_RUNTIME
-            return EXIT_OK
+            return _run_trio(partial(_demo, args.listen))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -160,3 +160,20 @@ def test_readme_make_demo_serves_the_demo_and_drains_on_sigterm():
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            f'[server]\nlisten = ["127.0.0.1:{port}"]\n[upstreams.app]\nservers = ["127.0.0.1:9"]\n'
+        )
+        result = subprocess.run(
+            [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=20
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
