@@ -87,6 +87,16 @@ class _Upload:
         self._start_header_clock(header_timeout)
 
 
+class LiveCounts:
+    """Gauges of exchanges in progress, shared by every forwarder generation (a reload hands
+    it on), so an SSE stream that started before a reload counts until it ends."""
+
+    __slots__ = ("event_streams",)
+
+    def __init__(self) -> None:
+        self.event_streams = 0  # SSE responses whose head was sent and that are not over
+
+
 class Forwarder:
     """Routes and upstream pools for one config generation."""
 
@@ -106,7 +116,7 @@ class Forwarder:
                 self.upstreams[name] = UpstreamGroup(upstream_config, connect=connect)
         self.observers = observers
         self.stale_retries = 0
-        self.active_event_streams = 0  # SSE responses whose head was sent and that are not over
+        self.live = LiveCounts()
 
     async def run_reapers(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -128,7 +138,7 @@ class Forwarder:
             await self.answer_error(exchange.sink, record, exc)
         finally:
             if record.event_stream:
-                self.active_event_streams -= 1
+                self.live.event_streams -= 1
             record.duration = trio.current_time() - record.start
             for observer in self.observers:
                 observer(record)
@@ -323,7 +333,7 @@ class Forwarder:
         response_headers = client_response_headers(list(response.headers), protocol=b"1.1")
         record.event_stream = is_event_stream(response_headers)
         if record.event_stream:
-            self.active_event_streams += 1  # until forward() finishes the exchange
+            self.live.event_streams += 1  # until forward() finishes the exchange
         await sink.send_head(response.status_code, response_headers)
 
         read_timeout = upstream.read_timeout or math.inf

@@ -202,7 +202,7 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily(
             "pooled_proxy_event_streams_active",
             "Server-Sent Events responses being relayed now.",
-            value=forwarder.active_event_streams,
+            value=forwarder.live.event_streams,
         )
         yield GaugeMetricFamily(
             "pooled_proxy_draining", "1 while the proxy drains (readyz answers 503).",

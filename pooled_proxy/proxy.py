@@ -205,6 +205,7 @@ class Proxy:
         )
         new = Forwarder(effective, connect=self._connect, observers=self._observers, upstreams=kept)
         new.stale_retries = old.stale_retries  # a counter: it carries on across generations
+        new.live = old.live  # shared: exchanges still on the old forwarder count there too
         self.config = effective
         self.forwarder = new
         self.reloads += 1

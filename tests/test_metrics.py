@@ -175,6 +175,30 @@ async def test_live_gauges_follow_an_event_stream(nursery, demo_upstream):
     assert after.value("pooled_proxy_request_duration_seconds_count") == 0
 
 
+async def test_an_event_stream_stays_counted_across_a_reload(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_operated_proxy(nursery, make_config(port))
+    with trio.fail_after(10):
+        async with await H11Client.connect(proxy.running.port) as client:
+            await client.send(
+                h11.Request(method="GET", target="/events?interval=0.05", headers=[("host", "x")]),
+                h11.EndOfMessage(),
+            )
+            assert (await client.next_event()).status_code == 200
+            await client.next_event()
+            # New settings for the upstream: a new forwarder and new pools take new requests;
+            # the stream goes on on the old ones.
+            summary = proxy.running.proxy.reload(make_config(port, idle_timeout=30.0))
+            assert summary.replaced == ("app",)
+            await client.next_event()
+            during = await proxy.scrape()
+        while (after := await proxy.scrape()).value("pooled_proxy_exchanges_in_flight"):
+            await trio.sleep(0.02)
+    assert during.value("pooled_proxy_event_streams_active") == 1
+    assert after.value("pooled_proxy_event_streams_active") == 0
+    assert after.value("pooled_proxy_event_streams_total") == 1
+
+
 async def test_h2_connections_and_exchanges_are_counted(nursery, demo_upstream):
     from tests.h2client import H2Client
 
