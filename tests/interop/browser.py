@@ -21,7 +21,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from .servers import program_version, require_program
+from .servers import die_with_parent, program_version, require_program
 
 # The brief's flags, plus what keeps a sandboxed, offline machine quiet: no first-run UI,
 # no component updates or sync, no QUIC probing, a throw-away profile.
@@ -51,6 +51,7 @@ class Browser:
              "--remote-debugging-port=0", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self._ids = itertools.count(1)
         self._page: ClientConnection | None = None

@@ -74,8 +74,8 @@ def node_argv(port: int, keepalive_ms: int | None = None) -> list[str]:
 
 NGINX_CONF = """
 daemon off;
-master_process on;
-worker_processes 1;
+# One process: nginx's workers outlive a killed master, and a killed pytest would leave them.
+master_process off;
 pid {dir}/nginx.pid;
 error_log stderr warn;
 {user}

@@ -11,6 +11,7 @@ installs all of them and a silent skip there would hide a gap. Set
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -49,6 +50,20 @@ def program_version(argv: Sequence[str], pattern: str = r"(\d+(?:\.\d+)+)") -> s
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     match = re.search(pattern, done.stdout + done.stderr)
     return match.group(1) if match else "unknown"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: be killed when the test process dies.
+
+    A pytest killed by a timeout or a signal runs no ``finally``; without this its servers
+    would live on, orphaned. Forked workers are not covered: gunicorn's notice that their
+    master is gone and exit, nginx's would not, so nginx runs without a master process.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -122,6 +137,7 @@ def start_server(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         server = ServerProcess(name, port, process, log)
         deadline = time.monotonic() + START_TIMEOUT
