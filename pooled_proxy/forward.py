@@ -153,6 +153,10 @@ class Forwarder:
                 return
             status, headers, body = error_response(exc)
             record.status = status
+            if record.method == b"HEAD":
+                # No body on a HEAD response (h11 refuses one, and the client reads none).
+                await sink.send_head(status, headers, end=True)
+                return
             await sink.send_head(status, headers)
             await sink.send_data(body)
             await sink.end()

@@ -292,14 +292,17 @@ class FaultyUpstream:
                 await trio.sleep(self.drip_interval)
             return False
         else:  # "ok" and anything unknown
-            size = int(query.get("size", "2"))
+            size_text = query.get("size", "2")
+            size = min(int(size_text), 10**7) if size_text.isdigit() else 2
             body = b"ok" if size == 2 else b"o" * size
             if query.get("chunked"):
                 headers = [("transfer-encoding", "chunked")]
             else:
                 headers = [("content-length", str(len(body)))]
             data = conn.send(h11.Response(status_code=200, headers=[*headers, ("x-upstream", "faulty")]))
-            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+            if request.method != b"HEAD":
+                data += conn.send(h11.Data(data=body))
+            data += conn.send(h11.EndOfMessage())
             await stream.send_all(data)
             return conn.our_state is h11.DONE and conn.their_state is h11.DONE
         return False

@@ -19,7 +19,7 @@ from tests.faulty_upstream import (
     refused_port,
     wait_until,
 )
-from tests.helpers import HOST, RunningProxy, make_config, start_proxy
+from tests.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
 
 TIMEOUTS = {"response_header_timeout": 0.3, "read_timeout": 0.3}
 
@@ -194,3 +194,17 @@ async def test_good_requests_after_faults_still_pool(nursery, faulty):
         await assert_settled(proxy, upstream, fds_before)
     stats = proxy.pool().statistics()
     assert stats.idle == 1 and stats.reused == 2
+
+
+async def test_failed_head_request_is_a_bodyless_502_and_keeps_the_connection(nursery, faulty):
+    """Found by the fuzz: the error answer's body was written on a HEAD response, which h11
+    refuses, and the exception took the client's connection task down."""
+    upstream, port = faulty
+    proxy = await start_proxy(nursery, make_config(port, **TIMEOUTS))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            await client.send(h11.Request(method="HEAD", target="/garbage", headers=[("host", "a")]), h11.EndOfMessage())
+            reply = await client.read_reply()
+            assert reply.status == 502 and reply.body == b""
+            assert b"error=http_protocol_error" in reply.headers[b"proxy-status"]
+            assert (await client.request("GET", "/ok")).body == b"ok"  # same connection
