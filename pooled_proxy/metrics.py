@@ -44,6 +44,7 @@ CLOSE_REASONS = (
     "stale",
     "drain",
     "upstream_close",  # the upstream ended it after a complete response (Connection: close)
+    "upgraded",  # it carried a WebSocket tunnel (101), which ended
 )
 PROTOCOLS = ("http/1.1", "h2")
 

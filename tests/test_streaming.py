@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from pooled_proxy.exchange import ExchangeRecord
+from tests.h2client import H2Client
 from tests.helpers import HOST, H11Client, make_config, start_proxy
 
 # -- tools -------------------------------------------------------------------------------------
@@ -34,6 +35,16 @@ class SSEArrival:
         return self.arrived - self.sent
 
 
+def take_events(buffer: bytes, now: float, arrivals: list[SSEArrival]) -> bytes:
+    """Move the complete demo-upstream events out of ``buffer``; return what is left."""
+    while b"\n\n" in buffer:
+        block, buffer = buffer.split(b"\n\n", 1)
+        data = [line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")]
+        payload = json.loads(data[0])
+        arrivals.append(SSEArrival(payload["n"], payload["t"], now))
+    return buffer
+
+
 async def read_sse(client: H11Client, count: int) -> tuple[h11.Response, list[SSEArrival]]:
     """Read an SSE response of the demo upstream, timing each event as it completes."""
     response = await client.next_event()
@@ -43,14 +54,35 @@ async def read_sse(client: H11Client, count: int) -> tuple[h11.Response, list[SS
     while len(arrivals) < count:
         event = await client.next_event()
         assert isinstance(event, h11.Data), event
-        now = time.time()
-        buffer += event.data
-        while b"\n\n" in buffer:
-            block, buffer = buffer.split(b"\n\n", 1)
-            data = [line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")]
-            payload = json.loads(data[0])
-            arrivals.append(SSEArrival(payload["n"], payload["t"], now))
+        buffer = take_events(buffer + event.data, time.time(), arrivals)
     return response, arrivals
+
+
+async def read_sse_h2(client: H2Client, stream_id: int, count: int) -> list[SSEArrival]:
+    reply = client.replies[stream_id]
+    arrivals: list[SSEArrival] = []
+    buffer = b""
+    seen = 0
+    while len(arrivals) < count:
+        assert await client.receive(), "connection closed"
+        assert reply.reset_code is None, reply.reset_code
+        buffer = take_events(buffer + bytes(reply.body[seen:]), time.time(), arrivals)
+        seen = len(reply.body)
+    return arrivals
+
+
+def assert_prompt(arrivals: list[SSEArrival], requested: float, count: int) -> None:
+    assert [a.n for a in arrivals] == list(range(1, count + 1))
+    latencies = [a.latency for a in arrivals]
+    # Each event is written as soon as it arrives. Waiting for more bytes would delay events
+    # by the 100 ms interval, and Nagle's algorithm by tens of milliseconds (the first event
+    # follows the response head in a separate small write).
+    assert arrivals[0].arrived - requested < 0.05
+    assert statistics.median(latencies) < 0.01, latencies
+    assert max(latencies) < 0.05, latencies
+    # The gaps the client sees are the upstream's gaps.
+    for before, after in zip(arrivals, arrivals[1:]):
+        assert abs((after.arrived - before.arrived) - (after.sent - before.sent)) < 0.05
 
 
 def sse_request(target: str) -> h11.Request:
@@ -139,17 +171,25 @@ async def test_sse_events_arrive_as_the_upstream_sends_them_h1(nursery, demo_ups
     headers = dict(response.headers)
     assert headers[b"content-type"] == b"text/event-stream"
     assert b"content-encoding" not in headers and b"content-length" not in headers
-    assert [a.n for a in arrivals] == list(range(1, 11))
-    latencies = [a.latency for a in arrivals]
-    # Each event is written as soon as it arrives. Waiting for more bytes would delay events
-    # by the 100 ms interval, and Nagle's algorithm by tens of milliseconds (the first event
-    # follows the response head in a separate small write).
-    assert arrivals[0].arrived - requested < 0.05
-    assert statistics.median(latencies) < 0.01, latencies
-    assert max(latencies) < 0.05, latencies
-    # The gaps the client sees are the upstream's gaps.
-    for before, after in zip(arrivals, arrivals[1:]):
-        assert abs((after.arrived - before.arrived) - (after.sent - before.sent)) < 0.05
+    assert_prompt(arrivals, requested, 10)
+
+
+async def test_sse_events_arrive_as_the_upstream_sends_them_h2(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(10):
+        async with await H2Client.connect(proxy.port) as client:
+            requested = time.time()
+            stream_id = await client.start(
+                "GET",
+                "/events?interval=0.1&count=10",
+                headers=[("accept", "text/event-stream"), ("accept-encoding", "gzip")],
+            )
+            arrivals = await read_sse_h2(client, stream_id, 10)
+    reply = client.replies[stream_id]
+    assert reply.status == 200 and reply.header(b"content-type") == b"text/event-stream"
+    assert reply.header(b"content-encoding") is None
+    assert_prompt(arrivals, requested, 10)
 
 
 async def test_sse_outlives_read_timeout_while_the_upstream_talks(nursery, demo_upstream):
@@ -230,6 +270,34 @@ async def test_client_disconnect_mid_sse_closes_the_upstream_connection_at_once(
     assert records[0].error == "client_disconnected"
     stats = proxy.pool().statistics()
     assert stats.in_use == 0 and stats.idle == 0 and stats.closed == {"error": 1}
+
+
+async def test_h2_reset_or_disconnect_mid_sse_closes_the_upstream_connection_at_once(nursery):
+    async def one_event(upstream: ScriptedUpstream, stream: trio.SocketStream) -> None:
+        await upstream.send(stream, SSE_HEAD + chunk(b"data: hello\n\n"))
+        await upstream.wait_for_close(stream)
+
+    upstream = ScriptedUpstream(one_event)
+    proxy, records = await start(nursery, upstream)
+    with trio.fail_after(5):
+        client = await H2Client.connect(proxy.port)
+        async with client:
+            first = await client.start("GET", "/first")
+            second = await client.start("GET", "/second")
+            await client.until(lambda: client.replies[first].body and client.replies[second].body)
+            # RST_STREAM: that stream's upstream connection is closed, the other goes on.
+            client.conn.reset_stream(first)
+            await client.flush()
+            left = trio.current_time()
+            await wait_until(lambda: len(upstream.closed_at) == 1)
+            assert upstream.closed_at[0] - left < 0.2
+        # Closing the TCP connection: the remaining stream's upstream connection is closed.
+        left = trio.current_time()
+        await wait_until(lambda: len(upstream.closed_at) == 2)
+        assert upstream.closed_at[1] - left < 0.2
+        await wait_until(lambda: len(records) == 2)
+    stats = proxy.pool().statistics()
+    assert stats.in_use == 0 and stats.idle == 0 and stats.closed == {"error": 2}
 
 
 async def test_client_disconnect_mid_sse_demo_upstream_sees_it(nursery, demo_upstream):

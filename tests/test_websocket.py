@@ -7,7 +7,7 @@ in-memory streams with trio's MockClock.
 
 from __future__ import annotations
 
-import os
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -15,6 +15,7 @@ import h11
 import trio
 import trio.testing
 from wsproto import ConnectionType, WSConnection
+from wsproto.utilities import RemoteProtocolError
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -27,7 +28,7 @@ from wsproto.events import (
 
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.tunnel import requested_upgrade, run_tunnel
-from tests.helpers import HOST, H11Client, make_config, start_proxy
+from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
 
 
 # -- peers -------------------------------------------------------------------------------------
@@ -39,6 +40,7 @@ class WSEchoUpstream:
 
     greeting: str | None = None
     handshakes: list[Request] = field(default_factory=list)
+    refused: int = 0  # requests that were not WebSocket handshakes
     connections_open: int = 0
     closed: trio.Event = field(default_factory=trio.Event)
 
@@ -57,10 +59,19 @@ class WSEchoUpstream:
                         data = await stream.receive_some(65536)
                     except trio.BrokenResourceError:
                         return
-                    ws.receive_data(data or None)
+                    try:
+                        ws.receive_data(data or None)
+                        events = list(ws.events())
+                    except RemoteProtocolError:  # not a WebSocket handshake
+                        self.refused += 1
+                        await stream.send_all(
+                            b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n"
+                            b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        return
                     out = b""
                     done = not data
-                    for event in ws.events():
+                    for event in events:
                         if isinstance(event, Request):
                             self.handshakes.append(event)
                             out += ws.send(AcceptConnection())
@@ -89,10 +100,10 @@ class WSClient:
         self.pending: list[object] = []
 
     @classmethod
-    async def connect(cls, port: int, *, eager: bytes = b"") -> WSClient:
-        """Open a WebSocket through the proxy; ``eager`` bytes go out right behind the request."""
+    async def connect(cls, port: int) -> WSClient:
+        """Open a WebSocket through the proxy."""
         client = cls(await trio.open_tcp_stream(HOST, port))
-        await client.stream.send_all(client.ws.send(Request(host="test.local", target="/ws")) + eager)
+        await client.stream.send_all(client.ws.send(Request(host="test.local", target="/ws")))
         event = await client.next_event()
         assert isinstance(event, AcceptConnection), event
         return client
@@ -127,11 +138,10 @@ class WSClient:
         return await self.stream.receive_some(65536) == b""
 
 
-def masked_text_frame(text: str) -> bytes:
+def masked_text_frame(text: str, mask: bytes) -> bytes:
     """A client text frame built by hand (wsproto will not send before the handshake)."""
     payload = text.encode()
-    assert len(payload) < 126
-    mask = os.urandom(4)
+    assert len(payload) < 126 and len(mask) == 4
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked
 
@@ -184,17 +194,48 @@ async def test_websocket_echo_through_the_proxy(nursery):
     assert record.extra["tunnel_closed_by"] == "upstream"
 
 
-async def test_bytes_sent_right_behind_the_handshakes_are_not_lost(nursery):
-    # The upstream's first message arrives in the same segment as its 101, and the client's
-    # first frame in the same segment as its request: both sit in an h11 buffer when the
-    # protocols switch, and must be handed to the tunnel.
+async def test_bytes_sent_right_behind_the_101_are_not_lost(nursery):
+    # The upstream's first message arrives in the same segment as its 101: it sits in the
+    # upstream h11 connection's buffer when the protocols switch, and must go into the tunnel.
     upstream = WSEchoUpstream(greeting="welcome")
     proxy, _ = await start(nursery, upstream)
     with trio.fail_after(5):
-        client = await WSClient.connect(proxy.port, eager=masked_text_frame("early"))
+        client = await WSClient.connect(proxy.port)
         async with client.stream:
             assert await client.receive() == "welcome"
-            assert await client.receive() == "early"
+            await client.send("after")
+            assert await client.receive() == "after"
+            await client.close_handshake()
+
+
+async def test_client_bytes_before_the_101_refuse_the_upgrade(nursery):
+    # A client must wait for the 101 before it speaks WebSocket (RFC 6455 4.1). Bytes behind
+    # the upgrade request (in the same segment) that are not HTTP are a framing violation: the
+    # request goes up as an ordinary one, and the bytes are answered 400, never tunneled with
+    # a gap where they were.
+    upstream = WSEchoUpstream()
+    proxy, _ = await start(nursery, upstream)
+    handshake = WSConnection(ConnectionType.CLIENT).send(Request(host="test.local", target="/ws"))
+    early = masked_text_frame("too early", mask=b"\0\0\0\0")  # a NUL: not HTTP, at once
+    with trio.fail_after(5):
+        data = await raw_exchange(proxy.port, handshake + early)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+    assert statuses == [b"426", b"400"]  # the upstream saw no upgrade request; then our 400
+    assert upstream.refused == 1 and upstream.handshakes == []
+
+
+async def test_client_bytes_before_the_101_that_pass_the_checks_are_tunneled_intact(nursery):
+    # The same impatience with bytes that could still be the start of a request head: they
+    # wait in h11's buffer, and the tunnel delivers them first.
+    upstream = WSEchoUpstream()
+    proxy, _ = await start(nursery, upstream)
+    client = WSClient(await trio.open_tcp_stream(HOST, proxy.port))
+    early = masked_text_frame("too early", mask=b"\x01\x02\x03\x04")
+    with trio.fail_after(5):
+        async with client.stream:
+            await client.stream.send_all(client.ws.send(Request(host="test.local", target="/ws")) + early)
+            assert isinstance(await client.next_event(), AcceptConnection)
+            assert await client.receive() == "too early"
             await client.close_handshake()
 
 
@@ -349,3 +390,28 @@ def test_requested_upgrade_only_for_a_single_websocket_with_connection_upgrade()
     assert ask((b"connection", b"upgrade"), (b"upgrade", b"h2c")) is None
     assert ask((b"connection", b"upgrade"), (b"upgrade", b"websocket, h2c")) is None
     assert ask((b"connection", b"upgrade")) is None
+
+
+async def test_a_tunnel_is_logged_when_it_closes_and_counted_as_upgraded(nursery):
+    from tests.operations import start_operated_proxy
+
+    upstream = WSEchoUpstream()
+    port = await nursery.start(upstream.serve)
+    proxy = await start_operated_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        client = await WSClient.connect(proxy.running.port)
+        async with client.stream:
+            await client.send("x" * 1000)
+            assert await client.receive() == "x" * 1000
+            assert proxy.log_entries() == []  # nothing logged while the tunnel is open
+            await client.close_handshake()
+        await upstream.closed.wait()
+        while not proxy.log_entries():
+            await trio.sleep(0.01)
+        scrape = await proxy.scrape()
+    [entry] = proxy.log_entries()
+    assert entry["status"] == 101 and entry["error"] is None
+    assert entry["bytes_in"] > 1000 and entry["bytes_out"] > 1000
+    closed = "pooled_proxy_upstream_connections_closed_total"
+    assert scrape.value(closed, reason="upgraded") == 1
+    assert scrape.value(closed, reason="error") == 0

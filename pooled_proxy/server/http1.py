@@ -377,9 +377,15 @@ class HTTP1Connection:
         exchange_scope.cancel()
 
     def _may_upgrade(self, head: RequestHead) -> bool:
-        """A bodiless HTTP/1.1 request asking for a WebSocket that h11 holds as a switch proposal."""
+        """A bodiless HTTP/1.1 request asking for a WebSocket that h11 holds as a switch proposal.
+
+        Not when the client already sent bytes behind it that are not HTTP (it must wait for
+        the 101, RFC 6455 4.1): the request goes up as an ordinary one, and those bytes are
+        then answered 400 like any other violation, never tunneled with a gap in them.
+        """
         return (
             not head.has_body
+            and self.violation is None
             and self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL
             and requested_upgrade(head.headers) is not None
         )
