@@ -3,6 +3,8 @@ the README promises (the production one with two upstreams, TLS and admin)."""
 
 from __future__ import annotations
 
+import io
+import json
 import ssl
 import subprocess
 import sys
@@ -11,13 +13,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import h11
+import httpx
 import pytest
 import trio
 import trio.testing
 from cryptography import x509
 
+from pooled_proxy.accesslog import AccessLog
 from pooled_proxy.cli import main
 from pooled_proxy.config import Config, ServerAddress, load_config
+from pooled_proxy.lifecycle import serve
+from pooled_proxy.proxy import Proxy
 from pooled_proxy.routing import Router
 from tests.helpers import HOST, H11Client
 from tests.operations import start_operated_proxy
@@ -119,3 +125,25 @@ async def test_sse_example_relays_a_stream_with_long_silences(nursery, demo_upst
     (entry,) = proxy.log_entries()
     assert entry["event_stream"] is True and entry["upstream"] == "events"
     assert entry["duration_ms"] >= 400
+
+
+async def test_production_example_serves_https_and_h2_with_its_demo_pair(nursery, demo_upstream):
+    config = load_config(CONFIG / "production.toml")
+    assert config.server.tls is not None
+    _, port = demo_upstream
+    local = _local(config, port)
+    tls = replace(config.server.tls, listen=(ServerAddress(HOST, 0),))
+    local = replace(local, server=replace(local.server, tls=tls))
+    log = io.StringIO()
+    proxy = Proxy(local, observers=(AccessLog(log),))
+    addresses = await nursery.start(serve, proxy)
+    (https,) = [address for address in addresses if address.tls]
+    trust = ssl.create_default_context(cafile=str(config.server.tls.cert))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(verify=trust, http2=True) as client:
+            response = await client.get(f"https://{HOST}:{https.port}/echo")
+        await trio.testing.wait_all_tasks_blocked()
+    assert response.status_code == 200 and response.http_version == "HTTP/2"
+    assert response.json()["path"] == "/echo"
+    (entry,) = (json.loads(line) for line in log.getvalue().splitlines())
+    assert (entry["protocol"], entry["upstream"]) == ("HTTP/2", "web")
