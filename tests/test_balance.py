@@ -30,10 +30,12 @@ async def test_round_robin_alternates_between_servers(nursery):
 async def test_least_conn_avoids_the_busy_server(nursery):
     upstreams, ports = await _two_upstreams(nursery)
     proxy = await start_proxy(nursery, make_config(*ports, balance="least_conn"))
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         async with httpx.AsyncClient(base_url=proxy.url) as client, trio.open_nursery() as group:
-            group.start_soon(client.get, "/slow?delay=1")  # pins one server
-            await trio.sleep(0.2)
+            group.start_soon(client.get, "/slow?delay=2")  # pins one server
+            # Wait until the slow request holds a connection on one of the servers.
+            while sum(u.stats.requests for u in upstreams) < 1:
+                await trio.sleep(0.01)
             busy = 0 if upstreams[0].stats.requests == 1 else 1
             for _ in range(6):
                 assert (await client.get("/status/200")).status_code == 200
