@@ -188,7 +188,13 @@ class HTTP1Connection:
 
     async def send_informational(self, status: int, headers: Headers) -> None:
         if self.h11.they_are_waiting_for_100_continue or status != 100:
-            await self._write(self.h11.send(h11.InformationalResponse(status_code=status, headers=headers)))
+            await self._write(
+                self.h11.send(
+                    h11.InformationalResponse(
+                        status_code=status, headers=headers, reason=REASONS.get(status, b"")
+                    )
+                )
+            )
 
     async def send_head(self, status: int, headers: Headers, *, end: bool = False) -> None:
         if self.proxy.draining or self.close_after_response:
