@@ -116,6 +116,7 @@ async def test_expect_100_continue_is_relayed_from_upstream(nursery, demo_upstre
             )
             first = await client.next_event()
             assert isinstance(first, h11.InformationalResponse) and first.status_code == 100
+            assert first.reason == b"Continue"
             await client.send(h11.Data(data=b"hello"), h11.EndOfMessage())
             reply = await client.read_reply()
     assert reply.status == 200 and reply.body == b"hello"
