@@ -19,6 +19,8 @@ from typing import Any
 import trio
 
 HOST = "127.0.0.1"
+# Generous: a cold interpreter on a busy CI machine; the tests' own guards start after it.
+STARTUP_TIMEOUT = 30.0
 
 
 def _toml(value: Any) -> str:
@@ -132,9 +134,14 @@ async def running_daemon(
     try:
         nursery.start_soon(daemon.read_stderr)
         pattern = r"listening on http://127\.0\.0\.1:(\d+)"
-        await daemon.wait_for_count(pattern, config.workers)
+        with trio.fail_after(STARTUP_TIMEOUT):
+            await daemon.wait_for_count(pattern, config.workers)
         daemon.port = int(daemon.matches(pattern)[0][1])
         yield daemon
+    except BaseException:
+        # Shown by pytest with the failure: what the daemon said.
+        print(f"daemon log (exit code {process.returncode}):", *daemon.lines, sep="\n")
+        raise
     finally:
         with trio.CancelScope(shield=True):
             if process.returncode is None:

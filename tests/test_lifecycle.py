@@ -21,6 +21,7 @@ from pooled_proxy.proxy import FIRST_REQUEST_GRACE, Proxy
 from pooled_proxy.server.listen import handle_client
 from pooled_proxy.upstream import UpstreamConnection
 from tests.daemon import DaemonConfig, running_daemon
+from tests.h2client import GoAway, H2Client, H2Reply
 from tests.helpers import H11Client, make_config
 
 # -- in-process, MockClock -------------------------------------------------------------------
@@ -239,6 +240,24 @@ async def sse_events(port: int, count: int, interval: float, got_first: trio.Eve
     return [line for line in body.split(b"\n") if line.startswith(b"id: ")]
 
 
+async def h2_streams_across_drain(
+    port: int, in_flight: trio.Event
+) -> tuple[GoAway | None, int, H2Reply, H2Reply]:
+    """A slow response and an SSE stream on one h2 connection, in flight when the drain
+    starts: (the GOAWAY, the last stream id opened, both replies)."""
+    async with await H2Client.connect(port) as client:
+        slow = await client.start("GET", "/slow?delay=0.6")
+        sse = await client.start("GET", "/events?count=10&interval=0.05")
+        await client.until(lambda: client.replies[sse].status == 200)
+        in_flight.set()
+        await client.until(
+            lambda: client.goaway is not None
+            and client.replies[slow].ended
+            and client.replies[sse].ended
+        )
+        return client.goaway, sse, client.replies[slow], client.replies[sse]
+
+
 @dataclass
 class Load:
     ok: int = 0
@@ -283,8 +302,8 @@ async def slow_upload(port: int, chunks: int, pause: float) -> bytes:
 async def test_sigterm_under_load_loses_nothing(nursery, demo_upstream, tmp_path):
     _, upstream_port = demo_upstream
     config = DaemonConfig(upstreams={"app": upstream_port}, drain_timeout="3s")
-    with trio.fail_after(15):
-        async with running_daemon(nursery, tmp_path, config) as daemon:
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(15):
             port = daemon.port
             load = Load()
             results: dict[str, object] = {}
@@ -296,11 +315,14 @@ async def test_sigterm_under_load_loses_nothing(nursery, demo_upstream, tmp_path
 
                 clients.start_soon(keep, "sse", sse_events, port, 20, 0.05, got_first_event)
                 clients.start_soon(keep, "upload", slow_upload, port, 20, 0.05)
+                h2_in_flight = trio.Event()
+                clients.start_soon(keep, "h2", h2_streams_across_drain, port, h2_in_flight)
                 for index in range(8):
                     clients.start_soon(load_client, port, load, index)
                 idle = await H11Client.connect(port)
                 assert (await idle.request("GET", "/echo")).status == 200
                 await got_first_event.wait()
+                await h2_in_flight.wait()
                 await trio.sleep(0.3)
                 ok_before = load.ok
 
@@ -316,6 +338,11 @@ async def test_sigterm_under_load_loses_nothing(nursery, demo_upstream, tmp_path
     assert elapsed < 3.0  # inside drain_timeout: the last exchange (the SSE stream) ended it
     assert results["sse"] == [b"id: %d" % n for n in range(1, 21)]
     assert results["upload"] == b"".join(bytes([n]) * 4096 for n in range(20))
+    # HTTP/2: GOAWAY names the last stream opened; both streams in flight complete.
+    goaway, last_stream, h2_slow, h2_sse = results["h2"]  # type: ignore[misc]
+    assert goaway is not None and (goaway.last_stream_id, goaway.error_code) == (last_stream, 0)
+    assert h2_slow.status == 200 and h2_slow.ended
+    assert h2_sse.ended and h2_sse.body.count(b"id: ") == 10
     assert ok_before > 8 and load.refused == 8  # every load client ended on a refusal
     assert daemon.has_line("drain complete after") and daemon.has_line("all finished")
 
@@ -323,8 +350,8 @@ async def test_sigterm_under_load_loses_nothing(nursery, demo_upstream, tmp_path
 async def test_sigterm_cuts_a_hanging_request_at_drain_timeout(nursery, demo_upstream, tmp_path):
     upstream, upstream_port = demo_upstream
     config = DaemonConfig(upstreams={"app": upstream_port}, drain_timeout="1s")
-    with trio.fail_after(10):
-        async with running_daemon(nursery, tmp_path, config) as daemon:
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(10):
             async with await H11Client.connect(daemon.port) as client:
                 await client.send(
                     h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
@@ -339,8 +366,10 @@ async def test_sigterm_cuts_a_hanging_request_at_drain_timeout(nursery, demo_ups
             code = await daemon.wait()
             exit_after = trio.current_time() - sigterm_at
     assert code == 0
-    assert 0.9 < cut_after < 1.5
-    assert exit_after < 2.0
+    # Cut at drain_timeout (1 s), not when the 30 s request would end; the margin is for a
+    # busy machine.
+    assert 0.9 < cut_after < 2.0
+    assert exit_after < 3.0
     assert daemon.has_line("drain started: 1 exchange(s) in flight")
     assert daemon.has_line("waited for 1 exchange(s), 0 finished, 1 cut")
 
@@ -348,8 +377,8 @@ async def test_sigterm_cuts_a_hanging_request_at_drain_timeout(nursery, demo_ups
 async def test_second_signal_stops_at_once(nursery, demo_upstream, tmp_path):
     upstream, upstream_port = demo_upstream
     config = DaemonConfig(upstreams={"app": upstream_port}, drain_timeout="30s")
-    with trio.fail_after(10):
-        async with running_daemon(nursery, tmp_path, config) as daemon:
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(10):
             async with await H11Client.connect(daemon.port) as client:
                 await client.send(
                     h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
@@ -363,5 +392,5 @@ async def test_second_signal_stops_at_once(nursery, demo_upstream, tmp_path):
                 code = await daemon.wait()
                 stop_took = trio.current_time() - sent_again
     assert code == 0
-    assert stop_took < 1.0
+    assert stop_took < 2.0  # not the 30 s drain_timeout
     assert daemon.has_line("SIGTERM again: stopping now, cutting 1 exchange(s)")

@@ -129,8 +129,8 @@ def _with_upstream_key(config: Config, name: str, key: str, value: object) -> Co
 async def test_sighup_adds_a_route_live_and_a_bad_file_keeps_the_old_config(nursery, tmp_path):
     a, a_port, b, b_port = await two_upstreams(nursery)
     config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"))
-    with trio.fail_after(10):
-        async with running_daemon(nursery, tmp_path, config) as daemon:
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(10):
             async with await H11Client.connect(daemon.port) as client:
                 assert (await client.request("GET", "/a/echo")).status == 200
                 assert (await client.request("GET", "/b/echo")).status == 404
@@ -169,8 +169,8 @@ async def test_sighup_adds_a_route_live_and_a_bad_file_keeps_the_old_config(nurs
 async def test_watch_reloads_when_the_file_changes(nursery, tmp_path: Path):
     a, a_port, b, b_port = await two_upstreams(nursery)
     config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"))
-    with trio.fail_after(10):
-        async with running_daemon(nursery, tmp_path, config, "--watch") as daemon:
+    async with running_daemon(nursery, tmp_path, config, "--watch") as daemon:
+        with trio.fail_after(10):
             async with await H11Client.connect(daemon.port) as client:
                 assert (await client.request("GET", "/b/echo")).status == 404
                 mark = len(daemon.lines)

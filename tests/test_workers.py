@@ -75,8 +75,8 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
 ):
     upstream, upstream_port = demo_upstream
     config = DaemonConfig(upstreams={"app": upstream_port}, workers=2, drain_timeout="3s")
-    with trio.fail_after(20):
-        async with running_daemon(nursery, tmp_path, config) as daemon:
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(20):
             first = daemon.worker_pids
             assert len(first) == 2
             # Both workers take connections on the one shared port.
@@ -96,9 +96,13 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
 
             # SIGTERM to the supervisor drains every worker: requests in flight on both of
             # them finish, then everything exits 0.
-            base = upstream.stats.requests
             clients = [await H11Client.connect(daemon.port) for _ in range(16)]
             try:
+                in_flight_on = set()
+                for client in clients:
+                    assert (await client.request("GET", "/echo")).status == 200
+                    in_flight_on.add(serving_pid(daemon.port, client, now))
+                base = upstream.stats.requests
                 for client in clients:
                     await client.send(
                         h11.Request(method="GET", target="/slow?delay=0.5", headers=[("host", "a")]),
@@ -106,7 +110,6 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
                     )
                 while upstream.stats.requests < base + len(clients):
                     await trio.sleep(0.01)
-                in_flight_on = {serving_pid(daemon.port, c, now) for c in clients}
                 daemon.send_signal(signal.SIGTERM)
                 for client in clients:
                     reply = await client.read_reply()
@@ -126,8 +129,8 @@ async def test_sighup_reloads_every_worker_and_a_bad_file_none(nursery, tmp_path
     a, b = DemoUpstream(), DemoUpstream()
     a_port, b_port = await nursery.start(a.serve), await nursery.start(b.serve)
     config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"), workers=2)
-    with trio.fail_after(20):
-        async with running_daemon(nursery, tmp_path, config) as daemon:
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(20):
             pids = daemon.worker_pids
 
             daemon.config_path.write_text(
