@@ -30,7 +30,13 @@ from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, Resp
 from .headers import client_response_headers, is_event_stream, upstream_request_headers
 from .pool import Connector, UpstreamPool
 from .routing import Router, rewrite_target
-from .tunnel import requested_upgrade, run_tunnel, switched_response_headers, upgrade_request_headers
+from .tunnel import (
+    TunnelStats,
+    requested_upgrade,
+    run_tunnel,
+    switched_response_headers,
+    upgrade_request_headers,
+)
 from .upstream import UpstreamConnection
 
 LOG = logging.getLogger("pooled_proxy.forward")
@@ -369,13 +375,17 @@ class Forwarder:
         client_stream, client_data = await upgrade.switch_protocols(
             switched_response_headers(list(response.headers))
         )
-        stats = await run_tunnel(
-            client_stream,
-            upstream_stream,
-            client_data=client_data,
-            upstream_data=upstream_data,
-            idle_timeout=upstream.read_timeout or math.inf,
-        )
-        record.bytes_in += stats.bytes_up
-        record.bytes_out += stats.bytes_down
-        record.extra["tunnel_closed_by"] = stats.closed_by
+        stats = TunnelStats()
+        try:
+            await run_tunnel(
+                client_stream,
+                upstream_stream,
+                client_data=client_data,
+                upstream_data=upstream_data,
+                idle_timeout=upstream.read_timeout or math.inf,
+                stats=stats,
+            )
+        finally:  # cancelled too (drain deadline): the access log still gets the figures
+            record.bytes_in += stats.bytes_up
+            record.bytes_out += stats.bytes_down
+            record.extra["tunnel_closed_by"] = stats.closed_by

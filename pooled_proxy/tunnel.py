@@ -73,11 +73,15 @@ class TunnelStats:
 
 class _Tunnel:
     def __init__(
-        self, client: trio.abc.Stream, upstream: trio.abc.Stream, idle_timeout: float
+        self,
+        client: trio.abc.Stream,
+        upstream: trio.abc.Stream,
+        idle_timeout: float,
+        stats: TunnelStats,
     ) -> None:
         self.streams = {"client": client, "upstream": upstream}
         self.idle_timeout = idle_timeout
-        self.stats = TunnelStats()
+        self.stats = stats
         self.last_activity = trio.current_time()
         self.directions_open = 2
         self.scope = trio.CancelScope()
@@ -158,11 +162,14 @@ async def run_tunnel(
     client_data: bytes = b"",
     upstream_data: bytes = b"",
     idle_timeout: float = math.inf,
+    stats: TunnelStats | None = None,
 ) -> TunnelStats:
     """Copy bytes both ways until both sides have closed, one fails, or the tunnel idles out.
 
     ``client_data`` and ``upstream_data`` are bytes each side sent right behind its HTTP head
     (already read by the HTTP parser); they are delivered first. Both streams are closed on
-    return, and on cancellation.
+    return, and on cancellation. ``stats`` is filled in as bytes move, so a caller that is
+    cancelled (a drain deadline) still knows what went through.
     """
-    return await _Tunnel(client, upstream, idle_timeout).run(client_data, upstream_data)
+    tunnel = _Tunnel(client, upstream, idle_timeout, stats or TunnelStats())
+    return await tunnel.run(client_data, upstream_data)

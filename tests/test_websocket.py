@@ -29,6 +29,7 @@ from wsproto.events import (
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.tunnel import requested_upgrade, run_tunnel
 from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
+from tests.test_tls import ca, client_context, tls_files, tls_port  # noqa: F401 (fixtures)
 
 
 # -- peers -------------------------------------------------------------------------------------
@@ -94,15 +95,15 @@ class WSEchoUpstream:
 
 
 class WSClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.pending: list[object] = []
 
     @classmethod
-    async def connect(cls, port: int) -> WSClient:
-        """Open a WebSocket through the proxy."""
-        client = cls(await trio.open_tcp_stream(HOST, port))
+    async def connect(cls, port: int, *, stream: trio.abc.Stream | None = None) -> WSClient:
+        """Open a WebSocket through the proxy (on ``stream`` if given, e.g. a TLS one)."""
+        client = cls(stream or await trio.open_tcp_stream(HOST, port))
         await client.stream.send_all(client.ws.send(Request(host="test.local", target="/ws")))
         event = await client.next_event()
         assert isinstance(event, AcceptConnection), event
@@ -237,6 +238,48 @@ async def test_client_bytes_before_the_101_that_pass_the_checks_are_tunneled_int
             assert isinstance(await client.next_event(), AcceptConnection)
             assert await client.receive() == "too early"
             await client.close_handshake()
+
+
+async def test_websocket_over_tls(nursery, tls_files, client_context):
+    # The client side of the tunnel is a TLS stream, which cannot be half-closed: the
+    # upstream's end-of-stream ends the tunnel, and the client gets a TLS close.
+    upstream = WSEchoUpstream()
+    port = await nursery.start(upstream.serve)
+    _, secure = await tls_port(nursery, port, tls_files)
+    client_context.set_alpn_protocols(["http/1.1"])
+    with trio.fail_after(5):
+        tcp = await trio.open_tcp_stream(HOST, secure)
+        tls = trio.SSLStream(tcp, client_context, server_hostname=HOST, https_compatible=True)
+        client = await WSClient.connect(secure, stream=tls)
+        async with client.stream:
+            big = bytes(range(256)) * 1024
+            await client.send(big)
+            assert await client.receive() == big
+            await client.close_handshake()
+            assert await client.at_eof()
+        await upstream.closed.wait()
+    assert dict(upstream.handshakes[0].extra_headers)[b"x-forwarded-proto"] == b"https"
+
+
+async def test_a_drain_waits_for_an_open_tunnel_then_closes_it(nursery):
+    upstream = WSEchoUpstream()
+    port = await nursery.start(upstream.serve)
+    records: list[ExchangeRecord] = []
+    proxy = await start_proxy(
+        nursery, make_config(port, server={"drain_timeout": 0.5}), observers=(records.append,)
+    )
+    with trio.fail_after(5):
+        client = await WSClient.connect(proxy.port)
+        async with client.stream:
+            proxy.proxy.begin_drain()
+            started = trio.current_time()
+            await trio.sleep(0.2)
+            await client.send("still open while draining")
+            assert await client.receive() == "still open while draining"
+            assert await client.at_eof()  # cut at the deadline
+            assert 0.4 < trio.current_time() - started < 1.5
+        await upstream.closed.wait()
+    assert records[0].extra["tunnel_closed_by"] == "cancelled"
 
 
 async def test_client_that_vanishes_closes_the_upstream_side(nursery):
