@@ -25,7 +25,9 @@ FIRST_REQUEST_GRACE = 1.0
 
 # Settings a reload cannot apply to a running process: the sockets, the TLS context, the
 # worker processes, the admin listener and the access log are set up once at start.
-RESTART_ONLY = ("server.listen", "server.tls", "server.workers", "admin", "log.access", "log.format")
+RESTART_ONLY = (
+    "server.listen", "server.tls", "server.workers", "admin", "log.access", "log.format"
+)
 
 
 def _restart_only(config: Config) -> tuple[object, ...]:
@@ -138,7 +140,9 @@ class Proxy:
 
     # -- pools ---------------------------------------------------------------------------------
 
-    async def run_pools(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_pools(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run the idle reaper of every pool, including pools a reload adds, until cancelled."""
         try:
             async with trio.open_nursery() as nursery:

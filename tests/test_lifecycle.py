@@ -60,7 +60,14 @@ class MemoryListen:
         return H11Client(client)  # type: ignore[arg-type]
 
 
-def demo_connector(nursery: trio.Nursery, demo: DemoUpstream) -> Callable[[ServerAddress], Awaitable[UpstreamConnection]]:
+Connector = Callable[[ServerAddress], Awaitable[UpstreamConnection]]
+
+
+def get(target: str, *headers: tuple[str, str], method: str = "GET") -> h11.Request:
+    return h11.Request(method=method, target=target, headers=[("host", "a"), *headers])
+
+
+def demo_connector(nursery: trio.Nursery, demo: DemoUpstream) -> Connector:
     """Upstream connections over memory streams to the demo upstream's connection handler."""
 
     async def connect(server: ServerAddress) -> UpstreamConnection:
@@ -118,16 +125,14 @@ async def test_drain_waits_for_in_flight_work_and_closes_idle_at_once(
         assert (await idle.request("GET", "/echo")).status == 200
 
         slow = listen.connect()
-        await slow.send(h11.Request(method="GET", target="/slow?delay=3", headers=[("host", "a")]),
-                        h11.EndOfMessage())  # fmt: skip
+        await slow.send(get("/slow?delay=3"), h11.EndOfMessage())
         sse = listen.connect()
-        await sse.send(h11.Request(method="GET", target="/events?count=5", headers=[("host", "a")]),
-                       h11.EndOfMessage())  # fmt: skip
+        await sse.send(get("/events?count=5"), h11.EndOfMessage())
         assert (await sse.next_event()).status_code == 200
         assert b"id: 1" in (await sse.next_event()).data
         upload = listen.connect()
         await upload.send(
-            h11.Request(method="POST", target="/echo", headers=[("host", "a"), ("content-length", "10")]),
+            get("/echo", ("content-length", "10"), method="POST"),
             h11.Data(data=b"hello"),
         )
         await wait_for(lambda: proxy.active_exchanges == 3)
@@ -165,9 +170,10 @@ async def test_drain_waits_for_in_flight_work_and_closes_idle_at_once(
         assert stats.idle == 0 and stats.in_use == 0
         assert stats.closed.get("drain", 0) >= 1
         messages = [r.getMessage() for r in caplog.records if r.name == "pooled_proxy.lifecycle"]
-        assert any(m.startswith("drain started: 3 exchange(s) in flight") for m in messages), messages
+        assert any(m.startswith("drain started: 3 exchange(s) in flight") for m in messages)
         assert any(
-            m.startswith("drain complete after 4.0") and "waited for 3 exchange(s), all finished" in m
+            m.startswith("drain complete after 4.0")
+            and "waited for 3 exchange(s), all finished" in m
             for m in messages
         ), messages
 
@@ -178,10 +184,8 @@ async def test_drain_deadline_cuts_what_is_left_and_says_so(autojump_clock, nurs
         served = await start_in_memory(nursery, drain_timeout=2.0)
         proxy, listen = served.proxy, served.listen
         hanging, quick = listen.connect(), listen.connect()
-        await hanging.send(h11.Request(method="GET", target="/slow?delay=100", headers=[("host", "a")]),
-                           h11.EndOfMessage())  # fmt: skip
-        await quick.send(h11.Request(method="GET", target="/slow?delay=1", headers=[("host", "a")]),
-                         h11.EndOfMessage())  # fmt: skip
+        await hanging.send(get("/slow?delay=100"), h11.EndOfMessage())
+        await quick.send(get("/slow?delay=1"), h11.EndOfMessage())
         await wait_for(lambda: proxy.active_exchanges == 2)
 
         t0 = trio.current_time()
@@ -288,8 +292,7 @@ async def load_client(port: int, load: Load, index: int) -> None:
 async def slow_upload(port: int, chunks: int, pause: float) -> bytes:
     async with await H11Client.connect(port) as client:
         size = chunks * 4096
-        await client.send(h11.Request(method="POST", target="/echo",
-                                      headers=[("host", "a"), ("content-length", str(size))]))  # fmt: skip
+        await client.send(get("/echo", ("content-length", str(size)), method="POST"))
         for n in range(chunks):
             await client.send(h11.Data(data=bytes([n]) * 4096))
             await trio.sleep(pause)
@@ -310,7 +313,9 @@ async def test_sigterm_under_load_loses_nothing(nursery, demo_upstream, tmp_path
             got_first_event = trio.Event()
             async with trio.open_nursery() as clients:
 
-                async def keep(name: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+                async def keep(
+                    name: str, fn: Callable[..., Awaitable[object]], *args: object
+                ) -> None:
                     results[name] = await fn(*args)
 
                 clients.start_soon(keep, "sse", sse_events, port, 20, 0.05, got_first_event)
@@ -354,7 +359,7 @@ async def test_sigterm_cuts_a_hanging_request_at_drain_timeout(nursery, demo_ups
         with trio.fail_after(10):
             async with await H11Client.connect(daemon.port) as client:
                 await client.send(
-                    h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
+                    get("/slow?delay=30"),
                     h11.EndOfMessage(),
                 )
                 await wait_for(lambda: upstream.stats.requests == 1)  # it is in flight
@@ -381,7 +386,7 @@ async def test_second_signal_stops_at_once(nursery, demo_upstream, tmp_path):
         with trio.fail_after(10):
             async with await H11Client.connect(daemon.port) as client:
                 await client.send(
-                    h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
+                    get("/slow?delay=30"),
                     h11.EndOfMessage(),
                 )
                 await wait_for(lambda: upstream.stats.requests == 1)

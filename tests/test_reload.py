@@ -9,7 +9,7 @@ from pathlib import Path
 import h11
 import trio
 
-from pooled_proxy.config import Config, ServerAddress, parse_config
+from pooled_proxy.config import Config, parse_config
 from pooled_proxy.demo import DemoUpstream
 from tests.daemon import DaemonConfig, running_daemon
 from tests.helpers import H11Client, start_proxy
@@ -21,7 +21,8 @@ def routes(*names: str) -> list[dict[str, object]]:
 
 
 def config_of(upstreams: dict[str, int], **kwargs: object) -> Config:
-    return parse_config(DaemonConfig(upstreams=upstreams, **kwargs).to_toml())  # type: ignore[arg-type]
+    daemon_config = DaemonConfig(upstreams=upstreams, **kwargs)  # type: ignore[arg-type]
+    return parse_config(daemon_config.to_toml())
 
 
 async def two_upstreams(nursery: trio.Nursery) -> tuple[DemoUpstream, int, DemoUpstream, int]:

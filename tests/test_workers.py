@@ -103,11 +103,9 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
                     assert (await client.request("GET", "/echo")).status == 200
                     in_flight_on.add(serving_pid(daemon.port, client, now))
                 base = upstream.stats.requests
+                slow = h11.Request(method="GET", target="/slow?delay=0.5", headers=[("host", "x")])
                 for client in clients:
-                    await client.send(
-                        h11.Request(method="GET", target="/slow?delay=0.5", headers=[("host", "a")]),
-                        h11.EndOfMessage(),
-                    )
+                    await client.send(slow, h11.EndOfMessage())
                 while upstream.stats.requests < base + len(clients):
                     await trio.sleep(0.01)
                 daemon.send_signal(signal.SIGTERM)
@@ -133,14 +131,15 @@ async def test_sighup_reloads_every_worker_and_a_bad_file_none(nursery, tmp_path
         with trio.fail_after(20):
             pids = daemon.worker_pids
 
-            daemon.config_path.write_text(
-                DaemonConfig(upstreams={"a": a_port}, routes=routes("a", "nope"), workers=2).to_toml()
-            )
+            bad = DaemonConfig(upstreams={"a": a_port}, routes=routes("a", "nope"), workers=2)
+            daemon.config_path.write_text(bad.to_toml())
             mark = len(daemon.lines)
             daemon.send_signal(signal.SIGHUP)
             await daemon.wait_for_line(r"proxy\.toml:\d+: routes\[1\]\.upstream", after=mark)
 
-            good = DaemonConfig(upstreams={"a": a_port, "b": b_port}, routes=routes("a", "b"), workers=2)
+            good = DaemonConfig(
+                upstreams={"a": a_port, "b": b_port}, routes=routes("a", "b"), workers=2
+            )
             daemon.config_path.write_text(good.to_toml())
             daemon.send_signal(signal.SIGHUP)
             reloaded = await daemon.wait_for_count(r"pid (\d+)\]: config reloaded \(SIGHUP\)", 2)
