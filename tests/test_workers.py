@@ -123,31 +123,58 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
     assert daemon.has_line("all workers stopped")
 
 
-async def test_sighup_reloads_every_worker_and_a_bad_file_none(nursery, tmp_path):
+def exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for a parent that no longer exists to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_reload_reaches_every_worker_restarts_use_the_last_good_config_and_orphans_drain(
+    nursery, tmp_path
+):
     a, b = DemoUpstream(), DemoUpstream()
     a_port, b_port = await nursery.start(a.serve), await nursery.start(b.serve)
     config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"), workers=2)
+    bad = DaemonConfig(upstreams={"a": a_port}, routes=routes("a", "nope"), workers=2)
+    good = DaemonConfig(upstreams={"a": a_port, "b": b_port}, routes=routes("a", "b"), workers=2)
     async with running_daemon(nursery, tmp_path, config) as daemon:
         with trio.fail_after(20):
             pids = daemon.worker_pids
 
-            bad = DaemonConfig(upstreams={"a": a_port}, routes=routes("a", "nope"), workers=2)
+            # A bad file is reported once, by the supervisor, and reaches no worker.
             daemon.config_path.write_text(bad.to_toml())
             mark = len(daemon.lines)
             daemon.send_signal(signal.SIGHUP)
             await daemon.wait_for_line(r"proxy\.toml:\d+: routes\[1\]\.upstream", after=mark)
 
-            good = DaemonConfig(
-                upstreams={"a": a_port, "b": b_port}, routes=routes("a", "b"), workers=2
-            )
             daemon.config_path.write_text(good.to_toml())
             daemon.send_signal(signal.SIGHUP)
             reloaded = await daemon.wait_for_count(r"pid (\d+)\]: config reloaded \(SIGHUP\)", 2)
             assert {int(m[1]) for m in reloaded} == pids
-            # Both workers route the new path.
-            assert await pids_serving(daemon, pids, "/b/echo", 20) == pids
-            daemon.send_signal(signal.SIGTERM)
-            assert await daemon.wait() == 0
-    # The bad file was reported once, by the supervisor, and reached no worker.
+            assert await pids_serving(daemon, pids, "/b/echo", 20) == pids  # both route /b/
+
+            # The file breaks again; a worker that dies now restarts with the last good
+            # config (the supervisor hands it over), not with the broken file.
+            daemon.config_path.write_text(bad.to_toml())
+            victim = min(pids)
+            mark = len(daemon.lines)
+            os.kill(victim, signal.SIGKILL)
+            started = await daemon.wait_for_line(r"worker \d+ started: pid (\d+)", after=mark)
+            newcomer = int(started[1])
+            await daemon.wait_for_line(rf"pid {newcomer}\]: listening on", after=mark)
+            now = pids - {victim} | {newcomer}
+            assert newcomer in await pids_serving(daemon, now, "/b/echo", 20)
+
+            # The supervisor vanishes: its workers see their stdin close, drain and exit.
+            mark = len(daemon.lines)
+            daemon.process.kill()
+            gone = await daemon.wait_for_count(r"pid (\d+)\]: supervisor gone: draining", 2)
+            assert {int(m[1]) for m in gone} == now
+            while not all(exited(pid) for pid in now):
+                await trio.sleep(0.05)
     assert len(daemon.matches(r"reload failed: .* has 1 problem")) == 1
     assert not daemon.matches(r"\]: reload failed")
+    assert len(daemon.matches(r"pid \d+\]: drain complete after")) == 2
