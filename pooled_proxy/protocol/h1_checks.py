@@ -31,6 +31,11 @@ __all__ = ["Violation", "RequestChecker", "ResponseChecker", "check_head"]
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 # A field value after trimming OWS: VCHAR, obs-text, SP and HTAB; no other control bytes.
 _FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+# A whole valid field line in one match (the fast path); name and OWS-trimmed value.
+_FIELD_LINE = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
+    rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?)[ \t]*"
+)
 _START_LINE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]+")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _REQUEST_VERSION = re.compile(rb"\S+ \S+ HTTP/([0-9]\.[0-9])")
@@ -86,6 +91,11 @@ def _field_lines(lines: list[bytes], *, max_count: int | None, what: str) -> lis
         raise Violation(f"more than {max_count} {what} fields", 431)
     fields: list[tuple[bytes, bytes]] = []
     for line in lines:
+        match = _FIELD_LINE.fullmatch(line)
+        if match is not None:
+            fields.append((match.group(1).lower(), match.group(2)))
+            continue
+        # Not a valid line: say what is wrong with it.
         if line[:1] in (b" ", b"\t"):
             raise Violation(f"obsolete line folding in {what}")
         name, colon, value = line.partition(b":")
@@ -101,17 +111,21 @@ def _field_lines(lines: list[bytes], *, max_count: int | None, what: str) -> lis
     return fields
 
 
-def check_head(raw: bytes, *, request: bool, max_header_count: int | None = None) -> Head:
+def check_head(
+    raw: bytes, *, request: bool, max_header_count: int | None = None, scanned: bool = False
+) -> Head:
     """Validate one complete head: ``raw`` runs from the start line to the final CRLF CRLF.
 
-    Raises :class:`Violation`; returns what the body framing depends on.
+    ``scanned``: the caller already refused NUL and bare CR or LF in it (the stream checkers
+    do, as the bytes arrive). Raises :class:`Violation`; returns what body framing needs.
     """
     if not raw.endswith(b"\r\n\r\n"):
         raise Violation("head does not end with CRLF CRLF")
-    if b"\x00" in raw:
-        raise Violation("NUL in head")
-    if _BARE_CR_OR_LF.search(raw):
-        raise Violation("bare CR or LF in head")
+    if not scanned:
+        if b"\x00" in raw:
+            raise Violation("NUL in head")
+        if _BARE_CR_OR_LF.search(raw):
+            raise Violation("bare CR or LF in head")
     lines = raw[:-4].split(b"\r\n")
     head = Head()
     head.start_line = lines[0]
@@ -322,7 +336,7 @@ class RequestChecker(_StreamChecker):
         super().__init__(max_head_bytes=max_head_bytes, max_header_count=max_header_count)
 
     def _check_head(self, raw: bytes) -> Head:
-        return check_head(raw, request=True, max_header_count=self.max_header_count)
+        return check_head(raw, request=True, max_header_count=self.max_header_count, scanned=True)
 
     def _after_head(self, head: Head) -> _Framing:
         if head.chunked:
@@ -353,7 +367,7 @@ class ResponseChecker(_StreamChecker):
         self._state = _State.HEAD
 
     def _check_head(self, raw: bytes) -> Head:
-        return check_head(raw, request=False)
+        return check_head(raw, request=False, scanned=True)
 
     def _after_head(self, head: Head) -> _Framing:
         status = head.status
