@@ -22,5 +22,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/pytest
 
+# pooled-proxy against nginx on this machine (bench/README.md); BENCH_ARGS=--quick for a short run
+bench: $(STAMP)
+	$(VENV)/bin/python bench/vs_nginx.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

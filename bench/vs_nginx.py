@@ -1,0 +1,733 @@
+"""pooled-proxy against nginx as a reverse proxy, in one run, on this machine.
+
+    .venv/bin/python bench/vs_nginx.py              # 3 runs x 10 s, medians (about 5 minutes)
+    .venv/bin/python bench/vs_nginx.py --quick      # 1 run x 3 s, a smoke test of the numbers
+    make bench                                      # the same as the first line
+
+It installs what it needs when missing (nginx, wrk, nghttp2-client from apt), then starts:
+
+- the **upstream**: nginx, one worker, ``GET /`` answered ``return 200`` with a 100-byte body,
+  ``/big`` a 1 GiB file; and the built-in demo upstream for ``/events`` (Server-Sent Events,
+  one event every 100 ms, each stamped with the wall-clock time it was written);
+- **nginx as a reverse proxy**: one worker, ``upstream { keepalive 64; }``,
+  ``proxy_http_version 1.1``, ``proxy_buffering off`` for ``/events``, X-Forwarded-For/-Proto
+  and Host set as pooled-proxy sets them, on one port for HTTP/1.1 and one for h2c;
+- **pooled-proxy**: ``pooled-proxy run`` with ``workers = 1``, the access log off, everything
+  else on (metrics and the admin listener included), ``max_idle = 64`` to match nginx's
+  ``keepalive 64``.
+
+Both proxies are pinned to CPU 0 (``taskset``); this script, the load generators and the
+upstreams run on CPU 1. Each run measures, for direct / nginx / pooled-proxy:
+
+- HTTP/1.1 keep-alive: ``wrk -t1 -c64 -d10s --latency``: req/s, p50, p99;
+- h2c: ``h2load -c16 -m10 -D10``: req/s;
+- SSE: per-event latency (upstream write -> client has the event) and time to the first
+  event (request sent on a new connection -> first event), p50 and p99, and what each proxy
+  adds to the direct figure; the three paths run at the same time, so they share the load;
+- memory (proxies only): RSS idle after start; peak RSS while a 1 GiB body streams through;
+  RSS with 10,000 idle keep-alive client connections open (each has had one request).
+
+It prints each run, then a table of medians with the ratios pooled-proxy / nginx and the
+targets of issue 8. ``--workers N`` runs pooled-proxy with N worker processes (unpinned,
+when N > 1: then it shares the machine with the load generator). ``--json FILE`` keeps the
+numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h11
+import trio
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+PROXY_CPU, LOAD_CPU = 0, 1
+BODY = b"x" * 99 + b"\n"  # the upstream's 100-byte answer
+BIG_BYTES = 1 << 30
+MIB = 1024 * 1024
+TOOLS = {"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
+
+# The bar from issue 8 (ratios are pooled-proxy / nginx, same run).
+BAR_H1_RATIO = 0.20
+BAR_H1_P99_MS = 10.0
+BAR_H2_RATIO = 0.15
+BAR_SSE_EVENT_P99_MS = 0.5
+BAR_SSE_FIRST_MS = 3.0
+BAR_IDLE_MIB = 40
+BAR_IDLE_CONNS_MIB = 200
+BAR_STREAM_MIB = 64
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    print(f"installing {' '.join(missing)} (apt) ...", flush=True)
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        check=True, env=env, stdout=subprocess.DEVNULL,
+    )
+
+
+def raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    raise RuntimeError(f"{what} did not start listening on {port}:\n{text}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (nginx's workers, pooled-proxy's worker processes)."""
+    pids = [pid]
+    for index in range(len(pids) + 10_000):
+        if index >= len(pids):
+            break
+        try:
+            for task in os.listdir(f"/proc/{pids[index]}/task"):
+                with open(f"/proc/{pids[index]}/task/{task}/children") as children:
+                    pids += [int(child) for child in children.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def status_kib(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mib(pid: int) -> float:
+    return sum(status_kib(p, "VmRSS") for p in tree_pids(pid)) / 1024
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+# -- the processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    workdir: Path
+    upstream_port: int = 0
+    upstream_h2_port: int = 0
+    sse_port: int = 0
+    nginx_port: int = 0
+    nginx_h2_port: int = 0
+    proxy_port: int = 0
+    admin_port: int = 0
+    nginx_pid: int = 0
+    proxy_pid: int = 0
+
+
+def nginx_prelude(workdir: Path, name: str, *, connections: int) -> str:
+    temp = workdir / f"{name}-temp"
+    temp.mkdir(exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return f"""{user}worker_processes 1;
+daemon off;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.error.log warn;
+worker_rlimit_nofile {connections * 2 + 1024};
+events {{ worker_connections {connections + 512}; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+"""
+
+
+def upstream_nginx_conf(setup: Setup, big_file: Path) -> str:
+    return nginx_prelude(setup.workdir, "upstream", connections=4096) + f"""
+    server {{
+        listen {HOST}:{setup.upstream_port};
+        listen {HOST}:{setup.upstream_h2_port} http2;
+        default_type text/plain;
+        location = / {{ return 200 "{BODY.decode().rstrip()}\\n"; }}
+        location = /big {{ alias {big_file}; default_type application/octet-stream; }}
+    }}
+}}
+"""
+
+
+def proxy_nginx_conf(setup: Setup, *, connections: int) -> str:
+    common = """proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;"""
+    return nginx_prelude(setup.workdir, "proxy", connections=connections) + f"""
+    upstream fast {{ server {HOST}:{setup.upstream_port}; keepalive 64; keepalive_requests 1000000; }}
+    upstream sse {{ server {HOST}:{setup.sse_port}; keepalive 64; }}
+    server {{
+        listen {HOST}:{setup.nginx_port};
+        listen {HOST}:{setup.nginx_h2_port} http2;
+        http2_max_concurrent_streams 128;
+        location / {{
+            proxy_pass http://fast;
+            {common}
+        }}
+        location /events {{
+            proxy_pass http://sse;
+            proxy_buffering off;
+            {common}
+        }}
+    }}
+}}
+"""
+
+
+def pooled_proxy_toml(setup: Setup, *, workers: int, connections: int) -> str:
+    return f"""# written by bench/vs_nginx.py
+[server]
+listen = ["{HOST}:{setup.proxy_port}"]
+workers = {workers}
+max_connections = {connections + 1024}
+
+[admin]
+listen = "{HOST}:{setup.admin_port}"
+
+[log]
+access = "off"
+level = "warning"
+
+[upstreams.fast]
+servers = ["{HOST}:{setup.upstream_port}"]
+max_idle = 64          # nginx: upstream {{ keepalive 64; }}
+
+[upstreams.sse]
+servers = ["{HOST}:{setup.sse_port}"]
+
+[[routes]]
+path_prefix = "/events"
+upstream = "sse"
+
+[[routes]]
+upstream = "fast"
+"""
+
+
+@contextmanager
+def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-bench-")))
+        os.chmod(workdir, 0o755)
+        setup = Setup(workdir)
+        for name in ("upstream_port", "upstream_h2_port", "sse_port", "nginx_port",
+                     "nginx_h2_port", "proxy_port", "admin_port"):
+            setattr(setup, name, free_port())
+        big = workdir / "big.bin"
+        with open(big, "wb") as handle:
+            handle.truncate(BIG_BYTES)  # sparse: served by sendfile without touching a disk
+
+        def start(argv: list[str], name: str, port: int) -> subprocess.Popen[bytes]:
+            log = workdir / f"{name}.log"
+            process = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), stdin=subprocess.DEVNULL
+            )
+            stack.callback(stop, process)
+            wait_for_port(port, process, name, log)
+            return process
+
+        load_cpu = None if args.no_pin else LOAD_CPU
+        proxy_cpu = None if args.no_pin else PROXY_CPU
+        (workdir / "upstream.conf").write_text(upstream_nginx_conf(setup, big))
+        start(pinned(load_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "upstream.conf")]),
+              "upstream nginx", setup.upstream_port)
+        start(pinned(load_cpu, [sys.executable, "-m", "pooled_proxy.demo", "--port",
+                                str(setup.sse_port), "--event-interval", "0.1"]),
+              "SSE upstream", setup.sse_port)
+        (workdir / "proxy.conf").write_text(proxy_nginx_conf(setup, connections=args.idle_connections))
+        nginx = start(pinned(proxy_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "proxy.conf")]),
+                      "nginx proxy", setup.nginx_port)
+        setup.nginx_pid = nginx.pid
+        (workdir / "pooled-proxy.toml").write_text(
+            pooled_proxy_toml(setup, workers=args.workers, connections=args.idle_connections)
+        )
+        proxy_cpu_pp = proxy_cpu if args.workers == 1 else None
+        proxy = start(
+            pinned(proxy_cpu_pp, [sys.executable, "-m", "pooled_proxy", "run", "-c",
+                                  str(workdir / "pooled-proxy.toml")]),
+            "pooled-proxy", setup.proxy_port,
+        )
+        wait_for_port(setup.admin_port, proxy, "pooled-proxy admin", workdir / "pooled-proxy.log")
+        setup.proxy_pid = proxy.pid
+        time.sleep(0.5)  # let both settle (imports, first GC) before the idle figure
+        yield setup
+
+
+# -- load: wrk and h2load --------------------------------------------------------------------------
+
+
+def _duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"unexpected duration {text!r}")
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def cpu_ns(pid: int | None) -> int:
+    """CPU time a process tree has used so far (``/proc/PID/schedstat``), in nanoseconds."""
+    total = 0
+    for p in tree_pids(pid) if pid else ():
+        try:
+            with open(f"/proc/{p}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def run_wrk(port: int, seconds: float, cpu: int | None, pid: int | None = None) -> dict[str, float]:
+    before = cpu_ns(pid)
+    out = subprocess.run(
+        pinned(cpu, ["wrk", "-t1", "-c64", f"-d{max(1, round(seconds))}s", "--latency", f"http://{HOST}:{port}/"]),
+        capture_output=True, text=True, check=True,
+    ).stdout
+    used = cpu_ns(pid) - before
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        print(f"    wrk on {port}: {errors.group(0)}", flush=True)
+    return {"rps": rps, "p50_ms": _duration_ms(latency["50"]), "p99_ms": _duration_ms(latency["99"]),
+            "cpu_us": used / 1000 / requests if pid and requests else float("nan")}
+
+
+def run_h2load(port: int, seconds: float, cpu: int | None, pid: int | None = None) -> dict[str, float]:
+    before = cpu_ns(pid)
+    out = subprocess.run(
+        pinned(cpu, ["h2load", "-c16", "-m10", f"-D{max(1, round(seconds))}", f"http://{HOST}:{port}/"]),
+        capture_output=True, text=True, check=True,
+    ).stdout
+    if "Application protocol: h2c" not in out:
+        raise RuntimeError(f"h2load did not speak h2c to {port}:\n{out}")
+    used = cpu_ns(pid) - before
+    rps = float(re.search(r"finished in [0-9.]+\w+, ([0-9.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))  # type: ignore[union-attr]
+    failed = re.search(r"requests: .*?(\d+) failed, (\d+) errored", out)
+    if failed and (failed.group(1) != "0" or failed.group(2) != "0"):
+        print(f"    h2load on {port}: {failed.group(0)}", flush=True)
+    return {"rps": rps, "cpu_us": used / 1000 / done if pid and done else float("nan")}
+
+
+# -- SSE -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SseTimings:
+    events_ms: list[float] = field(default_factory=list)
+    first_ms: list[float] = field(default_factory=list)
+
+
+def _event_times(data: bytes, buffer: bytearray, now: float) -> Iterator[float]:
+    """Latency of each complete event in the stream so far (``t`` is the upstream's stamp)."""
+    buffer += data
+    while True:
+        end = buffer.find(b"\n\n")
+        if end < 0:
+            return
+        block = bytes(buffer[:end])
+        del buffer[: end + 2]
+        for line in block.split(b"\n"):
+            if line.startswith(b"data: "):
+                yield (now - json.loads(line[6:])["t"]) * 1000
+
+
+async def _sse_request(port: int, path: bytes) -> tuple[trio.SocketStream, h11.Connection, float]:
+    stream = await trio.open_tcp_stream(HOST, port)
+    connection = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target=path, headers=[("host", "bench"), ("accept", "text/event-stream")])
+    sent = time.time()
+    await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+    return stream, connection, sent
+
+
+async def _sse_stream(port: int, seconds: float, timings: SseTimings) -> None:
+    """One long stream: the latency of every event but the first (that one is first_ms's)."""
+    stream, connection, _ = await _sse_request(port, b"/events")
+    buffer = bytearray()
+    seen = 0
+    with trio.move_on_after(seconds):
+        async with stream:
+            while True:
+                data = await stream.receive_some(65536)
+                now = time.time()
+                if not data:
+                    return
+                connection.receive_data(data)
+                while True:
+                    event = connection.next_event()
+                    if event is h11.NEED_DATA:
+                        break
+                    if isinstance(event, h11.Data):
+                        for latency in _event_times(bytes(event.data), buffer, now):
+                            if seen:
+                                timings.events_ms.append(latency)
+                            seen += 1
+                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                        return
+
+
+async def _sse_first_events(port: int, count: int, timings: SseTimings) -> None:
+    """New connection, request, first event: ``count`` times, one after another."""
+    for _ in range(count):
+        stream, connection, sent = await _sse_request(port, b"/events?count=1")
+        buffer = bytearray()
+        async with stream:
+            done = False
+            while not done:
+                data = await stream.receive_some(65536)
+                now = time.time()
+                if not data:
+                    break
+                connection.receive_data(data)
+                while not done:
+                    event = connection.next_event()
+                    if event is h11.NEED_DATA:
+                        break
+                    if isinstance(event, h11.Data) and any(True for _ in _event_times(bytes(event.data), buffer, now)):
+                        timings.first_ms.append((now - sent) * 1000)
+                        done = True
+                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                        done = True
+        await trio.sleep(0.05)
+
+
+def run_sse(ports: dict[str, int], seconds: float, streams: int, firsts: int) -> dict[str, SseTimings]:
+    timings = {name: SseTimings() for name in ports}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for name, port in ports.items():
+                for index in range(streams):
+                    nursery.start_soon(_sse_stream, port, seconds, timings[name])
+        async with trio.open_nursery() as nursery:
+            for name, port in ports.items():
+                nursery.start_soon(_sse_first_events, port, firsts, timings[name])
+
+    trio.run(main)
+    return timings
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+class PeakSampler:
+    """The peak RSS of a process tree, sampled every 5 ms on a thread (and VmHWM, reset)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mib(self.pid))
+
+    def __enter__(self) -> PeakSampler:
+        for pid in tree_pids(self.pid):
+            try:  # "5" resets VmHWM to the current RSS (Linux 4.0+)
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
+        self.peak = rss_mib(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = sum(status_kib(p, "VmHWM") for p in tree_pids(self.pid)) / 1024
+        self.peak = max(self.peak, hwm)
+
+
+def stream_big(port: int, pid: int) -> tuple[float, float]:
+    """Download /big (1 GiB) through the proxy; returns (peak RSS MiB, MiB/s)."""
+    with PeakSampler(pid) as sampler:
+        started = time.monotonic()
+        with socket.create_connection((HOST, port)) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            received = 0
+            buffer = bytearray(1 << 20)
+            while n := sock.recv_into(buffer):
+                received += n
+        elapsed = time.monotonic() - started
+    if received < BIG_BYTES:
+        raise RuntimeError(f"/big through {port}: only {received} bytes")
+    return sampler.peak, received / MIB / elapsed
+
+
+def idle_connections_rss(port: int, pid: int, count: int) -> float:
+    """Open ``count`` keep-alive connections, one request each, and keep them idle; RSS MiB."""
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    socks: list[socket.socket] = []
+    try:
+        batch = 250
+        for start in range(0, count, batch):
+            new = [socket.create_connection((HOST, port)) for _ in range(min(batch, count - start))]
+            socks += new
+            for sock in new:
+                sock.sendall(request)
+            for sock in new:
+                reply = b""
+                while not (reply.endswith(BODY) and b"\r\n\r\n" in reply):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise RuntimeError(f"connection {len(socks)} of {count} closed: {reply[:200]!r}")
+                    reply += chunk
+        time.sleep(1.0)
+        return rss_mib(pid)
+    finally:
+        for sock in socks:
+            sock.close()
+        time.sleep(1.0)  # let the proxy notice and free them before the next measurement
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    load_cpu = None if args.no_pin else LOAD_CPU
+    with running_setup(args) as setup:
+        targets = {"nginx": setup.nginx_pid, "pooled": setup.proxy_pid}
+        h1_ports = {"direct": setup.upstream_port, "nginx": setup.nginx_port, "pooled": setup.proxy_port}
+        h2_ports = {"direct": setup.upstream_h2_port, "nginx": setup.nginx_h2_port, "pooled": setup.proxy_port}
+        for name, pid in targets.items():
+            results[f"{name}.rss_idle_mib"] = rss_mib(pid)
+        for name, pid in targets.items():
+            port = h1_ports[name]
+            results[f"{name}.rss_stream_peak_mib"], results[f"{name}.stream_mib_s"] = stream_big(port, pid)
+        for name, port in h1_ports.items():
+            run_wrk(port, args.warmup, load_cpu)
+            for key, value in run_wrk(port, args.duration, load_cpu, targets.get(name)).items():
+                results[f"{name}.h1_{key}"] = value
+        for name, port in h2_ports.items():
+            run_h2load(port, args.warmup, load_cpu)
+            for key, value in run_h2load(port, args.duration, load_cpu, targets.get(name)).items():
+                results[f"{name}.h2_{key}"] = value
+        sse = run_sse({"direct": setup.sse_port, "nginx": setup.nginx_port, "pooled": setup.proxy_port},
+                      args.sse_seconds, args.sse_streams, args.sse_first)
+        for name, timing in sse.items():
+            results[f"{name}.sse_event_p50_ms"] = percentile(timing.events_ms, 0.50)
+            results[f"{name}.sse_event_p99_ms"] = percentile(timing.events_ms, 0.99)
+            results[f"{name}.sse_first_p50_ms"] = percentile(timing.first_ms, 0.50)
+            results[f"{name}.sse_first_p99_ms"] = percentile(timing.first_ms, 0.99)
+            results[f"{name}.sse_events"] = len(timing.events_ms)
+        for name, pid in targets.items():
+            results[f"{name}.rss_idle_conns_mib"] = idle_connections_rss(h1_ports[name], pid, args.idle_connections)
+    print(f"run {number}: " + ", ".join(f"{key}={value:.4g}" for key, value in results.items()), flush=True)
+    return results
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if value != value else f"{value:,.{digits}f}"
+
+
+def machine_line() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
+    try:
+        import h11_mypyc  # noqa: F401
+
+        accel = "h11_mypyc " + getattr(h11_mypyc, "__version__", "?")
+    except ImportError:
+        accel = "h11 " + h11.__version__ + " (pure Python)"
+    return (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU(s) {model}, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, {accel}, nginx {nginx}")
+
+
+def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
+    med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+    def get(name: str, key: str) -> float:
+        return med.get(f"{name}.{key}", float("nan"))
+
+    rows: list[tuple[str, float, float, float, str, str]] = []  # label, direct, nginx, pooled, ratio, bar
+
+    def row(label: str, key: str, digits: int, *, ratio: bool = False, bar: str = "",
+            ok: Callable[[float, float], bool] | None = None) -> None:
+        d, n, p = get("direct", key), get("nginx", key), get("pooled", key)
+        r = f"{p / n:.3f}" if ratio and n == n and n else ""
+        verdict = ""
+        if ok is not None:
+            verdict = bar + (" ok" if ok(p, n) else " MISSED")
+        rows.append((label, d, n, p, r, verdict))
+        fmt[label] = digits
+
+    fmt: dict[str, int] = {}
+    row("HTTP/1.1 req/s (wrk -c64)", "h1_rps", 0, ratio=True, bar=f">= {BAR_H1_RATIO} x nginx",
+        ok=lambda p, n: p >= BAR_H1_RATIO * n)
+    row("HTTP/1.1 p50 ms", "h1_p50_ms", 2)
+    row("HTTP/1.1 p99 ms", "h1_p99_ms", 2, bar=f"<= {BAR_H1_P99_MS:g} ms", ok=lambda p, n: p <= BAR_H1_P99_MS)
+    row("HTTP/1.1 proxy CPU us/request", "h1_cpu_us", 1)
+    row("h2c req/s (h2load -c16 -m10)", "h2_rps", 0, ratio=True, bar=f">= {BAR_H2_RATIO} x nginx",
+        ok=lambda p, n: p >= BAR_H2_RATIO * n)
+    row("h2c proxy CPU us/request", "h2_cpu_us", 1)
+    row("SSE per-event latency p50 ms", "sse_event_p50_ms", 3)
+    row("SSE per-event latency p99 ms", "sse_event_p99_ms", 3,
+        bar=f"<= direct + {BAR_SSE_EVENT_P99_MS:g} ms",
+        ok=lambda p, n: p - get("direct", "sse_event_p99_ms") <= BAR_SSE_EVENT_P99_MS)
+    row("SSE first event p50 ms", "sse_first_p50_ms", 2,
+        bar=f"<= direct + {BAR_SSE_FIRST_MS:g} ms",
+        ok=lambda p, n: p - get("direct", "sse_first_p50_ms") <= BAR_SSE_FIRST_MS)
+    row("SSE first event p99 ms", "sse_first_p99_ms", 2)
+    row("RSS idle MiB", "rss_idle_mib", 1, bar=f"<= {BAR_IDLE_MIB} MiB", ok=lambda p, n: p <= BAR_IDLE_MIB)
+    row(f"RSS, {args.idle_connections:,} idle conns MiB", "rss_idle_conns_mib", 1,
+        bar=f"<= {BAR_IDLE_CONNS_MIB} MiB", ok=lambda p, n: p <= BAR_IDLE_CONNS_MIB)
+    row("RSS peak, 1 GiB stream MiB", "rss_stream_peak_mib", 1, bar=f"<= {BAR_STREAM_MIB} MiB",
+        ok=lambda p, n: p <= BAR_STREAM_MIB)
+    row("1 GiB stream MiB/s", "stream_mib_s", 0)
+
+    lines = [
+        f"pooled-proxy vs nginx: {machine_line()}",
+        f"{len(runs)} run(s) x {args.duration:g} s, medians; proxies pinned to CPU {PROXY_CPU}, load and "
+        f"upstreams on CPU {LOAD_CPU}" + (" (not pinned)" if args.no_pin else "")
+        + f"; pooled-proxy workers = {args.workers}",
+        "",
+        "| measure | direct | nginx | pooled-proxy | pooled/nginx | bar |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for label, d, n, p, r, verdict in rows:
+        digits = fmt[label]
+        lines.append(f"| {label} | {_fmt(d, digits)} | {_fmt(n, digits)} | {_fmt(p, digits)} | {r} | {verdict} |")
+    added = [
+        ("SSE added per event p50 / p99 ms", "sse_event_p50_ms", "sse_event_p99_ms", 3),
+        ("SSE added to first event p50 / p99 ms", "sse_first_p50_ms", "sse_first_p99_ms", 2),
+    ]
+    lines.append("")
+    for label, k50, k99, digits in added:
+        parts = []
+        for name in ("nginx", "pooled"):
+            a50 = get(name, k50) - get("direct", k50)
+            a99 = get(name, k99) - get("direct", k99)
+            parts.append(f"{name} {_fmt(a50, digits)} / {_fmt(a99, digits)}")
+        lines.append(f"{label}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the table shows medians (3)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk/h2load run (10)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first (1)")
+    parser.add_argument("--sse-seconds", type=float, default=10.0, help="length of the SSE streams (10)")
+    parser.add_argument("--sse-streams", type=int, default=10, help="concurrent SSE streams per path (10)")
+    parser.add_argument("--sse-first", type=int, default=50, help="first-event samples per path (50)")
+    parser.add_argument("--idle-connections", type=int, default=10_000, help="idle client connections (10000)")
+    parser.add_argument("--workers", type=int, default=1, help="pooled-proxy worker processes (1)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--quick", action="store_true", help="1 run, 3 s each: a smoke test")
+    parser.add_argument("--json", type=Path, help="also write the runs and medians here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat, args.duration, args.warmup, args.sse_seconds, args.sse_first = 1, 3.0, 1.0, 3.0, 20
+    if (os.cpu_count() or 1) < 2 and not args.no_pin:
+        print("one CPU only: running unpinned", file=sys.stderr)
+        args.no_pin = True
+    ensure_tools()
+    raise_fd_limit(args.idle_connections * 2 + 4096)
+    if not args.no_pin:
+        os.sched_setaffinity(0, {LOAD_CPU})  # this script's own clients run beside the load generators
+    runs = [one_run(args, number + 1) for number in range(args.repeat)]
+    text = report(runs, args)
+    print()
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "machine": machine_line()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
