@@ -178,3 +178,14 @@ async def test_running_out_of_file_descriptors_is_survived(nursery, upstream, tm
             async with await H11Client.connect(daemon.port) as again:
                 assert (await again.request("GET", "/ok")).status == 200
         assert daemon.process.returncode is None
+
+
+async def test_head_request_refused_before_forwarding_still_gets_its_answer(nursery, upstream):
+    """A HEAD over max_body_bytes got no answer at all: the 413's body, refused by h11 on a
+    HEAD response, made the whole answer fail."""
+    _, port = upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"max_body_bytes": 10}))
+    with trio.fail_after(5):
+        reply = await raw_exchange(proxy.port, b"HEAD /ok HTTP/1.1\r\n" + H + b"Content-Length: 100\r\n\r\n")
+    assert re.match(rb"HTTP/1\.1 413 [A-Z][a-z]+ ", reply), reply  # with its reason phrase
+    assert reply.endswith(b"\r\n\r\n")  # head only

@@ -407,8 +407,12 @@ class HTTP1Connection:
             # h11 refuses to send a response before it has seen a request; a bad or missing
             # request head gets hand-built bytes instead.
             if self.h11.their_state is h11.SEND_BODY or self.h11.their_state is h11.DONE:
-                data = self.h11.send(h11.Response(status_code=status, headers=headers))
-                data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+                data = self.h11.send(
+                    h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
+                )
+                if record.method != b"HEAD":  # h11 refuses a body on a HEAD response
+                    data += self.h11.send(h11.Data(data=body))
+                data += self.h11.send(h11.EndOfMessage())
             else:
                 data = _raw_response(status, headers, body)
             await self._write(data)
