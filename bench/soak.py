@@ -46,7 +46,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.faulty_upstream import FaultyUpstream  # noqa: E402
+from tests.faulty_upstream import FaultyUpstream  # after the sys.path line above
 
 HOST = "127.0.0.1"
 SETTLE = 5.0  # > keepalive_timeout and idle_timeout below: idle connections are gone by then

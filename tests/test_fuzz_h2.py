@@ -83,7 +83,6 @@ def frames(draw: st.DrawFn, encoder: hpack.Encoder) -> bytes:
         )
     )  # fmt: skip
     sid = draw(STREAM_IDS)
-    flags: set[str] = set()
     if kind == "headers":
         if draw(st.booleans()):
             block = encoder.encode(draw(st.sampled_from(REQUESTS)))

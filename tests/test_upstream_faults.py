@@ -199,7 +199,7 @@ async def test_good_requests_after_faults_still_pool(nursery, faulty):
 async def test_failed_head_request_is_a_bodyless_502_and_keeps_the_connection(nursery, faulty):
     """Found by the fuzz: the error answer's body was written on a HEAD response, which h11
     refuses, and the exception took the client's connection task down."""
-    upstream, port = faulty
+    _, port = faulty
     proxy = await start_proxy(nursery, make_config(port, **TIMEOUTS))
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:

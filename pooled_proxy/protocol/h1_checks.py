@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from enum import Enum, auto
 
-__all__ = ["Violation", "RequestChecker", "ResponseChecker", "check_head"]
+__all__ = ["RequestChecker", "ResponseChecker", "Violation", "check_head"]
 
 # RFC 9110 5.6.2 token: the only bytes a field name may have (so no space before the colon).
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -75,7 +75,7 @@ class _Framing(Enum):
 class Head:
     """What the framing checks learned from one valid head."""
 
-    __slots__ = ("start_line", "version", "status", "content_length", "chunked")
+    __slots__ = ("chunked", "content_length", "start_line", "status", "version")
 
     def __init__(self) -> None:
         self.start_line = b""
@@ -268,10 +268,13 @@ class _StreamChecker:
             if state is _State.TRAILERS:
                 what = "trailer section"
         complete = end if end >= 0 else len(block)
-        if state is _State.HEAD and self._start and start < len(self._start):
-            # Garbage instead of a status line is refused at once, not after a timeout.
-            if block[: len(self._start)] != self._start[: len(block)]:
-                raise Violation(f"{what} does not start with {self._start.decode()}")
+        # Garbage instead of a status line is refused at once, not after a timeout.
+        if (
+            state is _State.HEAD
+            and start < len(self._start)
+            and block[: len(self._start)] != self._start[: len(block)]
+        ):
+            raise Violation(f"{what} does not start with {self._start.decode()}")
         # Bare CR or LF and NUL are refused as soon as they arrive, before h11 can read a
         # head ending in LF LF that this parser would still be waiting on.
         scan_from = max(0, self._scanned - 1)
