@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-h11 bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest
+
+# The same suite on pure-Python h11, the fallback when the h11-mypyc accelerator is absent.
+test-h11: $(STAMP)
+	POOLED_PROXY_H11=h11 $(VENV)/bin/pytest -m "not slow"
 
 # pooled-proxy against nginx on this machine (bench/README.md); BENCH_ARGS=--quick for a short run
 bench: $(STAMP)

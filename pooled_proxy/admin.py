@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 
-import h11
 import trio
 
+from ._h11 import h11
 from .config import ServerAddress
 from .metrics import ProxyMetrics
 from .proxy import Proxy

@@ -9,9 +9,9 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 
-import h11
 import trio
 
+from ._h11 import h11
 from .answers import error_response
 from .balancer import UpstreamGroup
 from .config import Config, UpstreamConfig

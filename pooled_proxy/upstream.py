@@ -11,9 +11,9 @@ import select
 import ssl
 from typing import Any
 
-import h11
 import trio
 
+from ._h11 import h11
 from .config import ServerAddress
 from .errors import (
     ConnectTimeout,
@@ -176,7 +176,7 @@ class UpstreamConnection:
             except Violation as exc:
                 self.close()
                 raise UpstreamProtocolError(f"bad response from {self.server}: {exc}") from None
-            self._h11.receive_data(data)
+            self._h11.receive_data(bytes(data))  # h11_mypyc takes bytes only
 
     def _restart_keepalive_clock(self) -> None:
         """The upstream's keep-alive timer runs from the end of its response (Node's does), so

@@ -42,7 +42,7 @@ def make_pool(connector: Connector, **limits: object) -> UpstreamPool:
 
 def finish_exchange(connection: UpstreamConnection) -> None:
     """Walk the h11 state machine through one complete exchange, so it is reusable."""
-    import h11
+    from pooled_proxy._h11 import h11
 
     conn = connection._h11
     conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
@@ -302,7 +302,7 @@ TestPoolStateMachine.settings = settings(max_examples=150, stateful_step_count=3
 
 
 async def test_upstream_connection_close_is_counted_as_upstream_close_not_error(autojump_clock):
-    import h11
+    from pooled_proxy._h11 import h11
 
     pool = make_pool(Connector())
     connection, _ = await pool.acquire()

@@ -13,9 +13,9 @@ from http import HTTPStatus
 from collections.abc import AsyncIterator
 from typing import Any
 
-import h11
 import trio
 
+from .._h11 import h11
 from ..answers import error_response
 from ..errors import (
     BodyTooLarge,
@@ -100,7 +100,7 @@ class HTTP1Connection:
             data = data[: exc.clean_bytes]  # requests ahead of the bad one are still served
             if not data:
                 return  # (b"" would tell h11 the client closed)
-        self.h11.receive_data(data)
+        self.h11.receive_data(bytes(data))  # h11_mypyc takes bytes only
 
     async def _next_event(self, deadline: float) -> Any:
         while True:
