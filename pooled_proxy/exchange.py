@@ -49,7 +49,11 @@ class ResponseSink(Protocol):
     async def send_informational(self, status: int, headers: Headers) -> None:
         """A 1xx response (``100 Continue``) relayed before the final head."""
 
-    async def send_head(self, status: int, headers: Headers, *, end: bool = False) -> None: ...
+    async def send_head(
+        self, status: int, headers: Headers, *, body: bytes = b"", end: bool = False
+    ) -> None:
+        """The response head, with the start of the body (or all of it, with ``end``) when it
+        is already at hand, so a small response goes out in one write."""
 
     async def send_data(self, data: bytes) -> None: ...
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 
 import trio
 
@@ -27,7 +28,7 @@ from .errors import (
     UpstreamError,
 )
 from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, ResponseSink
-from .headers import client_response_headers, is_event_stream, upstream_request_headers
+from .headers import Headers, client_response_headers, is_event_stream, upstream_request_headers
 from .pool import Connector, UpstreamPool
 from .routing import Router, rewrite_target
 from .tunnel import (
@@ -91,6 +92,15 @@ class _Upload:
             return
         self.done = True
         self._start_header_clock(header_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class _WholeResponse:
+    """A response that arrived complete with its head, to be sent in one write."""
+
+    status: int
+    headers: Headers
+    body: bytes
 
 
 class LiveCounts:
@@ -163,9 +173,7 @@ class Forwarder:
                 # No body on a HEAD response (h11 refuses one, and the client reads none).
                 await sink.send_head(status, headers, end=True)
                 return
-            await sink.send_head(status, headers)
-            await sink.send_data(body)
-            await sink.end()
+            await sink.send_head(status, headers, body=body, end=True)
             record.bytes_out += len(body)
         except ClientDisconnected:
             pass
@@ -214,7 +222,7 @@ class Forwarder:
             if not reused:
                 record.connect_time = connection.connect_time
             try:
-                await self._exchange(
+                whole = await self._exchange(
                     connection, group.config, head, target, headers, upload, exchange.sink, record,
                     upgrade=exchange.upgrade if upgrade is not None else None,
                 )
@@ -251,11 +259,14 @@ class Forwarder:
                 health.record_success()
                 return
             # The upstream's part is complete: free its connection before flushing the
-            # end of the response to a client that may be slow.
+            # end of the response (or all of it) to a client that may be slow.
             trailers = connection.trailers
             pool.release(connection, reusable=upload is None or upload.done)
             health.record_success()
-            await exchange.sink.end(trailers or None)
+            if whole is not None:
+                await exchange.sink.send_head(whole.status, whole.headers, body=whole.body, end=True)
+            else:
+                await exchange.sink.end(trailers or None)
             return
 
     async def _exchange(
@@ -270,16 +281,16 @@ class Forwarder:
         record: ExchangeRecord,
         *,
         upgrade: ClientUpgrade | None = None,
-    ) -> None:
+    ) -> _WholeResponse | None:
+        """Send the request and relay the response; see ``_relay_response`` for what it returns."""
         header_timeout = upstream.response_header_timeout or math.inf
         if upload is None:
             await connection.send_request(head.method, target, headers, end=True)
             sent_at = trio.current_time()
-            await self._relay_response(
+            return await self._relay_response(
                 connection, upstream, None, sent_at + header_timeout, sink, record,
                 sent_at=sent_at, upgrade=upgrade,
             )
-            return
         await connection.send_request(head.method, target, headers, end=False)
         head_sent_at = trio.current_time()
         relay_error: ProxyError | None = None
@@ -298,6 +309,7 @@ class Forwarder:
             raise upload.error
         if relay_error is not None:
             raise relay_error
+        return None
 
     async def _relay_response(
         self,
@@ -310,7 +322,13 @@ class Forwarder:
         *,
         sent_at: float | None = None,
         upgrade: ClientUpgrade | None = None,
-    ) -> None:
+    ) -> _WholeResponse | None:
+        """Relay the response head and body to ``sink``; the end is left to the caller.
+
+        Returns the whole response instead, unsent, when it arrived complete with its head
+        (most small responses do) and no request body is still on its way: the caller sends
+        it in one write once the upstream connection is back in the pool.
+        """
         while True:
             head_scope = trio.CancelScope(
                 deadline=upload.header_deadline if upload is not None else header_deadline
@@ -329,7 +347,7 @@ class Forwarder:
                 break
             if response.status_code == 101 and upgrade is not None:
                 await self._tunnel(connection, upstream, response, upgrade, record)
-                return
+                return None
             if response.status_code == 100:
                 await sink.send_informational(100, [])
 
@@ -344,11 +362,15 @@ class Forwarder:
         record.event_stream = is_event_stream(response_headers)
         if record.event_stream:
             self.live.event_streams += 1  # until forward() finishes the exchange
-        await sink.send_head(response.status_code, response_headers)
+        body, ended = connection.buffered_body()
+        record.bytes_out += len(body)
+        if ended and upload is None and not connection.trailers:
+            return _WholeResponse(response.status_code, response_headers, body)
+        await sink.send_head(response.status_code, response_headers, body=body)
 
         read_timeout = upstream.read_timeout or math.inf
-        while True:
-            with trio.move_on_after(read_timeout) as read_scope:
+        while not ended:
+            with trio.CancelScope(deadline=trio.current_time() + read_timeout) as read_scope:
                 chunk = await connection.receive_data()
             if read_scope.cancelled_caught:
                 connection.close()
@@ -357,8 +379,13 @@ class Forwarder:
                 )
             if chunk is None:
                 break
+            # Whatever arrived with it (more chunks, the end) goes out in the same write.
+            more, ended = connection.buffered_body()
+            if more:
+                chunk += more
             record.bytes_out += len(chunk)
             await sink.send_data(chunk)
+        return None
 
     async def _tunnel(
         self,

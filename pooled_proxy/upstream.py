@@ -147,19 +147,25 @@ class UpstreamConnection:
         await self._send(self._h11.send(h11.Data(data=chunk)))
 
     async def end_body(self) -> None:
-        await self._send(self._h11.send(h11.EndOfMessage()))
+        data = self._h11.send(h11.EndOfMessage())
+        # After a Content-Length body there is nothing to send, and no checkpoint either: the
+        # upload counts as done in the same step as its last byte went out, even when the
+        # upstream's whole answer is already back and the exchange is being wound up.
+        if data:
+            await self._send(data)
+
+    def _parse_error(self, exc: h11.RemoteProtocolError) -> UpstreamProtocolError | UpstreamClosed:
+        self.close()
+        if self.received_bytes and self._h11.their_state is not h11.SEND_BODY:
+            return UpstreamProtocolError(f"bad response from {self.server}: {exc}")
+        return UpstreamClosed(f"upstream {self.server} closed the connection mid-response: {exc}")
 
     async def _next_event(self) -> Any:
         while True:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
-                self.close()
-                if self.received_bytes and self._h11.their_state is not h11.SEND_BODY:
-                    raise UpstreamProtocolError(f"bad response from {self.server}: {exc}") from None
-                raise UpstreamClosed(
-                    f"upstream {self.server} closed the connection mid-response: {exc}"
-                ) from None
+                raise self._parse_error(exc) from None
             if event is not h11.NEED_DATA:
                 return event
             try:
@@ -204,11 +210,38 @@ class UpstreamConnection:
             if isinstance(event, h11.Data):
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
-                self.trailers = list(event.headers)
-                self._restart_keepalive_clock()
+                self._response_ended(event)
                 return None
             self.close()
             raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")
+
+    def buffered_body(self) -> tuple[bytes, bool]:
+        """The response body that already arrived, as far as it can be had without waiting,
+        and whether the response ended there (``trailers`` is then set).
+
+        A small response usually arrives whole with its head: the forwarder then sends it
+        to the client in one write instead of three.
+        """
+        chunks: list[bytes] = []
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise self._parse_error(exc) from None
+            if event is h11.NEED_DATA:
+                return b"".join(chunks), False
+            if isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._response_ended(event)
+                return b"".join(chunks), True
+            else:
+                self.close()
+                raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")
+
+    def _response_ended(self, event: h11.EndOfMessage) -> None:
+        self.trailers = list(event.headers)
+        self._restart_keepalive_clock()
 
     def detach(self) -> tuple[trio.abc.Stream, bytes]:
         """After a ``101``: the raw stream and the bytes the upstream sent behind the 101 head.

@@ -196,13 +196,17 @@ class HTTP1Connection:
                 )
             )
 
-    async def send_head(self, status: int, headers: Headers, *, end: bool = False) -> None:
+    async def send_head(
+        self, status: int, headers: Headers, *, body: bytes = b"", end: bool = False
+    ) -> None:
         if self.proxy.draining or self.close_after_response:
             headers = [*headers, (b"connection", b"close")]
         try:
             data = self.h11.send(
                 h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
             )
+            if body:
+                data += self.h11.send(h11.Data(data=body))
             if end:
                 data += self.h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
@@ -210,7 +214,9 @@ class HTTP1Connection:
             raise ClientDisconnected(f"cannot send response: {exc}") from None
         self.head_sent = True
         self.body_left = _body_length(self.request_method, status, headers)
-        await self._write(data)
+        if self.body_left is not None:
+            self.body_left -= len(body)
+        await self._write(data)  # head, body and end in one write
 
     async def send_data(self, data: bytes) -> None:
         if self.body_left is not None:
@@ -220,7 +226,9 @@ class HTTP1Connection:
     async def end(self, trailers: Headers | None = None) -> None:
         # Trailers are dropped: HTTP/1.1 clients rarely ask for them (TE: trailers), and h11
         # can only send them on a chunked response.
-        await self._write(self.h11.send(h11.EndOfMessage()))
+        data = self.h11.send(h11.EndOfMessage())
+        if data:  # a chunked body's last chunk; a Content-Length body has nothing left to send
+            await self._write(data)
 
     async def switch_protocols(self, headers: Headers) -> tuple[trio.abc.Stream, bytes]:
         """Send the upstream's 101; from here the connection belongs to a tunnel (ClientUpgrade)."""

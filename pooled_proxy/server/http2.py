@@ -137,12 +137,24 @@ class H2Stream:
             self.connection.send_headers(self, [(b":status", b"100")], end=False)
         await trio.lowlevel.checkpoint()
 
-    async def send_head(self, status: int, headers: Headers, *, end: bool = False) -> None:
-        self.connection.send_headers(self, h1_response_to_h2(status, headers), end=end)
+    async def send_head(
+        self, status: int, headers: Headers, *, body: bytes = b"", end: bool = False
+    ) -> None:
+        self.connection.send_headers(self, h1_response_to_h2(status, headers), end=end and not body)
         self.head_sent = True
-        if end:
-            self.end_requested = self.ended = True
-        await trio.lowlevel.checkpoint()
+        if not body:
+            if end:
+                self.end_requested = self.ended = True
+            await trio.lowlevel.checkpoint()
+            return
+        # The body (and the end) queue behind the head, for the writer to send as the
+        # client's window allows: one wait instead of one per send_data() and end().
+        self.outbound += body
+        self.end_requested = end
+        self.connection.schedule(self)
+        await self._wait_for(
+            (lambda: self.ended) if end else (lambda: len(self.outbound) <= STREAM_LOW_WATER)
+        )
 
     async def send_data(self, data: bytes) -> None:
         if self.closed:
