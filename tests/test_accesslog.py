@@ -155,3 +155,20 @@ async def test_an_http10_request_is_logged_with_its_protocol(nursery, demo_upstr
     assert answer.startswith(b"HTTP/1.1 200 ")
     (entry,) = (json.loads(line) for line in log.getvalue().splitlines())
     assert (entry["protocol"], entry["path"], entry["status"]) == ("HTTP/1.0", "/echo", 200)
+
+
+async def test_a_request_after_an_idle_wait_is_logged_at_its_own_time(nursery, demo_upstream):
+    """The log's time is when the request came, not when its keep-alive connection went idle."""
+    _, port = demo_upstream
+    log = io.StringIO()
+    proxy = await start_proxy(nursery, make_config(port), observers=(AccessLog(log),))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            assert (await client.request("GET", "/echo")).status == 200
+            await trio.sleep(0.6)  # idle between requests
+            sent_second = time.time()
+            assert (await client.request("GET", "/echo")).status == 200
+        await trio.testing.wait_all_tasks_blocked()
+    _, second = (json.loads(line) for line in log.getvalue().splitlines())
+    logged_at = datetime.fromisoformat(second["time"].replace("Z", "+00:00")).timestamp()
+    assert logged_at >= sent_second - 0.05, (logged_at, sent_second)

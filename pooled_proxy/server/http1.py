@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from http import HTTPStatus
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import trio
@@ -40,6 +40,22 @@ REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 class _Timeout(Exception):
     pass
+
+
+class _NoBody:
+    """The body of a bodiless request: an async iterator that ends at once (no generator to
+    create and close for every GET)."""
+
+    __slots__ = ()
+
+    def __aiter__(self) -> _NoBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+_NO_BODY = _NoBody()
 
 
 class HTTP1Connection:
@@ -148,7 +164,7 @@ class HTTP1Connection:
         assert isinstance(event, h11.Request), event
         return event
 
-    async def _request_body(self, limit: int) -> AsyncIterator[bytes]:
+    async def _request_body(self, limit: int) -> AsyncGenerator[bytes, None]:
         body_timeout = self.proxy.server.body_timeout or math.inf
         received = 0
         while True:
@@ -179,12 +195,12 @@ class HTTP1Connection:
     async def _write(self, data: bytes) -> None:
         write_timeout = self.proxy.server.write_timeout or math.inf
         try:
-            with trio.fail_after(write_timeout):
+            with trio.move_on_after(write_timeout) as scope:
                 await self.stream.send_all(data)
-        except trio.TooSlowError:
-            raise ClientDisconnected(f"client did not read for {write_timeout:g}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client went away: {exc}") from None
+        if scope.cancelled_caught:
+            raise ClientDisconnected(f"client did not read for {write_timeout:g}s")
 
     async def send_informational(self, status: int, headers: Headers) -> None:
         if self.h11.they_are_waiting_for_100_continue or status != 100:
@@ -311,7 +327,9 @@ class HTTP1Connection:
             request = await self._read_request()
             if request is None:
                 return False
-            record.start = trio.current_time()
+            # The exchange starts now, not when the wait for it began (an idle keep-alive
+            # connection can wait minutes): the access log's time says when it came.
+            record.start, record.wall_start = trio.current_time(), time.time()
             record.method, record.target = request.method, request.target
             record.protocol = b"HTTP/" + request.http_version
             head = self._request_head(request)
@@ -332,10 +350,10 @@ class HTTP1Connection:
                 BodyTooLarge(f"Content-Length over max_body_bytes ({server.max_body_bytes})"), record
             )
             return False
-        body = self._request_body(server.max_body_bytes)
+        upload = self._request_body(server.max_body_bytes) if head.has_body else None
         exchange = Exchange(
             head=head,
-            body=body,
+            body=_NO_BODY if upload is None else upload,
             sink=self,
             record=record,
             upgrade=self if self._may_upgrade(head) else None,
@@ -355,7 +373,8 @@ class HTTP1Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.proxy.active_exchanges -= 1
-            await body.aclose()  # an upload the exchange abandoned (413, early answer, cancel)
+            if upload is not None:
+                await upload.aclose()  # one the exchange abandoned (413, early answer, cancel)
         return (
             not self.client_gone
             and self.h11.our_state is h11.DONE
