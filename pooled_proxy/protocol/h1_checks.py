@@ -199,14 +199,34 @@ class _StreamChecker:
 
     def feed(self, data: bytes) -> None:
         """Check the next bytes received; ``b""`` (end of stream) is never a violation here."""
-        view = memoryview(data)
         fed_at = self._offset
         try:
-            while self._offset - fed_at < len(view):
-                self._offset += self._step(view[self._offset - fed_at :])
+            if self._state is _State.HEAD and not self._block:
+                self._offset += self._whole_head(data)
+            if self._offset - fed_at < len(data):
+                view = memoryview(data)
+                while self._offset - fed_at < len(view):
+                    self._offset += self._step(view[self._offset - fed_at :])
         except Violation as exc:
             exc.clean_bytes = max(0, self._block_start - fed_at)
             raise
+
+    def _whole_head(self, data: bytes) -> int:
+        """The usual case: ``data`` starts with a whole, clean head. Check it straight from
+        ``data`` (no copy into the block buffer) and return its length; 0 for anything else,
+        which the state machine then takes byte for byte, violations included."""
+        end = data.find(b"\r\n\r\n") + 4
+        if (
+            end < 4
+            or end > self.max_head_bytes
+            or not data.startswith(self._start)
+            or data.find(b"\x00", 0, end) >= 0
+            or _BARE_CR_OR_LF.search(data, 0, end) is not None
+        ):
+            return 0
+        self._block_start = self._offset
+        self._on_head(bytes(data[:end]))
+        return end
 
     # -- subclass hooks ------------------------------------------------------------------
 
