@@ -25,6 +25,7 @@ from .forward import ExchangeObserver
 from .lifecycle import Service, run as run_proxy
 from .metrics import ProxyMetrics
 from .proxy import Proxy
+from .runtime import tune_gc_for_serving
 
 LOG = logging.getLogger("pooled_proxy")
 
@@ -86,6 +87,7 @@ def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> i
 
 def _run_trio(async_fn: Callable[[], Awaitable[object]]) -> int:
     """Run the event loop; a runtime OSError (a port in use, say) is one log line and exit 1."""
+    tune_gc_for_serving()
     try:
         trio.run(async_fn)
     except KeyboardInterrupt:

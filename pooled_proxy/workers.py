@@ -39,6 +39,7 @@ import trio
 from .config import Config, ServerAddress, parse_address, parse_config
 from .errors import ConfigError
 from .reload import log_problems, read_config, watch_file
+from .runtime import tune_gc_for_serving
 
 LOG = logging.getLogger("pooled_proxy.workers")
 
@@ -306,6 +307,7 @@ def worker_main() -> int:
     text = sys.stdin.buffer.read(size).decode()
     config, launch = worker_config(spec, text)
     configure_logging(config.log.level, tag=f"[worker {spec.index} pid {os.getpid()}]")
+    tune_gc_for_serving()
     try:
         trio.run(_serve_worker, config, launch, spec.config_path)
     except OSError as exc:
