@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from ._h11 import h11
+from . import fastio
 from .config import ServerAddress
 from .errors import (
     ConnectTimeout,
@@ -120,7 +121,7 @@ class UpstreamConnection:
 
     async def _send(self, data: bytes) -> None:
         try:
-            await self._stream.send_all(data)
+            await fastio.send_all(self._stream, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # Not closed yet: the upstream may have answered early (a 413, say) before closing,
             # and that answer is still waiting in our receive buffer.
@@ -169,7 +170,7 @@ class UpstreamConnection:
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await self._stream.receive_some(MAX_RECEIVE)
+                data = await fastio.receive_some(self._stream, MAX_RECEIVE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.close()
                 raise UpstreamClosed(f"upstream {self.server} reset the connection: {exc}") from None

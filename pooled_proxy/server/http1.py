@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from .._h11 import h11
+from .. import fastio
 from ..answers import error_response
 from ..errors import (
     BodyTooLarge,
@@ -93,7 +94,7 @@ class HTTP1Connection:
     async def _receive(self, deadline: float) -> None:
         with trio.move_on_at(deadline) as scope:
             try:
-                data = await self.stream.receive_some(MAX_RECEIVE)
+                data = await fastio.receive_some(self.stream, MAX_RECEIVE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
         if scope.cancelled_caught:
@@ -137,7 +138,7 @@ class HTTP1Connection:
         try:
             with scope:
                 while not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
-                    data = await self.stream.receive_some(MAX_RECEIVE)
+                    data = await fastio.receive_some(self.stream, MAX_RECEIVE)
                     self._feed(data)
                     if not data or self.violation is not None:
                         break
@@ -196,7 +197,7 @@ class HTTP1Connection:
         write_timeout = self.proxy.server.write_timeout or math.inf
         try:
             with trio.move_on_after(write_timeout) as scope:
-                await self.stream.send_all(data)
+                await fastio.send_all(self.stream, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client went away: {exc}") from None
         if scope.cancelled_caught:
@@ -395,7 +396,7 @@ class HTTP1Connection:
         if self.h11.trailing_data[0]:
             return
         try:
-            data = await self.stream.receive_some(MAX_RECEIVE)
+            data = await fastio.receive_some(self.stream, MAX_RECEIVE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if data:

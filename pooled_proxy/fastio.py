@@ -1,0 +1,77 @@
+"""Reads and writes on plain TCP streams with fewer layers than ``trio.SocketStream``.
+
+A proxied HTTP/1.1 request makes five or six socket calls, and each one through
+``SocketStream`` and trio's socket wrapper runs about fifteen Python calls (a conflict
+detector, an error-translating context manager, an async context manager around the system
+call). On a plain TCP stream these two functions do the same with the file descriptor
+directly: one attempt, then trio's own ``wait_readable``/``wait_writable`` if the kernel says
+it must wait. They keep trio's rules: a checkpoint on every call (cancellation is seen
+before the call, and a call that did not block still yields to the scheduler afterwards,
+which also lets the peer's answer arrive before the next read), and a closed socket raises
+``trio.ClosedResourceError``. Errors from the kernel (a reset, a broken pipe) are raised as
+``OSError``; the callers map those as they map trio's ``BrokenResourceError``.
+
+Any other stream (TLS, the tests' memory streams) takes its own methods. Only one task may
+send, and one receive, on a stream at a time, as with trio's streams.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+from trio.lowlevel import (
+    cancel_shielded_checkpoint,
+    checkpoint_if_cancelled,
+    wait_readable,
+    wait_writable,
+)
+
+
+def _fd(stream: trio.SocketStream) -> int:
+    fd = stream.socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket was already closed")
+    return fd
+
+
+async def send_all(stream: trio.abc.Stream, data: bytes) -> None:
+    """``stream.send_all(data)``."""
+    if type(stream) is not trio.SocketStream:
+        await stream.send_all(data)
+        return
+    fd = _fd(stream)
+    await checkpoint_if_cancelled()
+    try:
+        sent = os.write(fd, data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        await cancel_shielded_checkpoint()
+        return
+    view = memoryview(data)
+    while sent < len(view):
+        await wait_writable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
+        try:
+            sent += os.write(fd, view[sent:])
+        except BlockingIOError:
+            pass
+
+
+async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+    """``stream.receive_some(max_bytes)``: ``b""`` at the end of the stream."""
+    if type(stream) is not trio.SocketStream:
+        return bytes(await stream.receive_some(max_bytes))
+    fd = _fd(stream)
+    await checkpoint_if_cancelled()
+    try:
+        data = os.read(fd, max_bytes)
+    except BlockingIOError:
+        while True:
+            await wait_readable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
+            try:
+                return os.read(fd, max_bytes)
+            except BlockingIOError:
+                pass
+    await cancel_shielded_checkpoint()
+    return data
