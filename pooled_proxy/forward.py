@@ -56,7 +56,10 @@ class _Upload:
     def __init__(self, body: AsyncIterator[bytes], record: ExchangeRecord) -> None:
         self.body = body
         self.record = record
-        self.started = False  # a body chunk was taken from the client: no retry possible
+        # The client's body was asked for: no retry possible. Not only once a chunk came: a
+        # read cancelled midway (the upstream failed while the client's bytes were on their
+        # way) ends the body's iterator, and a retry would send the rest of nothing.
+        self.started = False
         self.done = False
         self.error: ProxyError | None = None
         self.header_deadline = math.inf
@@ -75,9 +78,9 @@ class _Upload:
         header_timeout: float,
         exchange_scope: trio.CancelScope,
     ) -> None:
+        self.started = True
         try:
             async for chunk in self.body:
-                self.started = True
                 self.record.bytes_in += len(chunk)
                 await connection.send_body(chunk)
             await connection.end_body()
