@@ -84,8 +84,16 @@ class HTTP1Connection:
         self.requests = 0
         self.head_sent = False
         self.close_after_response = False
-        self.request_read = trio.Event()  # this cycle's request is read whole, body included
         self.client_gone = False
+        # The client watch (see _watch_client): one task per connection, started with the
+        # first exchange. Armed once an exchange's request is read whole, it owns the receive
+        # side until it has read something (or the end of the stream).
+        self._nursery: trio.Nursery | None = None
+        self._watching = False  # the watch task was started
+        self._watch_armed = trio.Event()
+        self._watch_delivered: trio.Event | None = None  # set when the armed watch read
+        self._exchange_scope: trio.CancelScope | None = None  # of the exchange it may cancel
+        self._exchange_record: ExchangeRecord | None = None
         self.request_method = b""
         self.body_left: int | None = None  # of a response with a known length, once its head is sent
 
@@ -137,6 +145,12 @@ class HTTP1Connection:
         self.proxy.idle_waits.add(scope)
         try:
             with scope:
+                delivered = self._watch_delivered
+                if delivered is not None:
+                    # The watch still waits on the socket: the next bytes come through it.
+                    await delivered.wait()
+                    if self.client_gone:
+                        return False
                 while not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                     data = await fastio.receive_some(self.stream, MAX_RECEIVE)
                     self._feed(data)
@@ -186,7 +200,7 @@ class HTTP1Connection:
                     raise BodyTooLarge(f"request body over max_body_bytes ({limit})")
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self.request_read.set()
+                self._arm_watch()  # read whole: the watch owns the receive side now
                 return
             else:
                 raise ClientDisconnected("client closed the connection mid-body")
@@ -311,10 +325,14 @@ class HTTP1Connection:
         """Serve requests until the client or a limit closes the connection."""
         self.proxy.connections_by_protocol["http/1.1"] += 1
         try:
-            while await self._serve_one():
-                self.h11.start_next_cycle()
-        except ClientDisconnected:
-            pass
+            async with trio.open_nursery() as nursery:  # for the client watch
+                self._nursery = nursery
+                try:
+                    while await self._serve_one():
+                        self.h11.start_next_cycle()
+                except ClientDisconnected:
+                    pass
+                nursery.cancel_scope.cancel()
         finally:
             self.proxy.connections_by_protocol["http/1.1"] -= 1
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
@@ -362,17 +380,16 @@ class HTTP1Connection:
         self.head_sent = False
         self.request_method = head.method
         self.body_left = None
-        self.request_read = trio.Event()
-        if not head.has_body:
-            self.request_read.set()
         self.proxy.active_exchanges += 1
         try:
-            async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as exchange_scope:
                 if exchange.upgrade is None:  # a tunnel reads the client itself
-                    nursery.start_soon(self._watch_for_disconnect, nursery.cancel_scope, record)
+                    self._exchange_scope, self._exchange_record = exchange_scope, record
+                    if not head.has_body:
+                        self._arm_watch()
                 await self.proxy.forwarder.forward(exchange)
-                nursery.cancel_scope.cancel()
         finally:
+            self._exchange_scope = self._exchange_record = None
             self.proxy.active_exchanges -= 1
             if upload is not None:
                 await upload.aclose()  # one the exchange abandoned (413, early answer, cancel)
@@ -383,32 +400,52 @@ class HTTP1Connection:
             and not self.proxy.draining
         )
 
-    async def _watch_for_disconnect(self, exchange_scope: trio.CancelScope, record: ExchangeRecord) -> None:
+    def _arm_watch(self) -> None:
+        """The exchange's request is read whole: from now the watch owns the receive side."""
+        if self._exchange_scope is None or self.h11.trailing_data[0] or self._nursery is None:
+            return  # a tunnel, or the next request is already here: nothing to wait for
+        if not self._watching:
+            self._watching = True
+            self._nursery.start_soon(self._watch_client)
+        self._watch_delivered = trio.Event()
+        self._watch_armed.set()
+
+    async def _watch_client(self) -> None:
         """Cancel the exchange as soon as the client closes its connection.
 
         Otherwise a client leaving a quiet SSE stream or a slow response would only be noticed
         at the next write, which may be minutes away; cancelled, the exchange closes its
         upstream connection instead of pooling it, so the upstream sees the disconnect too.
         Like nginx, a half-close (EOF) counts as leaving. Bytes that arrive instead are the
-        next pipelined request: they are kept for the next cycle and the watch ends.
+        next request (pipelined, or sent after the response): they are kept for the next
+        cycle and the watch ends until the next exchange arms it.
+
+        One task for the connection's life rather than one per exchange: armed, it keeps
+        waiting through the end of the exchange into the idle time after it, so the next
+        request arrives through it and nothing is started or cancelled per request.
         """
-        await self.request_read.wait()  # until then, the body reader owns the receive side
-        if self.h11.trailing_data[0]:
-            return
-        try:
-            data = await fastio.receive_some(self.stream, MAX_RECEIVE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
-        if data:
-            self._feed(data)
-            return
-        self.client_gone = True
-        if self.h11.our_state is h11.DONE or self.body_left == 0:
-            # It had the whole response (a Content-Length body is complete on the wire before
-            # end() runs): a normal close, not a disconnect.
-            return
-        record.error = record.error or ClientDisconnected.proxy_status
-        exchange_scope.cancel()
+        while True:
+            await self._watch_armed.wait()
+            try:
+                data = await fastio.receive_some(self.stream, MAX_RECEIVE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            self._watch_armed = trio.Event()
+            delivered, self._watch_delivered = self._watch_delivered, None
+            if data:
+                self._feed(data)
+            else:
+                self.client_gone = True
+                scope, record = self._exchange_scope, self._exchange_record
+                # Gone after the whole response (a Content-Length body is complete on the
+                # wire before end() runs) is a normal close, not a disconnect.
+                if scope is not None and record is not None and not (
+                    self.h11.our_state is h11.DONE or self.body_left == 0
+                ):
+                    record.error = record.error or ClientDisconnected.proxy_status
+                    scope.cancel()
+            if delivered is not None:
+                delivered.set()
 
     def _may_upgrade(self, head: RequestHead) -> bool:
         """A bodiless HTTP/1.1 request asking for a WebSocket that h11 holds as a switch proposal.
