@@ -226,7 +226,15 @@ class HTTP2Connection:
             )
         )
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                # What we send is already valid: h1_response_to_h2 lower-cases the names and
+                # drops connection-specific ones, and the values passed the HTTP/1.1 checks
+                # on their way in. Inbound validation stays on.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self.streams: dict[int, H2Stream] = {}
         self.streams_started = 0
