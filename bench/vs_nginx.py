@@ -671,8 +671,9 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
 
     lines = [
         f"pooled-proxy vs nginx: {machine_line()}",
-        f"{len(runs)} run(s) x {args.duration:g} s, medians; proxies pinned to CPU {PROXY_CPU}, load and "
-        f"upstreams on CPU {LOAD_CPU}" + (" (not pinned)" if args.no_pin else "")
+        f"{len(runs)} run(s) x {args.duration:g} s, medians; "
+        + ("nothing pinned to a CPU" if args.no_pin else
+           f"proxies pinned to CPU {PROXY_CPU}, load and upstreams on CPU {LOAD_CPU}")
         + f"; pooled-proxy workers = {args.workers}",
         "",
         "| measure | direct | nginx | pooled-proxy | pooled/nginx | bar |",
