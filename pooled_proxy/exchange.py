@@ -40,6 +40,22 @@ class RequestHead:
         return self.method in IDEMPOTENT_METHODS
 
 
+class _NoBody:
+    """The body of a bodiless request: an async iterator that ends at once, so a front end
+    has no generator to create and close for every GET."""
+
+    __slots__ = ()
+
+    def __aiter__(self) -> _NoBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+NO_BODY: AsyncIterator[bytes] = _NoBody()
+
+
 class ResponseSink(Protocol):
     """Where the forwarder writes the response; each front end implements it."""
 

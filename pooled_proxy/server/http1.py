@@ -26,7 +26,7 @@ from ..errors import (
     RequestBodyTimeout,
     RequestHeaderTimeout,
 )
-from ..exchange import Exchange, ExchangeRecord, RequestHead
+from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
 from ..headers import Headers
 from ..protocol.h1_checks import RequestChecker, Violation
 from ..proxy import Proxy
@@ -41,22 +41,6 @@ REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 class _Timeout(Exception):
     pass
-
-
-class _NoBody:
-    """The body of a bodiless request: an async iterator that ends at once (no generator to
-    create and close for every GET)."""
-
-    __slots__ = ()
-
-    def __aiter__(self) -> _NoBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        raise StopAsyncIteration
-
-
-_NO_BODY = _NoBody()
 
 
 class HTTP1Connection:
@@ -372,7 +356,7 @@ class HTTP1Connection:
         upload = self._request_body(server.max_body_bytes) if head.has_body else None
         exchange = Exchange(
             head=head,
-            body=_NO_BODY if upload is None else upload,
+            body=NO_BODY if upload is None else upload,
             sink=self,
             record=record,
             upgrade=self if self._may_upgrade(head) else None,

@@ -39,7 +39,7 @@ from ..errors import (
     ProxyError,
     RequestBodyTimeout,
 )
-from ..exchange import Exchange, ExchangeRecord
+from ..exchange import NO_BODY, Exchange, ExchangeRecord
 from ..headers import HOP_BY_HOP, Headers, h1_response_to_h2
 from ..protocol.h2_server import AbuseLimits, FrameGuard, H2Abuse, request_head
 from ..proxy import Proxy
@@ -444,6 +444,11 @@ class HTTP2Connection:
                     record.duration = trio.current_time() - record.start
                     for observer in forwarder.observers:
                         observer(record)
+                    return
+                if not head.has_body:
+                    await forwarder.forward(
+                        Exchange(head=head, body=NO_BODY, sink=stream, record=record)
+                    )
                     return
                 body = stream.request_body()
                 try:
