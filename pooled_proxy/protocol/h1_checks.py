@@ -38,7 +38,7 @@ _FIELD_LINE = re.compile(
 )
 _START_LINE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]+")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
-_REQUEST_VERSION = re.compile(rb"\S+ \S+ HTTP/([0-9]\.[0-9])")
+_REQUEST_LINE = re.compile(rb"(\S+) (\S+) HTTP/([0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: .*)?")
 # A chunk line: size (16 hex digits reach 2**64; more is an overflow attempt), an optional
 # extension without control bytes, trailing whitespace as h11 allows it. h11 allows no
@@ -73,16 +73,25 @@ class _Framing(Enum):
 
 
 class Head:
-    """What the framing checks learned from one valid head."""
+    """What the framing checks learned from one valid head.
 
-    __slots__ = ("chunked", "content_length", "start_line", "status", "version")
+    The fields are parsed as strictly as the checks go, so a caller may take them instead
+    of parsing the head a second time (the HTTP/1.1 fast paths do).
+    """
+
+    __slots__ = (
+        "chunked", "content_length", "fields", "method", "start_line", "status", "target", "version"
+    )
 
     def __init__(self) -> None:
         self.start_line = b""
         self.version = b""  # b"1.1", b"1.0"
+        self.method = b""  # requests only
+        self.target = b""  # requests only
         self.status = 0  # responses only
         self.content_length: int | None = None
         self.chunked = False
+        self.fields: list[tuple[bytes, bytes]] = []  # lower-case names, OWS-trimmed values
 
 
 def _field_lines(lines: list[bytes], *, max_count: int | None, what: str) -> list[tuple[bytes, bytes]]:
@@ -132,10 +141,10 @@ def check_head(
     if not _START_LINE.fullmatch(lines[0]):
         raise Violation("control character in start line" if lines[0] else "empty start line")
     if request:
-        match = _REQUEST_VERSION.fullmatch(lines[0])
+        match = _REQUEST_LINE.fullmatch(lines[0])
         if match is None:
             raise Violation("malformed request line")
-        head.version = match.group(1)
+        head.method, head.target, head.version = match.groups()
     else:
         match = _STATUS_LINE.fullmatch(lines[0])
         if match is None:
@@ -144,7 +153,8 @@ def check_head(
         head.status = int(match.group(1))
     hosts = 0
     transfer_encodings = 0
-    for name, value in _field_lines(lines[1:], max_count=max_header_count, what="header"):
+    head.fields = _field_lines(lines[1:], max_count=max_header_count, what="header")
+    for name, value in head.fields:
         if name == b"content-length":
             if head.content_length is not None:
                 raise Violation("repeated Content-Length")
@@ -195,6 +205,11 @@ class _StreamChecker:
         self._offset = 0  # stream position of the next byte to check
         self._block_start = 0  # stream position where the current block began
         self.heads = 0  # complete heads accepted
+        # The last head accepted, and where it begins and ends in the stream (byte offsets
+        # counted from the first byte fed).
+        self.head: Head | None = None
+        self.head_start = 0
+        self.head_end = 0
         self._start = b""  # what every head must begin with, checked as soon as it arrives
 
     def feed(self, data: bytes) -> None:
@@ -321,9 +336,17 @@ class _StreamChecker:
             self._state = self._after_message()
         return end - start
 
+    @property
+    def offset(self) -> int:
+        """How many bytes were fed and accepted so far."""
+        return self._offset
+
     def _on_head(self, raw: bytes) -> None:
         head = self._check_head(raw)
         self.heads += 1
+        self.head = head
+        self.head_start = self._block_start
+        self.head_end = self._block_start + len(raw)
         framing = self._after_head(head)
         if framing is _Framing.CHUNKED:
             self._state = _State.CHUNK_LINE
