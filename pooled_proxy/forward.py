@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import trio
 
-from ._h11 import h11
 from .answers import error_response
 from .balancer import UpstreamGroup
 from .config import Config, UpstreamConfig
@@ -38,7 +37,7 @@ from .tunnel import (
     switched_response_headers,
     upgrade_request_headers,
 )
-from .upstream import UpstreamConnection
+from .upstream import ResponseHead, UpstreamConnection
 
 LOG = logging.getLogger("pooled_proxy.forward")
 
@@ -346,7 +345,7 @@ class Forwarder:
                     f"no response head from {connection.server} within "
                     f"{upstream.response_header_timeout:g}s"
                 )
-            if isinstance(response, h11.Response):
+            if not response.informational:
                 break
             if response.status_code == 101 and upgrade is not None:
                 await self._tunnel(connection, upstream, response, upgrade, record)
@@ -361,7 +360,7 @@ class Forwarder:
             sent_at = upload.sent_at  # else the upstream answered before the body was all sent
         if sent_at is not None:
             record.upstream_header_time = now - sent_at
-        response_headers = client_response_headers(list(response.headers), protocol=b"1.1")
+        response_headers = client_response_headers(response.headers, protocol=b"1.1")
         record.event_stream = is_event_stream(response_headers)
         if record.event_stream:
             self.live.event_streams += 1  # until forward() finishes the exchange
@@ -394,7 +393,7 @@ class Forwarder:
         self,
         connection: UpstreamConnection,
         upstream: UpstreamConfig,
-        response: h11.InformationalResponse,
+        response: ResponseHead,
         upgrade: ClientUpgrade,
         record: ExchangeRecord,
     ) -> None:
@@ -403,7 +402,7 @@ class Forwarder:
         record.ttfb = trio.current_time() - record.start
         upstream_stream, upstream_data = connection.detach()
         client_stream, client_data = await upgrade.switch_protocols(
-            switched_response_headers(list(response.headers))
+            switched_response_headers(response.headers)
         )
         stats = TunnelStats()
         try:
