@@ -2,6 +2,13 @@
 
 Requests on a connection are served one after another, so pipelined requests are answered
 in order (h11 keeps the bytes of the next request buffered until we start its cycle).
+
+The common request takes a fast path around h11: every head is parsed and checked in full
+by the strict framing checks anyway (protocol/h1_checks.py), so an HTTP/1.1 request without
+a body, upgrade or ``Expect`` that arrives with its head whole in one read, while h11 holds
+nothing, is taken from the checker's parse, and its response is written by hand the way h11
+writes it (see ``_fast_request_head`` and ``_fast_response_head``). Anything else goes to
+h11 as before, and the next request may go fast again once h11 is idle.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from ..errors import (
 )
 from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
 from ..headers import Headers
-from ..protocol.h1_checks import RequestChecker, Violation
+from ..protocol.h1_checks import Head, RequestChecker, Violation
 from ..proxy import Proxy
 from ..tunnel import requested_upgrade
 
@@ -39,8 +46,27 @@ CLOSE_TIMEOUT = 2.0  # how long a polite close may linger after an error answer
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
+# Requests that may take the fast path (the others, CONNECT included, go through h11).
+_FAST_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"POST", b"PUT", b"PATCH"})
+# Request headers that need h11's handling: a body's framing, a protocol switch, 100-continue.
+_SLOW_FIELDS = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+
+
 class _Timeout(Exception):
     pass
+
+
+class _FastRequest:
+    """A request head taken from the framing checker's parse, h11 bypassed."""
+
+    __slots__ = ("close", "head")
+
+    def __init__(self, head: RequestHead, close: bool) -> None:
+        self.head = head
+        self.close = close  # the client sent Connection: close
+
+
+_FAST = object()  # _next_event's answer when a fast request arrived instead of h11 bytes
 
 
 class HTTP1Connection:
@@ -63,6 +89,12 @@ class HTTP1Connection:
             max_head_bytes=server.max_header_bytes, max_header_count=server.max_header_count
         )
         self.violation: Violation | None = None
+        self._fast_request: _FastRequest | None = None  # read, not yet served
+        # The current exchange runs on the fast path: its response is written by hand.
+        self._fast_cycle = False
+        self._fast_close = False  # ... and the connection closes after it
+        self._fast_chunked = False  # ... with a chunked body
+        self._fast_done = False  # ... which is complete on the wire
         if initial_data:
             self._feed(initial_data)
         self.requests = 0
@@ -102,14 +134,71 @@ class HTTP1Connection:
         """
         if self.violation is not None:
             return
+        checker = self.checker
+        fed_at, heads = checker.offset, checker.heads
         try:
-            self.checker.feed(data)
+            checker.feed(data)
         except Violation as exc:
             self.violation = exc
             data = data[: exc.clean_bytes]  # requests ahead of the bad one are still served
             if not data:
                 return  # (b"" would tell h11 the client closed)
+        else:
+            if (
+                checker.heads == heads + 1
+                and checker.head_start == fed_at
+                and self._fast_request is None
+                and self.h11.their_state is h11.IDLE
+                and self.h11.our_state is h11.IDLE
+                and not self.h11.trailing_data[0]
+            ):
+                assert checker.head is not None
+                fast = self._fast_request_head(checker.head)
+                if fast is not None:
+                    self._fast_request = fast
+                    # Whatever follows the head is the next request: h11 keeps it, in order.
+                    data = data[checker.head_end - fed_at :]
+                    if not data:
+                        return
         self.h11.receive_data(bytes(data))  # h11_mypyc takes bytes only
+
+    def _fast_request_head(self, head: Head) -> _FastRequest | None:
+        """The request as h11 would have read it, or None if it needs h11 (or its errors)."""
+        if (
+            head.version != b"1.1"
+            or head.content_length
+            or head.chunked
+            or head.method not in _FAST_METHODS
+            or head.target[:1] != b"/"
+        ):
+            return None
+        authority: bytes | None = None
+        close = False
+        headers: Headers = []
+        for field in head.fields:
+            name = field[0]
+            if name == b"host":
+                authority = field[1]
+                continue
+            if name in _SLOW_FIELDS:
+                return None
+            if name == b"connection" and b"close" in _comma_tokens(field[1]):
+                close = True
+            headers.append(field)
+        if authority is None:
+            return None  # h11 answers a missing Host
+        request = RequestHead(
+            method=head.method,
+            target=head.target,
+            authority=authority,
+            scheme=self.scheme,
+            headers=headers,
+            http_version=b"1.1",
+            client_ip=self.client_ip,
+            has_body=False,
+            content_length=head.content_length,
+        )
+        return _FastRequest(request, close)
 
     async def _next_event(self, deadline: float) -> Any:
         while True:
@@ -120,10 +209,17 @@ class HTTP1Connection:
                 self.close_after_response = True  # the answer says so: Connection: close
                 raise ClientError(str(self.violation), status=self.violation.status)
             await self._receive(deadline)
+            if self._fast_request is not None:
+                return _FAST
 
     async def _wait_for_request_bytes(self) -> bool:
         """Idle between requests until the client sends more, times out, or we drain."""
-        if self.h11.trailing_data[0] or self.violation is not None or self.proxy.draining:
+        if (
+            self._fast_request is not None
+            or self.h11.trailing_data[0]
+            or self.violation is not None
+            or self.proxy.draining
+        ):
             return not self.proxy.draining
         scope = trio.CancelScope(deadline=trio.current_time() + self.proxy.server.keepalive_timeout)
         self.proxy.idle_waits.add(scope)
@@ -135,7 +231,11 @@ class HTTP1Connection:
                     await delivered.wait()
                     if self.client_gone:
                         return False
-                while not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
+                while (
+                    self._fast_request is None
+                    and not self.h11.trailing_data[0]
+                    and self.h11.their_state is h11.IDLE
+                ):
                     data = await fastio.receive_some(self.stream, MAX_RECEIVE)
                     self._feed(data)
                     if not data or self.violation is not None:
@@ -146,9 +246,13 @@ class HTTP1Connection:
             self.proxy.idle_waits.discard(scope)
         return not scope.cancelled_caught
 
-    async def _read_request(self) -> h11.Request | None:
+    async def _read_request(self) -> h11.Request | _FastRequest | None:
         if self.requests and not await self._wait_for_request_bytes():
             return None
+        fast = self._fast_request
+        if fast is not None:
+            self._fast_request = None
+            return fast
         deadline = trio.current_time() + self.proxy.server.header_timeout
         try:
             event = await self._next_event(deadline)
@@ -160,6 +264,9 @@ class HTTP1Connection:
             raise ClientError(str(exc), status=exc.error_status_hint) from None
         if isinstance(event, h11.ConnectionClosed):
             return None
+        if event is _FAST:
+            fast, self._fast_request = self._fast_request, None
+            return fast
         assert isinstance(event, h11.Request), event
         return event
 
@@ -202,6 +309,10 @@ class HTTP1Connection:
             raise ClientDisconnected(f"client did not read for {write_timeout:g}s")
 
     async def send_informational(self, status: int, headers: Headers) -> None:
+        if self._fast_cycle:
+            if status != 100:  # nobody waits for a 100 without Expect
+                await self._write(_head_bytes(status, headers, b""))
+            return
         if self.h11.they_are_waiting_for_100_continue or status != 100:
             await self._write(
                 self.h11.send(
@@ -214,6 +325,9 @@ class HTTP1Connection:
     async def send_head(
         self, status: int, headers: Headers, *, body: bytes = b"", end: bool = False
     ) -> None:
+        if self._fast_cycle:
+            await self._fast_send_head(status, headers, body, end)
+            return
         if self.proxy.draining or self.close_after_response:
             headers = [*headers, (b"connection", b"close")]
         try:
@@ -233,7 +347,48 @@ class HTTP1Connection:
             self.body_left -= len(body)
         await self._write(data)  # head, body and end in one write
 
+    async def _fast_send_head(self, status: int, headers: Headers, body: bytes, end: bool) -> None:
+        """send_head on the fast path: the bytes h11 would write, framing included."""
+        close = self._fast_close or self.proxy.draining or self.close_after_response
+        method = self.request_method
+        self.body_left = _body_length(method, status, headers)
+        # As h11 does: a response of unknown length is chunked (a HEAD response says so
+        # too, as the GET's would, but has no body).
+        chunked_framing = self.body_left is None or (
+            method == b"HEAD" and status not in (204, 304) and not _has_field(headers, b"content-length")
+        )
+        self._fast_chunked = self.body_left is None
+        extra = b"Transfer-Encoding: chunked\r\n" if chunked_framing else b""
+        if close:
+            self._fast_close = True
+            headers, connection = _without_connection(headers)
+            extra += b"Connection: " + connection + b"\r\n"
+        data = _head_bytes(status, headers, extra)
+        if body:
+            data += self._fast_body(body)
+        if end:
+            data += self._fast_end()
+        self.head_sent = True
+        await self._write(data)
+
+    def _fast_body(self, data: bytes) -> bytes:
+        if self.body_left is not None:
+            if len(data) > self.body_left:
+                raise ClientDisconnected("cannot send response: too much data for its Content-Length")
+            self.body_left -= len(data)
+            return data
+        return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+
+    def _fast_end(self) -> bytes:
+        if self.body_left:
+            raise ClientDisconnected("cannot send response: too little data for its Content-Length")
+        self._fast_done = True
+        return b"0\r\n\r\n" if self._fast_chunked else b""
+
     async def send_data(self, data: bytes) -> None:
+        if self._fast_cycle:
+            await self._write(self._fast_body(data))
+            return
         if self.body_left is not None:
             self.body_left -= len(data)
         await self._write(self.h11.send(h11.Data(data=data)))
@@ -241,6 +396,11 @@ class HTTP1Connection:
     async def end(self, trailers: Headers | None = None) -> None:
         # Trailers are dropped: HTTP/1.1 clients rarely ask for them (TE: trailers), and h11
         # can only send them on a chunked response.
+        if self._fast_cycle:
+            data = self._fast_end()
+            if data:
+                await self._write(data)
+            return
         data = self.h11.send(h11.EndOfMessage())
         if data:  # a chunked body's last chunk; a Content-Length body has nothing left to send
             await self._write(data)
@@ -260,7 +420,8 @@ class HTTP1Connection:
 
     async def reset(self) -> None:
         """Abort: close the connection mid-response so the client sees it incomplete."""
-        self.h11.send_failed()
+        if not self._fast_cycle:
+            self.h11.send_failed()
         await trio.aclose_forcefully(self.stream)
 
     # -- the connection ----------------------------------------------------------------------
@@ -313,7 +474,8 @@ class HTTP1Connection:
                 self._nursery = nursery
                 try:
                     while await self._serve_one():
-                        self.h11.start_next_cycle()
+                        if not self._fast_cycle:
+                            self.h11.start_next_cycle()
                 except ClientDisconnected:
                     pass
                 nursery.cancel_scope.cancel()
@@ -326,6 +488,7 @@ class HTTP1Connection:
         """One request-response cycle; True if the connection can carry another."""
         now = trio.current_time()
         record = ExchangeRecord(start=now, wall_start=time.time(), client_ip=self.client_ip)
+        self._fast_cycle = False
         try:
             request = await self._read_request()
             if request is None:
@@ -333,14 +496,14 @@ class HTTP1Connection:
             # The exchange starts now, not when the wait for it began (an idle keep-alive
             # connection can wait minutes): the access log's time says when it came.
             record.start, record.wall_start = trio.current_time(), time.time()
-            record.method, record.target = request.method, request.target
-            record.protocol = b"HTTP/" + request.http_version
-            head = self._request_head(request)
-            if not head.has_body:
-                # A bodiless request's EndOfMessage is already parsed; take it now so the
-                # client side reaches DONE without a body reader.
-                end = self.h11.next_event()
-                assert isinstance(end, h11.EndOfMessage), end
+            if type(request) is _FastRequest:
+                head = request.head
+                self._fast_cycle, self._fast_close = True, request.close
+                self._fast_chunked = self._fast_done = False
+                record.method, record.target = head.method, head.target
+                record.protocol = b"HTTP/1.1"
+            else:
+                head = self._h11_request_head(request, record)
         except ProxyError as exc:
             await self._answer_and_close(exc, record)
             return False
@@ -359,7 +522,7 @@ class HTTP1Connection:
             body=NO_BODY if upload is None else upload,
             sink=self,
             record=record,
-            upgrade=self if self._may_upgrade(head) else None,
+            upgrade=None if self._fast_cycle or not self._may_upgrade(head) else self,
         )
         self.head_sent = False
         self.request_method = head.method
@@ -377,6 +540,13 @@ class HTTP1Connection:
             self.proxy.active_exchanges -= 1
             if upload is not None:
                 await upload.aclose()  # one the exchange abandoned (413, early answer, cancel)
+        if self._fast_cycle:
+            return (
+                not self.client_gone
+                and self._fast_done
+                and not self._fast_close
+                and not self.proxy.draining
+            )
         return (
             not self.client_gone
             and self.h11.our_state is h11.DONE
@@ -384,9 +554,25 @@ class HTTP1Connection:
             and not self.proxy.draining
         )
 
+    def _h11_request_head(self, request: h11.Request, record: ExchangeRecord) -> RequestHead:
+        record.method, record.target = request.method, request.target
+        record.protocol = b"HTTP/" + request.http_version
+        head = self._request_head(request)
+        if not head.has_body:
+            # A bodiless request's EndOfMessage is already parsed; take it now so the
+            # client side reaches DONE without a body reader.
+            end = self.h11.next_event()
+            assert isinstance(end, h11.EndOfMessage), end
+        return head
+
     def _arm_watch(self) -> None:
         """The exchange's request is read whole: from now the watch owns the receive side."""
-        if self._exchange_scope is None or self.h11.trailing_data[0] or self._nursery is None:
+        if (
+            self._exchange_scope is None
+            or self._fast_request is not None
+            or self.h11.trailing_data[0]
+            or self._nursery is None
+        ):
             return  # a tunnel, or the next request is already here: nothing to wait for
         if not self._watching:
             self._watching = True
@@ -424,12 +610,15 @@ class HTTP1Connection:
                 # Gone after the whole response (a Content-Length body is complete on the
                 # wire before end() runs) is a normal close, not a disconnect.
                 if scope is not None and record is not None and not (
-                    self.h11.our_state is h11.DONE or self.body_left == 0
+                    self._response_complete() or self.body_left == 0
                 ):
                     record.error = record.error or ClientDisconnected.proxy_status
                     scope.cancel()
             if delivered is not None:
                 delivered.set()
+
+    def _response_complete(self) -> bool:
+        return self._fast_done if self._fast_cycle else self.h11.our_state is h11.DONE
 
     def _may_upgrade(self, head: RequestHead) -> bool:
         """A bodiless HTTP/1.1 request asking for a WebSocket that h11 holds as a switch proposal.
@@ -481,6 +670,37 @@ def _body_length(method: bytes, status: int, headers: Headers) -> int | None:
         if name == b"content-length":
             return int(value)
     return None
+
+
+def _head_bytes(status: int, headers: Headers, extra: bytes) -> bytes:
+    """A response head as h11 writes it; ``extra`` is header lines to end it with."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
+    for name, value in headers:
+        lines.append(b"%b: %b\r\n" % (name, value))
+    lines.append(extra)
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _comma_tokens(value: bytes) -> list[bytes]:
+    return [token.strip() for token in value.lower().split(b",")]
+
+
+def _has_field(headers: Headers, name: bytes) -> bool:
+    return any(field[0] == name for field in headers)
+
+
+def _without_connection(headers: Headers) -> tuple[Headers, bytes]:
+    """``headers`` without Connection, and the Connection value that closes (as h11 builds it)."""
+    tokens = {b"close"}
+    kept: Headers = []
+    for field in headers:
+        if field[0] == b"connection":
+            tokens.update(token for token in _comma_tokens(field[1]) if token)
+        else:
+            kept.append(field)
+    tokens.discard(b"keep-alive")
+    return kept, b", ".join(sorted(tokens))
 
 
 def _raw_response(status: int, headers: Headers, body: bytes) -> bytes:

@@ -1,0 +1,168 @@
+"""The HTTP/1.1 front end's fast path writes exactly what h11 writes.
+
+A request whose head arrives whole in one read takes the fast path (parsed by the framing
+checks, answered without h11); the same request sent in two pieces goes through h11. Each
+case here is sent both ways on fresh connections, and the bytes that come back, and
+whether the connection is then kept open, must be the same.
+"""
+
+from __future__ import annotations
+
+import re
+
+import h11
+import pytest
+import trio
+
+from pooled_proxy.server import http1
+from tests.helpers import HOST, make_config, start_proxy
+
+CASES = [
+    (b"GET", b"/", []),
+    (b"HEAD", b"/", []),
+    (b"GET", b"/events?count=2&interval=0.01", []),
+    (b"HEAD", b"/events?count=1", []),
+    (b"GET", b"/status/204", []),
+    (b"GET", b"/status/304", []),
+    (b"GET", b"/status/503", []),
+    (b"GET", b"/bytes/300000", []),
+    (b"DELETE", b"/echo?x=1", [(b"X-Custom", b"  spaced value ")]),
+    (b"OPTIONS", b"/echo", [(b"Content-Length", b"0")]),
+    (b"GET", b"/", [(b"Connection", b"close")]),
+    (b"GET", b"/", [(b"Connection", b"keep-alive, Close")]),
+    (b"GET", b"/", [(b"Connection", b"keep-alive")]),
+]
+
+
+def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: example.test"]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def exchange(port: int, case: tuple, *, split: bool) -> tuple[bytes, bool]:
+    """The raw response to ``case``, and whether the connection then serves another request."""
+    method, target, headers = case
+    data = request_bytes(method, target, headers)
+    client = h11.Connection(h11.CLIENT)
+    tracked = [(name, value.strip()) for name, value in headers]
+    client.send(h11.Request(method=method, target=target, headers=[(b"host", b"x"), *tracked]))
+    client.send(h11.EndOfMessage())
+    raw = b""
+    stream = await trio.open_tcp_stream(HOST, port)
+    async with stream:
+        if split:  # two reads: the head is not whole in the first, so h11 takes it
+            await stream.send_all(data[:7])
+            await trio.sleep(0.02)
+            await stream.send_all(data[7:])
+        else:
+            await stream.send_all(data)
+        while client.their_state is not h11.DONE and client.their_state is not h11.MUST_CLOSE:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await stream.receive_some(65536)
+                assert chunk, raw
+                raw += chunk
+                client.receive_data(chunk)
+        await stream.send_all(request_bytes(b"GET", b"/status/200", []))
+        try:
+            kept_open = (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        except trio.BrokenResourceError:
+            kept_open = False
+    # What differs from one response to the next: the date, an event's time, chunk sizes.
+    raw = re.sub(rb"date: [^\r]*", b"date: -", raw)
+    raw = re.sub(rb'"t": [0-9.]+', b'"t": -', raw)
+    return re.sub(rb"(?<=\n)[0-9a-f]{1,4}\r\n", b"N\r\n", raw), kept_open
+
+
+@pytest.fixture
+def fast_requests(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Requests the front end took on the fast path (so that each case really compares both)."""
+    taken: list[bytes] = []
+    original = http1.HTTP1Connection._fast_request_head
+
+    def counted(self: http1.HTTP1Connection, head):  # type: ignore[no-untyped-def]
+        fast = original(self, head)
+        if fast is not None:
+            taken.append(fast.head.target)
+        return fast
+
+    monkeypatch.setattr(http1.HTTP1Connection, "_fast_request_head", counted)
+    return taken
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: b" ".join([c[0], c[1], *(value for _, value in c[2])]).decode()
+)
+async def test_fast_path_writes_what_h11_writes(nursery, demo_upstream, fast_requests, case):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(10):
+        fast = await exchange(proxy.port, case, split=False)
+        assert fast_requests[:1] == [case[1]]
+        fast_requests.clear()
+        slow = await exchange(proxy.port, case, split=True)
+        assert case[1] not in fast_requests
+    assert fast == slow
+    closes = b"close" in b"".join(value.lower() for _, value in case[2])
+    assert fast[1] is not closes
+    assert (b"\r\nConnection: close\r\n" in fast[0]) is closes
+
+
+async def test_fast_path_error_answer_matches_h11(nursery, fast_requests):
+    # An upstream that refuses connections: the proxy's own 502 answer, both ways.
+    with trio.socket.socket() as sock:
+        await sock.bind((HOST, 0))
+        dead_port = sock.getsockname()[1]
+    proxy = await start_proxy(nursery, make_config(dead_port))
+    case = (b"GET", b"/nowhere", [])
+    with trio.fail_after(10):
+        fast = await exchange(proxy.port, case, split=False)
+        slow = await exchange(proxy.port, case, split=True)
+    assert fast_requests.count(b"/nowhere") == 1 and fast_requests[0] == b"/nowhere"
+    assert fast[0].startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"proxy-status: pooled-proxy; error=connection_refused" in fast[0]
+    assert fast == slow
+
+
+async def read_until_close(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk
+    return received
+
+
+async def test_fast_path_keeps_the_request_limit(nursery, demo_upstream, fast_requests):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port, server={"max_requests_per_connection": 2}))
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(HOST, proxy.port)
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(request_bytes(b"GET", b"/status/200", []))
+                await trio.sleep(0.05)
+            answers = await read_until_close(stream)
+    heads = re.findall(rb"HTTP/1\.1 200 OK\r\n(?:[^\r]+\r\n)*\r\n", answers)
+    assert len(heads) == 2 and fast_requests == [b"/status/200"] * 2
+    assert b"Connection: close" not in heads[0] and b"\r\nConnection: close\r\n" in heads[1]
+
+
+async def test_requests_behind_a_fast_one_are_answered_in_order(nursery, demo_upstream, fast_requests):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    second = request_bytes(b"GET", b"/status/202", [])
+    last = request_bytes(b"GET", b"/status/203", [(b"Connection", b"close")])
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(HOST, proxy.port)
+        async with stream:
+            # A whole head with part of the next one behind it: the first goes fast, and
+            # the rest waits in h11 for the end of its head.
+            await stream.send_all(request_bytes(b"GET", b"/slow?delay=0.2", []) + second[:9])
+            await trio.sleep(0.05)
+            await stream.send_all(second[9:])
+            await trio.sleep(0.05)
+            # Sent while the first is still being answered: read by the client watch.
+            await stream.send_all(last)
+            answers = await read_until_close(stream)
+    assert re.findall(rb"HTTP/1\.1 (\d+) ", answers) == [b"200", b"202", b"203"]
+    assert fast_requests[0] == b"/slow?delay=0.2" and b"/status/202" not in fast_requests
