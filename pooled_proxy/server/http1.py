@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from http import HTTPStatus
 from collections.abc import AsyncGenerator
+from http import HTTPStatus
 from typing import Any
 
 import trio
 
-from .._h11 import h11
 from .. import fastio
+from .._h11 import h11
 from ..answers import error_response
 from ..errors import (
     BodyTooLarge,
@@ -496,7 +496,7 @@ class HTTP1Connection:
             # The exchange starts now, not when the wait for it began (an idle keep-alive
             # connection can wait minutes): the access log's time says when it came.
             record.start, record.wall_start = trio.current_time(), time.time()
-            if type(request) is _FastRequest:
+            if isinstance(request, _FastRequest):
                 head = request.head
                 self._fast_cycle, self._fast_close = True, request.close
                 self._fast_chunked = self._fast_done = False
