@@ -164,7 +164,9 @@ class Forwarder:
     async def answer_error(self, sink: ResponseSink, record: ExchangeRecord, exc: ProxyError) -> None:
         record.error = exc.proxy_status
         if isinstance(exc, UpstreamError):
-            LOG.warning("%s %s: %s", record.method.decode(), record.target.decode(), exc.detail)
+            LOG.warning(
+                "%s %s: %s", record.method.decode("latin-1"), record.target.decode("latin-1"), exc.detail
+            )
         try:
             if sink.head_sent:
                 await sink.reset()

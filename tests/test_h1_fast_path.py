@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from pooled_proxy.server import http1
-from tests.helpers import HOST, make_config, start_proxy
+from tests.helpers import HOST, make_config, raw_exchange, start_proxy
 
 CASES = [
     (b"GET", b"/", []),
@@ -166,3 +166,13 @@ async def test_requests_behind_a_fast_one_are_answered_in_order(nursery, demo_up
             answers = await read_until_close(stream)
     assert re.findall(rb"HTTP/1\.1 (\d+) ", answers) == [b"200", b"202", b"203"]
     assert fast_requests[0] == b"/slow?delay=0.2" and b"/status/202" not in fast_requests
+
+
+async def test_a_target_h11_refuses_is_still_refused(nursery, demo_upstream, fast_requests):
+    # The framing checks let obs-text through in a target; h11 does not, and neither does
+    # the fast path: the answer is h11's 400, not a request sent on upstream.
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        answer = await raw_exchange(proxy.port, b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and fast_requests == []

@@ -20,7 +20,7 @@ from hyperframe.frame import (
 )
 
 from pooled_proxy.protocol.h2_server import PREFACE
-from tests.h2client import H2Client
+from tests.h2client import H2Client, H2Reply
 from tests.helpers import H11Client, make_config, start_proxy
 from tests.interop.clients import h2load
 
@@ -448,3 +448,23 @@ async def test_max_requests_per_connection_ends_h2_with_goaway(nursery, demo_ups
             await client.read_until_closed()
     assert [r.status for r in replies] == [200, 200]
     assert client.goaway is not None and client.goaway.last_stream_id == 3
+
+
+async def test_a_path_an_http1_upstream_cannot_take_is_a_502_not_a_crash(nursery, demo_upstream):
+    # HTTP/2 lets any octets through in :path; h11 refuses to write non-ASCII ones upstream,
+    # and the warning logged for that answer must not trip over the bytes either.
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            stream_id = client.conn.get_next_available_stream_id()
+            client.replies[stream_id] = H2Reply()
+            client.conn.send_headers(
+                stream_id,
+                [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/\xff")],
+                end_stream=True,
+            )
+            await client.flush()
+            bad = await client.response(stream_id)
+            good = await client.get("/status/200")
+    assert bad.status == 502 and good.status == 200

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -48,6 +49,8 @@ REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 # Requests that may take the fast path (the others, CONNECT included, go through h11).
 _FAST_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"POST", b"PUT", b"PATCH"})
+# A target h11 takes: visible ASCII only (the framing checks let obs-text through).
+_FAST_TARGET = re.compile(rb"/[\x21-\x7e]*")
 # Request headers that need h11's handling: a body's framing, a protocol switch, 100-continue.
 _SLOW_FIELDS = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 
@@ -108,7 +111,8 @@ class HTTP1Connection:
         self._watching = False  # the watch task was started
         self._watch_armed = trio.Event()
         self._watch_delivered: trio.Event | None = None  # set when the armed watch read
-        self._exchange_scope: trio.CancelScope | None = None  # of the exchange it may cancel
+        # The exchange in progress that a disconnect cancels (with the whole connection: the
+        # nursery's scope, which costs nothing per request, unlike a cancel scope of its own).
         self._exchange_record: ExchangeRecord | None = None
         self.request_method = b""
         self.body_left: int | None = None  # of a response with a known length, once its head is sent
@@ -169,7 +173,7 @@ class HTTP1Connection:
             or head.content_length
             or head.chunked
             or head.method not in _FAST_METHODS
-            or head.target[:1] != b"/"
+            or not _FAST_TARGET.fullmatch(head.target)
         ):
             return None
         authority: bytes | None = None
@@ -301,12 +305,11 @@ class HTTP1Connection:
     async def _write(self, data: bytes) -> None:
         write_timeout = self.proxy.server.write_timeout or math.inf
         try:
-            with trio.move_on_after(write_timeout) as scope:
-                await fastio.send_all(self.stream, data)
+            await fastio.send_all(self.stream, data, write_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client went away: {exc}") from None
-        if scope.cancelled_caught:
-            raise ClientDisconnected(f"client did not read for {write_timeout:g}s")
+        except trio.TooSlowError:
+            raise ClientDisconnected(f"client did not read for {write_timeout:g}s") from None
 
     async def send_informational(self, status: int, headers: Headers) -> None:
         if self._fast_cycle:
@@ -529,14 +532,13 @@ class HTTP1Connection:
         self.body_left = None
         self.proxy.active_exchanges += 1
         try:
-            with trio.CancelScope() as exchange_scope:
-                if exchange.upgrade is None:  # a tunnel reads the client itself
-                    self._exchange_scope, self._exchange_record = exchange_scope, record
-                    if not head.has_body:
-                        self._arm_watch()
-                await self.proxy.forwarder.forward(exchange)
+            if exchange.upgrade is None:  # a tunnel reads the client itself
+                self._exchange_record = record
+                if not head.has_body:
+                    self._arm_watch()
+            await self.proxy.forwarder.forward(exchange)
         finally:
-            self._exchange_scope = self._exchange_record = None
+            self._exchange_record = None
             self.proxy.active_exchanges -= 1
             if upload is not None:
                 await upload.aclose()  # one the exchange abandoned (413, early answer, cancel)
@@ -568,7 +570,7 @@ class HTTP1Connection:
     def _arm_watch(self) -> None:
         """The exchange's request is read whole: from now the watch owns the receive side."""
         if (
-            self._exchange_scope is None
+            self._exchange_record is None
             or self._fast_request is not None
             or self.h11.trailing_data[0]
             or self._nursery is None
@@ -606,14 +608,13 @@ class HTTP1Connection:
                 self._feed(data)
             else:
                 self.client_gone = True
-                scope, record = self._exchange_scope, self._exchange_record
+                record = self._exchange_record
                 # Gone after the whole response (a Content-Length body is complete on the
                 # wire before end() runs) is a normal close, not a disconnect.
-                if scope is not None and record is not None and not (
-                    self._response_complete() or self.body_left == 0
-                ):
+                if record is not None and not (self._response_complete() or self.body_left == 0):
                     record.error = record.error or ClientDisconnected.proxy_status
-                    scope.cancel()
+                    if self._nursery is not None:
+                        self._nursery.cancel_scope.cancel()  # the exchange and the connection
             if delivered is not None:
                 delivered.set()
 
