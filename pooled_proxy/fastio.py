@@ -17,6 +17,7 @@ send, and one receive, on a stream at a time, as with trio's streams.
 
 from __future__ import annotations
 
+import math
 import os
 
 import trio
@@ -35,10 +36,18 @@ def _fd(stream: trio.SocketStream) -> int:
     return fd
 
 
-async def send_all(stream: trio.abc.Stream, data: bytes) -> None:
-    """``stream.send_all(data)``."""
+async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float = math.inf) -> None:
+    """``stream.send_all(data)``; ``trio.TooSlowError`` if the peer does not take it all
+    within ``timeout`` seconds.
+
+    The timer (a cancel scope, which costs as much as the write itself) is only set up when
+    the kernel cannot take the data at once, which on a plain TCP stream is rare.
+    """
     if type(stream) is not trio.SocketStream:
-        await stream.send_all(data)
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            await stream.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
         return
     fd = _fd(stream)
     await checkpoint_if_cancelled()
@@ -50,12 +59,15 @@ async def send_all(stream: trio.abc.Stream, data: bytes) -> None:
         await cancel_shielded_checkpoint()
         return
     view = memoryview(data)
-    while sent < len(view):
-        await wait_writable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
-        try:
-            sent += os.write(fd, view[sent:])
-        except BlockingIOError:
-            pass
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        while sent < len(view):
+            await wait_writable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
+            try:
+                sent += os.write(fd, view[sent:])
+            except BlockingIOError:
+                pass
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
 
 
 async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:

@@ -107,3 +107,16 @@ async def test_other_streams_use_their_own_methods() -> None:
         await fastio.send_all(send, b"memory")
         data = await fastio.receive_some(receive, 100)
     assert data == b"memory" and type(data) is bytes  # memory streams give bytearray
+
+
+async def test_a_write_the_peer_does_not_take_times_out_at_its_timeout(autojump_clock) -> None:
+    left, right = await _pair()
+    async with left, right:
+        start = trio.current_time()
+        with trio.move_on_after(60) as guard, pytest.raises(trio.TooSlowError):
+            await fastio.send_all(left, b"x" * 16_000_000, timeout=7.0)  # more than the buffers hold
+        assert not guard.cancelled_caught
+        assert trio.current_time() - start == pytest.approx(7.0)
+        # A write the kernel takes at once never waits, whatever the timeout.
+        await fastio.send_all(right, b"y", timeout=0.0)
+        assert await fastio.receive_some(left, 10) == b"y"
