@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 
 import trio
 
@@ -96,13 +95,18 @@ class _Upload:
         self._start_header_clock(header_timeout)
 
 
-@dataclass(frozen=True, slots=True)
 class _WholeResponse:
-    """A response that arrived complete with its head, to be sent in one write."""
+    """A response that arrived complete with its head, to be sent in one write.
 
-    status: int
-    headers: Headers
-    body: bytes
+    (A plain slotted class: a frozen dataclass's ``__init__`` costs a microsecond more.)
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
 
 class LiveCounts:

@@ -231,12 +231,15 @@ class _StreamChecker:
         ``data`` (no copy into the block buffer) and return its length; 0 for anything else,
         which the state machine then takes byte for byte, violations included."""
         end = data.find(b"\r\n\r\n") + 4
+        if end < 4 or end > self.max_head_bytes or not data.startswith(self._start):
+            return 0
+        # No bare CR or LF: every CR and every LF is part of a CRLF. (Three counts in C
+        # take a sixth of the time of the regex search the state machine uses.)
+        line_ends = data.count(b"\r\n", 0, end)
         if (
-            end < 4
-            or end > self.max_head_bytes
-            or not data.startswith(self._start)
+            data.count(b"\n", 0, end) != line_ends
+            or data.count(b"\r", 0, end) != line_ends
             or data.find(b"\x00", 0, end) >= 0
-            or _BARE_CR_OR_LF.search(data, 0, end) is not None
         ):
             return 0
         self._block_start = self._offset
