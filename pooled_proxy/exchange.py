@@ -30,6 +30,10 @@ class RequestHead:
     client_ip: bytes
     has_body: bool
     content_length: int | None = None
+    # The method, target and every header already passed the HTTP/1.1 framing checks, and
+    # none of them changes how h11 would frame the request upstream (no body, no
+    # Connection, Upgrade or Expect): the upstream connection may write it as it is.
+    checked: bool = False
 
     @property
     def path(self) -> bytes:

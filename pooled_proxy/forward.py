@@ -293,7 +293,9 @@ class Forwarder:
         """Send the request and relay the response; see ``_relay_response`` for what it returns."""
         header_timeout = upstream.response_header_timeout or math.inf
         if upload is None:
-            await connection.send_request(head.method, target, headers, end=True)
+            await connection.send_request(
+                head.method, target, headers, end=True, checked=head.checked and upgrade is None
+            )
             sent_at = trio.current_time()
             return await self._relay_response(
                 connection, upstream, None, sent_at + header_timeout, sink, record,

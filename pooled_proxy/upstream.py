@@ -230,14 +230,23 @@ class UpstreamConnection:
             raise UpstreamClosed(f"upstream {self.server} closed while we were sending: {exc}") from None
 
     async def send_request(
-        self, method: bytes, target: bytes, headers: Headers, *, end: bool
+        self, method: bytes, target: bytes, headers: Headers, *, end: bool, checked: bool = False
     ) -> None:
-        """Send the request head; with ``end``, the request has no body and is complete."""
+        """Send the request head; with ``end``, the request has no body and is complete.
+
+        ``checked``: every part of the head already passed the HTTP/1.1 framing checks and
+        none changes h11's framing (see ``RequestHead.checked``), so it is written as it is.
+        """
         self.requests_sent += 1
         self.received_bytes = 0
         self._checker.expect(method)
         if end and self._h11.our_state is h11.IDLE:
-            data = _fast_request(method, target, headers)
+            if checked:
+                data: bytes | None = b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (
+                    method, target, b"\r\n".join(map(b": ".join, headers))
+                )
+            else:
+                data = _fast_request(method, target, headers)
             if data is not None:
                 self._start_fast(method, target, headers)
                 await self._send(data)

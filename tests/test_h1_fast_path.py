@@ -16,6 +16,8 @@ import trio
 
 from pooled_proxy.server import http1
 from tests.helpers import HOST, make_config, raw_exchange, start_proxy
+from tests.test_upstream_fast_path import as_h11_writes_it
+from tests.test_upstream_fast_path import run as run_scripted
 
 CASES = [
     (b"GET", b"/", []),
@@ -176,3 +178,23 @@ async def test_a_target_h11_refuses_is_still_refused(nursery, demo_upstream, fas
     with trio.fail_after(5):
         answer = await raw_exchange(proxy.port, b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ") and fast_requests == []
+
+
+async def test_a_checked_request_goes_upstream_as_h11_writes_it(nursery):
+    # A fast client request is written upstream without a second validation; what arrives
+    # must still be byte for byte what h11 would have written, odd but valid values included.
+    upstream, proxy = await run_scripted(nursery, {})
+    request = (
+        b"GET /ok?a=%20b HTTP/1.1\r\nHost: example.test:8080\r\nX-Tabs:\tin\t side \r\n"
+        b"X-Obs: caf\xc3\xa9\r\nX-Forwarded-For: 10.0.0.1\r\nVia: 1.0 edge\r\nAccept: */*\r\n\r\n"
+    )
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(HOST, proxy.port)
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(request)
+                assert (await stream.receive_some(65536)).endswith(b"\r\n\r\nok")
+    heads = upstream.requests[0]
+    assert len(heads) == 2 and heads[0] == heads[1] == as_h11_writes_it(heads[0])
+    assert b"\r\nx-tabs: in\t side\r\n" in heads[0]
+    assert b"\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n" in heads[0]

@@ -201,6 +201,7 @@ class HTTP1Connection:
             client_ip=self.client_ip,
             has_body=False,
             content_length=head.content_length,
+            checked=head.content_length is None,  # a Content-Length: 0 goes through h11
         )
         return _FastRequest(request, close)
 
