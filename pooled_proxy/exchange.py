@@ -7,7 +7,7 @@ protocol the client speaks.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -131,3 +131,8 @@ class Exchange:
     # Set by the HTTP/1.1 front end for a bodiless request asking for a WebSocket upgrade:
     # forward() then keeps the Upgrade headers and turns a 101 into a byte tunnel.
     upgrade: ClientUpgrade | None = None
+    # Called (maybe more than once) before the forwarder waits on something other than the
+    # client: a pool queue, a connect, the upstream's answer. The HTTP/1.1 front end starts
+    # watching the client for a disconnect only then, so an exchange answered at once
+    # costs no watch at all.
+    on_wait: Callable[[], None] | None = None

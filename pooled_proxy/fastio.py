@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import trio
 from trio.lowlevel import (
@@ -70,15 +71,25 @@ async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float = math.i
         raise trio.TooSlowError
 
 
-async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
-    """``stream.receive_some(max_bytes)``: ``b""`` at the end of the stream."""
+async def receive_some(
+    stream: trio.abc.Stream, max_bytes: int, before_wait: Callable[[], None] | None = None
+) -> bytes:
+    """``stream.receive_some(max_bytes)``: ``b""`` at the end of the stream.
+
+    ``before_wait`` is called when nothing has arrived yet and the call is about to wait
+    (on any stream but a plain TCP one: always, as that cannot be known in advance).
+    """
     if type(stream) is not trio.SocketStream:
+        if before_wait is not None:
+            before_wait()
         return bytes(await stream.receive_some(max_bytes))
     fd = _fd(stream)
     await checkpoint_if_cancelled()
     try:
         data = os.read(fd, max_bytes)
     except BlockingIOError:
+        if before_wait is not None:
+            before_wait()
         while True:
             await wait_readable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
             try:

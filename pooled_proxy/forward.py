@@ -219,7 +219,7 @@ class Forwarder:
             pool, health = group.choose(exclude=exclude)
             record.upstream_server = str(pool.server)
             try:
-                connection, reused = await pool.acquire()
+                connection, reused = await pool.acquire(exchange.on_wait)
             except (UpstreamConnectError, ConnectTimeout):
                 health.record_failure(trio.current_time())
                 if attempt == 0 and len(group.pools) > 1:
@@ -227,6 +227,7 @@ class Forwarder:
                     continue
                 raise
             record.upstream_reused = reused
+            connection.on_wait = exchange.on_wait
             if not reused:
                 record.connect_time = connection.connect_time
             try:

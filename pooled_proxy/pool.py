@@ -215,11 +215,14 @@ class UpstreamPool:
         connection.close()
         self._closed_by[reason] += 1
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+    async def acquire(
+        self, on_wait: Callable[[], None] | None = None
+    ) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it is a reused one.
 
         Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
         ``queue_timeout``, and the connect errors of :func:`open_connection`.
+        ``on_wait`` is called first when there is no idle connection to hand out at once.
         """
         if self._closing:
             raise Draining("upstream pool is closing")
@@ -232,6 +235,8 @@ class UpstreamPool:
             # No checkpoint on this path on purpose: it is the hot path, and the exchange
             # checkpoints on its first send anyway.
             return connection, True
+        if on_wait is not None:
+            on_wait()
         if state.can_open():
             state.connecting += 1
             return await self._open(), False

@@ -25,6 +25,7 @@ import math
 import re
 import select
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -149,6 +150,8 @@ class UpstreamConnection:
         self.send_failed = False
         self.upgraded = False  # switched protocols (101): a tunnel owns the stream now
         self.trailers: Headers = []
+        # The exchange's Exchange.on_wait, called before a read has to wait for the upstream.
+        self.on_wait: Callable[[], None] | None = None
         # Every response byte passes the strict framing checks before h11 reads it.
         self._checker = ResponseChecker(max_head_bytes=MAX_RESPONSE_HEAD)
         # The fast path (see the module docstring). While ``_fast`` is set, the current
@@ -290,7 +293,7 @@ class UpstreamConnection:
     async def _receive(self) -> bytes:
         """The next bytes from the upstream, already checked (``b""`` when it closed)."""
         try:
-            data = await fastio.receive_some(self._stream, MAX_RECEIVE)
+            data = await fastio.receive_some(self._stream, MAX_RECEIVE, self.on_wait)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close()
             raise UpstreamClosed(f"upstream {self.server} reset the connection: {exc}") from None

@@ -1,6 +1,6 @@
 """The HTTP/1.1 client watch across keep-alive cycles.
 
-One task per client connection watches the socket while an exchange runs and keeps
+One task per client connection watches the socket while an exchange waits and keeps
 waiting into the idle time after it, so the next request arrives through it: these tests
 check that a disconnect is still seen on later exchanges of a connection, that a client
 closing an idle connection frees it at once, and that requests sent after an idle wait,
@@ -81,3 +81,36 @@ async def test_requests_after_idle_waits_and_pipelined_ones_are_answered_in_orde
             await trio.sleep(0.02)
             await stream.send_all(b"GET /status/205 HTTP/1.1\r\nHost: a\r\n\r\n")
             assert await statuses_until(6) == [b"200", b"201", b"202", b"203", b"204", b"205"]
+
+
+async def test_a_client_that_leaves_while_queued_for_a_connection_is_let_go_at_once(
+    nursery, demo_upstream
+):
+    # The watch starts when an exchange has to wait (here in the pool's queue, behind a slow
+    # request holding the only connection), not only when it waits for the upstream.
+    _, port = demo_upstream
+    records: list[ExchangeRecord] = []
+    proxy = await start_proxy(
+        nursery, make_config(port, max_connections=1, queue_timeout=5.0), observers=(records.append,)
+    )
+    with trio.fail_after(5):
+        holder = await H11Client.connect(proxy.port)
+        await holder.send(
+            h11.Request(method="GET", target="/slow?delay=1", headers=[("host", "a")]),
+            h11.EndOfMessage(),
+        )
+        await wait_until(lambda: proxy.pool().statistics().in_use == 1)
+        queued = await H11Client.connect(proxy.port)
+        await queued.send(
+            h11.Request(method="GET", target="/status/200", headers=[("host", "a")]),
+            h11.EndOfMessage(),
+        )
+        await wait_until(lambda: proxy.pool().statistics().waiting == 1)
+        await queued.aclose()
+        left = trio.current_time()
+        await wait_until(lambda: len(records) == 1)
+        assert trio.current_time() - left < 0.5  # the slow one still runs
+        assert records[0].error == "client_disconnected" and records[0].target == b"/status/200"
+        assert proxy.pool().statistics().waiting == 0
+        assert isinstance(await holder.next_event(), h11.Response)
+        await holder.aclose()

@@ -104,9 +104,10 @@ class HTTP1Connection:
         self.head_sent = False
         self.close_after_response = False
         self.client_gone = False
-        # The client watch (see _watch_client): one task per connection, started with the
-        # first exchange. Armed once an exchange's request is read whole, it owns the receive
-        # side until it has read something (or the end of the stream).
+        # The client watch (see _watch_client): one task per connection, started by the
+        # first exchange that has to wait. Armed when an exchange whose request was read
+        # whole starts waiting, it owns the receive side until it has read something (or
+        # the end of the stream).
         self._nursery: trio.Nursery | None = None
         self._watching = False  # the watch task was started
         self._watch_armed = trio.Event()
@@ -527,6 +528,9 @@ class HTTP1Connection:
             sink=self,
             record=record,
             upgrade=None if self._fast_cycle or not self._may_upgrade(head) else self,
+            # A bodiless exchange watches the client only once it has to wait upstream; one
+            # with a body, once the body is read (_request_body), never while it is read.
+            on_wait=self._arm_watch if upload is None else None,
         )
         self.head_sent = False
         self.request_method = head.method
@@ -535,8 +539,8 @@ class HTTP1Connection:
         try:
             if exchange.upgrade is None:  # a tunnel reads the client itself
                 self._exchange_record = record
-                if not head.has_body:
-                    self._arm_watch()
+            else:
+                exchange.on_wait = None
             await self.proxy.forwarder.forward(exchange)
         finally:
             self._exchange_record = None
@@ -569,14 +573,17 @@ class HTTP1Connection:
         return head
 
     def _arm_watch(self) -> None:
-        """The exchange's request is read whole: from now the watch owns the receive side."""
+        """The exchange's request is read whole and it is about to wait for the upstream (or
+        the pool): from now the watch owns the receive side. Idempotent."""
         if (
             self._exchange_record is None
+            or self._watch_delivered is not None
             or self._fast_request is not None
             or self.h11.trailing_data[0]
             or self._nursery is None
         ):
-            return  # a tunnel, or the next request is already here: nothing to wait for
+            # A tunnel, the watch already armed, or the next request already here.
+            return
         if not self._watching:
             self._watching = True
             self._nursery.start_soon(self._watch_client)
@@ -593,7 +600,9 @@ class HTTP1Connection:
         next request (pipelined, or sent after the response): they are kept for the next
         cycle and the watch ends until the next exchange arms it.
 
-        One task for the connection's life rather than one per exchange: armed, it keeps
+        One task for the connection's life rather than one per exchange, started the first
+        time an exchange has to wait (Exchange.on_wait: for the pool or the upstream; one
+        answered at once never needs it, and then costs no task switch). Armed, it keeps
         waiting through the end of the exchange into the idle time after it, so the next
         request arrives through it and nothing is started or cancelled per request.
         """
