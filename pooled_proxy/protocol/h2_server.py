@@ -13,8 +13,12 @@ a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+import h2.utilities
 
 from ..errors import ClientError
 from ..exchange import RequestHead
@@ -206,3 +210,52 @@ def request_head(
         has_body=not end_stream,
         content_length=content_length,
     )
+
+
+# -- h2's inbound character check, without a Python loop per byte --------------------------
+
+# RFC 9113 section 8.2.1, as h2's _reject_illegal_characters reads it: a name is visible
+# ASCII but upper case and ':' (a leading ':' marks a pseudo-header); a value holds no NUL,
+# CR or LF and neither starts nor ends with SP or HTAB. NUL is in neither, so a block's
+# names (or values) joined with NUL are checked by one match.
+_NAME = rb":?[!-9;-@\[-~]*"
+_VALUE = rb"(?:[^\x00\n\r\t ](?:[^\x00\n\r]*[^\x00\n\r\t ])?)?"
+_NAMES_OK = re.compile(_NAME + rb"(?:\x00" + _NAME + rb")*")
+_VALUES_OK = re.compile(_VALUE + rb"(?:\x00" + _VALUE + rb")*")
+_h2_reject_illegal_characters = h2.utilities._reject_illegal_characters
+
+
+def reject_illegal_characters(headers: Iterable[Any], hdr_validation_flags: Any) -> Iterator[Any]:
+    """h2's ``_reject_illegal_characters`` with the same verdicts, two regex matches a block.
+
+    h2 checks every byte of every received name and value in a Python loop (~2.5% of the
+    proxy's CPU under h2load; 7 us for h2load's 7 fields, this takes 2.5). A block the
+    regexes accept is one h2 accepts; any other goes through h2's own check, which raises
+    its own ProtocolError and message, in the same order among the later checks.
+    """
+    headers = list(headers)
+    try:
+        names = b"\x00".join([header[0] for header in headers])
+        values = b"\x00".join([header[1] for header in headers])
+    except TypeError:  # str fields (h2 with a header_encoding): h2's check takes those
+        return _h2_reject_illegal_characters(headers, hdr_validation_flags)
+    # A NUL inside a field would pass for a separator: the count says there is none.
+    separators = len(headers) - 1
+    if (
+        names.count(0) == separators
+        and values.count(0) == separators
+        and _NAMES_OK.fullmatch(names) is not None
+        and _VALUES_OK.fullmatch(values) is not None
+    ):
+        return iter(headers)
+    return _h2_reject_illegal_characters(headers, hdr_validation_flags)
+
+
+def install_fast_header_checks() -> None:
+    """Make h2's inbound header validation use :func:`reject_illegal_characters`.
+
+    h2's ``validate_headers`` looks the check up in its module at each call, so replacing
+    the module attribute is enough; h2 versions without it are left alone.
+    """
+    if getattr(h2.utilities, "_reject_illegal_characters", None) is _h2_reject_illegal_characters:
+        h2.utilities._reject_illegal_characters = reject_illegal_characters  # type: ignore[assignment]

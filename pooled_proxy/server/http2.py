@@ -42,7 +42,13 @@ from ..errors import (
 )
 from ..exchange import NO_BODY, Exchange, ExchangeRecord
 from ..headers import HOP_BY_HOP, Headers, h1_response_to_h2
-from ..protocol.h2_server import AbuseLimits, FrameGuard, H2Abuse, request_head
+from ..protocol.h2_server import (
+    AbuseLimits,
+    FrameGuard,
+    H2Abuse,
+    install_fast_header_checks,
+    request_head,
+)
 from ..proxy import Proxy
 
 LOG = logging.getLogger("pooled_proxy.http2")
@@ -59,6 +65,8 @@ OUTBOX_PAUSE = 256 * 1024
 CLOSE_TIMEOUT = 2.0
 DEFAULT_WINDOW = 65535
 SETTING = h2.settings.SettingCodes
+
+install_fast_header_checks()
 
 
 class _StreamGone(Exception):
@@ -78,32 +86,37 @@ class H2Stream:
         self.inbound: deque[tuple[bytes, int]] = deque()
         self.unacknowledged = 0  # flow-controlled bytes received and not yet credited back
         self.request_ended = False
-        self._body_arrived = trio.Event()
+        # Events are made only when someone waits (most streams never do).
+        self._body_arrived: trio.Event | None = None
         # response, drained by the writer
         self.outbound = bytearray()
         self.end_requested = False
         self.trailers: Headers | None = None
         self.ended = False  # END_STREAM is queued for the client
         self.closed = False  # reset by either side, or the connection is going away
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None
 
     # -- reader side -----------------------------------------------------------------------
 
     def data_received(self, data: bytes, flow_controlled_length: int) -> None:
         self.unacknowledged += flow_controlled_length
         self.inbound.append((data, flow_controlled_length))
-        self._body_arrived.set()
+        if self._body_arrived is not None:
+            self._body_arrived.set()
 
     def request_complete(self) -> None:
         self.request_ended = True
-        self._body_arrived.set()
+        if self._body_arrived is not None:
+            self._body_arrived.set()
 
     def close(self) -> None:
         """No more I/O on this stream: wake whoever waits on it."""
         self.closed = True
         self.outbound.clear()
-        self._body_arrived.set()
-        self._progress.set()
+        if self._body_arrived is not None:
+            self._body_arrived.set()
+        if self._progress is not None:
+            self._progress.set()
 
     async def request_body(self) -> AsyncIterator[bytes]:
         server = self.connection.proxy.server
@@ -112,9 +125,9 @@ class H2Stream:
         received = 0
         while True:
             while not self.inbound and not self.request_ended and not self.closed:
-                self._body_arrived = trio.Event()
+                arrived = self._body_arrived = trio.Event()
                 with trio.move_on_after(body_timeout) as waited:
-                    await self._body_arrived.wait()
+                    await arrived.wait()
                 if waited.cancelled_caught:
                     raise RequestBodyTimeout(f"request body stalled for {server.body_timeout:g}s")
             if self.closed:
@@ -142,17 +155,24 @@ class H2Stream:
         self, status: int, headers: Headers, *, body: bytes = b"", end: bool = False
     ) -> None:
         connection = self.connection
-        connection.send_headers(self, h1_response_to_h2(status, headers), end=end and not body)
+        connection.send_headers(
+            self, h1_response_to_h2(status, headers), end=end and not body, pull=not body
+        )
         self.head_sent = True
         if not body:
             if end:
                 self.end_requested = self.ended = True
+                # The exchange is over and its task about to end: no checkpoint (a trip
+                # through the scheduler) for nothing.
+                return
             await trio.lowlevel.checkpoint()
             return
         if connection.send_now(self, body, end=end):
             # Most responses: HEADERS, DATA and END_STREAM leave in the same write.
-            await trio.lowlevel.checkpoint()
+            if not end:
+                await trio.lowlevel.checkpoint()
             return
+        connection._pull()
         # The body (and the end) queue behind the head, for the writer to send as the
         # client's window allows: one wait instead of one per send_data() and end().
         self.outbound += body
@@ -183,8 +203,7 @@ class H2Stream:
                 if name.lower() not in HOP_BY_HOP and not name.startswith(b":")
             ]
         elif self.connection.send_now(self, b"", end=True):
-            await trio.lowlevel.checkpoint()
-            return
+            return  # the exchange is over: no checkpoint for nothing (see send_head)
         self.end_requested = True
         self.connection.schedule(self)
         await self._wait_for(lambda: self.ended)
@@ -203,8 +222,8 @@ class H2Stream:
         write_timeout = self.connection.proxy.server.write_timeout or math.inf
         with trio.move_on_after(write_timeout) as waited:
             while not done() and not self.closed:
-                self._progress = trio.Event()
-                await self._progress.wait()
+                progress = self._progress = trio.Event()
+                await progress.wait()
         if self.closed:
             raise ClientDisconnected("client reset the stream")
         if waited.cancelled_caught:
@@ -213,7 +232,8 @@ class H2Stream:
         await trio.lowlevel.checkpoint()
 
     def progressed(self) -> None:
-        self._progress.set()
+        if self._progress is not None:
+            self._progress.set()
 
 
 class HTTP2Connection:
@@ -411,8 +431,10 @@ class HTTP2Connection:
         assert stream_id is not None
         # Counted here, not with h2's open_inbound_streams: h2 has already opened every
         # stream of the bytes just read, so its count runs ahead of the one being decided.
-        active = sum(1 for s in self.streams.values() if not (s.ended or s.closed))
-        if self.goaway_sent or active >= self.max_streams:
+        if self.goaway_sent or (
+            len(self.streams) >= self.max_streams
+            and sum(1 for s in self.streams.values() if not (s.ended or s.closed)) >= self.max_streams
+        ):
             self.guard.note_refused(now)
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
@@ -583,14 +605,15 @@ class HTTP2Connection:
         self.h2.acknowledge_received_data(flow_controlled_length, stream.id)
         self._pull()
 
-    def send_headers(self, stream: H2Stream, headers: Headers, *, end: bool) -> None:
+    def send_headers(self, stream: H2Stream, headers: Headers, *, end: bool, pull: bool = True) -> None:
         if stream.closed:
             raise ClientDisconnected("client reset the stream")
         try:
             self.h2.send_headers(stream.id, headers, end_stream=end)
         except h2.exceptions.ProtocolError as exc:
             raise ClientDisconnected(f"cannot send headers on stream {stream.id}: {exc}") from None
-        self._pull()
+        if pull:
+            self._pull()
 
     def send_now(self, stream: H2Stream, data: bytes, *, end: bool) -> bool:
         """Hand ``data`` (and END_STREAM if ``end``) to h2 at once, outside the round robin.
