@@ -72,9 +72,13 @@ async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float = math.i
 
 
 async def receive_some(
-    stream: trio.abc.Stream, max_bytes: int, before_wait: Callable[[], None] | None = None
+    stream: trio.abc.Stream,
+    max_bytes: int,
+    before_wait: Callable[[], None] | None = None,
+    deadline: float = math.inf,
 ) -> bytes:
-    """``stream.receive_some(max_bytes)``: ``b""`` at the end of the stream.
+    """``stream.receive_some(max_bytes)``: ``b""`` at the end of the stream;
+    ``trio.TooSlowError`` if nothing came by ``deadline`` (a timer is only set if it waits).
 
     ``before_wait`` is called when nothing has arrived yet and the call is about to wait
     (on any stream but a plain TCP one: always, as that cannot be known in advance).
@@ -82,7 +86,11 @@ async def receive_some(
     if type(stream) is not trio.SocketStream:
         if before_wait is not None:
             before_wait()
-        return bytes(await stream.receive_some(max_bytes))
+        if deadline == math.inf:
+            return bytes(await stream.receive_some(max_bytes))
+        with trio.CancelScope(deadline=deadline):
+            return bytes(await stream.receive_some(max_bytes))
+        raise trio.TooSlowError
     fd = _fd(stream)
     await checkpoint_if_cancelled()
     try:
@@ -90,11 +98,19 @@ async def receive_some(
     except BlockingIOError:
         if before_wait is not None:
             before_wait()
-        while True:
-            await wait_readable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
-            try:
-                return os.read(fd, max_bytes)
-            except BlockingIOError:
-                pass
+        if deadline == math.inf:
+            return await _read_when_readable(fd, max_bytes)
+        with trio.CancelScope(deadline=deadline):
+            return await _read_when_readable(fd, max_bytes)
+        raise trio.TooSlowError
     await cancel_shielded_checkpoint()
     return data
+
+
+async def _read_when_readable(fd: int, max_bytes: int) -> bytes:
+    while True:
+        await wait_readable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass

@@ -341,14 +341,20 @@ class Forwarder:
         it in one write once the upstream connection is back in the pool.
         """
         while True:
-            head_scope = trio.CancelScope(
-                deadline=upload.header_deadline if upload is not None else header_deadline
-            )
-            if upload is not None:
-                upload.head_scope = head_scope
-            with head_scope:
-                response = await connection.receive_response_head()
-            if head_scope.cancelled_caught:
+            timed_out = False
+            if upload is None:
+                # The deadline is fixed: the connection only sets a timer if it has to wait.
+                try:
+                    response = await connection.receive_response_head(header_deadline)
+                except trio.TooSlowError:
+                    timed_out = True
+            else:
+                # The upload moves the deadline when its last byte goes out: a cancel scope.
+                head_scope = upload.head_scope = trio.CancelScope(deadline=upload.header_deadline)
+                with head_scope:
+                    response = await connection.receive_response_head()
+                timed_out = head_scope.cancelled_caught
+            if timed_out:
                 connection.close()
                 raise ResponseHeaderTimeout(
                     f"no response head from {connection.server} within "

@@ -290,10 +290,11 @@ class UpstreamConnection:
             return UpstreamProtocolError(f"bad response from {self.server}: {exc}")
         return UpstreamClosed(f"upstream {self.server} closed the connection mid-response: {exc}")
 
-    async def _receive(self) -> bytes:
-        """The next bytes from the upstream, already checked (``b""`` when it closed)."""
+    async def _receive(self, deadline: float = math.inf) -> bytes:
+        """The next bytes from the upstream, already checked (``b""`` when it closed);
+        ``trio.TooSlowError`` if none came by ``deadline``."""
         try:
-            data = await fastio.receive_some(self._stream, MAX_RECEIVE, self.on_wait)
+            data = await fastio.receive_some(self._stream, MAX_RECEIVE, self.on_wait, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close()
             raise UpstreamClosed(f"upstream {self.server} reset the connection: {exc}") from None
@@ -308,7 +309,7 @@ class UpstreamConnection:
             raise UpstreamProtocolError(f"bad response from {self.server}: {exc}") from None
         return data
 
-    async def _next_event(self) -> Any:
+    async def _next_event(self, deadline: float = math.inf) -> Any:
         while True:
             try:
                 event = self._h11.next_event()
@@ -316,7 +317,7 @@ class UpstreamConnection:
                 raise self._parse_error(exc) from None
             if event is not h11.NEED_DATA:
                 return event
-            data = await self._receive()
+            data = await self._receive(deadline)
             self._h11.receive_data(bytes(data))  # h11_mypyc takes bytes only
 
     def _restart_keepalive_clock(self) -> None:
@@ -328,12 +329,14 @@ class UpstreamConnection:
                 0.0, self.keepalive_advertised - KEEPALIVE_SAFETY_MARGIN
             )
 
-    async def receive_response_head(self) -> ResponseHead:
+    async def receive_response_head(self, deadline: float = math.inf) -> ResponseHead:
+        """The next response head (a 1xx, or the final one); ``trio.TooSlowError`` if it is
+        not complete by ``deadline``."""
         if self._fast:
-            head = await self._fast_response_head()
+            head = await self._fast_response_head(deadline)
             if head is not None:
                 return head
-        event = await self._next_event()
+        event = await self._next_event(deadline)
         if isinstance(event, h11.Response):
             headers = list(event.headers)
             self.keepalive_advertised = keep_alive_timeout(headers)
@@ -344,13 +347,13 @@ class UpstreamConnection:
         self.close()
         raise UpstreamClosed(f"upstream {self.server} closed the connection before a response")
 
-    async def _fast_response_head(self) -> ResponseHead | None:
+    async def _fast_response_head(self, deadline: float) -> ResponseHead | None:
         """The head of the response to a fast request, if it is one the fast path serves;
         else ``None``, after handing the exchange over to h11."""
         checker = self._checker
         eof = False
         while checker.heads == self._heads_before:
-            data = await self._receive()
+            data = await self._receive(deadline)
             if not data:
                 eof = True  # mid-head: h11 says what that is
                 break

@@ -120,3 +120,20 @@ async def test_a_write_the_peer_does_not_take_times_out_at_its_timeout(autojump_
         # A write the kernel takes at once never waits, whatever the timeout.
         await fastio.send_all(right, b"y", timeout=0.0)
         assert await fastio.receive_some(left, 10) == b"y"
+
+
+async def test_a_read_with_nothing_to_read_times_out_at_its_deadline(autojump_clock) -> None:
+    left, right = await _pair()
+    async with left, right:
+        start = trio.current_time()
+        woken: list[float] = []
+        with trio.move_on_after(60) as guard, pytest.raises(trio.TooSlowError):
+            await fastio.receive_some(
+                left, 10, before_wait=lambda: woken.append(trio.current_time()), deadline=start + 3.0
+            )
+        assert not guard.cancelled_caught
+        assert trio.current_time() - start == pytest.approx(3.0) and woken == [start]
+        # Bytes already there are read whatever the deadline, without waiting.
+        await fastio.send_all(right, b"z")
+        await trio.sleep(0)
+        assert await fastio.receive_some(left, 10, deadline=trio.current_time() - 1) == b"z"
