@@ -107,6 +107,17 @@ async def receive_some(
     return data
 
 
+def receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
+    """What ``receive_some`` would return at once, or ``None`` if it would have to wait (or
+    cannot tell: not a plain TCP stream). Not a checkpoint."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    try:
+        return os.read(_fd(stream), max_bytes)
+    except BlockingIOError:
+        return None
+
+
 async def _read_when_readable(fd: int, max_bytes: int) -> bytes:
     while True:
         await wait_readable(fd)  # raises ClosedResourceError if the socket is closed meanwhile

@@ -137,3 +137,15 @@ async def test_a_read_with_nothing_to_read_times_out_at_its_deadline(autojump_cl
         await fastio.send_all(right, b"z")
         await trio.sleep(0)
         assert await fastio.receive_some(left, 10, deadline=trio.current_time() - 1) == b"z"
+
+
+async def test_receive_now_never_waits() -> None:
+    left, right = await _pair()
+    async with left, right:
+        assert fastio.receive_now(left, 10) is None
+        await fastio.send_all(right, b"abc")
+        await trio.sleep(0.01)
+        assert fastio.receive_now(left, 10) == b"abc"
+        await right.aclose()
+        await trio.sleep(0.01)
+        assert fastio.receive_now(left, 10) == b""

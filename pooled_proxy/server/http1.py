@@ -227,6 +227,18 @@ class HTTP1Connection:
             or self.proxy.draining
         ):
             return not self.proxy.draining
+        if self._watch_delivered is None:
+            # The write that ended the last response yielded, so the client's next request
+            # may be here already: then there is no need for a timer (a cancel scope).
+            try:
+                data = fastio.receive_now(self.stream, MAX_RECEIVE)
+            except (trio.ClosedResourceError, OSError):
+                return False
+            if data is not None:
+                # A request (or part of one, or a violation, or b"": the client closed) for
+                # the next read to report.
+                self._feed(data)
+                return True
         scope = trio.CancelScope(deadline=trio.current_time() + self.proxy.server.keepalive_timeout)
         self.proxy.idle_waits.add(scope)
         try:
