@@ -451,7 +451,7 @@ class HTTP2Connection:
         self.streams[stream_id] = stream
         self.streams_started += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, stream, list(event.headers or ()), bodiless)
+        self._nursery.start_soon(self._run_stream, stream, event.headers or [], bodiless)
         limit = self.proxy.server.max_requests_per_connection
         if limit and self.streams_started >= limit:
             self._start_goaway()
@@ -463,11 +463,6 @@ class HTTP2Connection:
         proxy.active_exchanges += 1
         try:
             with stream.scope:
-                for name, value in header_block:
-                    if name == b":method":
-                        record.method = value
-                    elif name == b":path":
-                        record.target = value
                 try:
                     head = request_head(
                         header_block,
@@ -476,10 +471,16 @@ class HTTP2Connection:
                         client_ip=self.client_ip,
                         max_header_count=proxy.server.max_header_count,
                     )
+                    record.method, record.target = head.method, head.target
                     limit = proxy.server.max_body_bytes
                     if limit and (head.content_length or 0) > limit:
                         raise BodyTooLarge(f"Content-Length over max_body_bytes ({limit})")
                 except ProxyError as exc:
+                    for name, value in header_block:  # for the log, whatever was refused
+                        if name == b":method":
+                            record.method = value
+                        elif name == b":path":
+                            record.target = value
                     await forwarder.answer_error(stream, record, exc)
                     record.duration = trio.current_time() - record.start
                     for observer in forwarder.observers:
