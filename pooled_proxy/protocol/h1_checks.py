@@ -36,6 +36,11 @@ _FIELD_LINE = re.compile(
     rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
     rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?)[ \t]*"
 )
+# Any number of valid field lines, each ending in CRLF: the whole header block at once.
+_FIELD_LINES = re.compile(
+    rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[ \t]*"
+    rb"(?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?[ \t]*\r\n)*"
+)
 _START_LINE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]+")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _REQUEST_LINE = re.compile(rb"(\S+) (\S+) HTTP/([0-9]\.[0-9])")
@@ -98,6 +103,13 @@ def _field_lines(lines: list[bytes], *, max_count: int | None, what: str) -> lis
     """Validate header (or trailer) lines; names are returned lower-case."""
     if max_count is not None and len(lines) > max_count:
         raise Violation(f"more than {max_count} {what} fields", 431)
+    if _FIELD_LINES.fullmatch(b"\r\n".join(lines) + b"\r\n"):
+        # All valid (one regex over the block): split them without matching each again.
+        fields = []
+        for line in lines:
+            name, _, value = line.partition(b":")
+            fields.append((name.lower(), value.strip(_OWS)))
+        return fields
     fields: list[tuple[bytes, bytes]] = []
     for line in lines:
         match = _FIELD_LINE.fullmatch(line)
@@ -218,6 +230,12 @@ class _StreamChecker:
         try:
             if self._state is _State.HEAD and not self._block:
                 self._offset += self._whole_head(data)
+                rest = len(data) - (self._offset - fed_at)
+                if self._state is _State.LENGTH_BODY and 0 < self._remaining <= rest:
+                    # The usual small response: its whole body came with its head.
+                    self._offset += self._remaining
+                    self._remaining = 0
+                    self._state = self._after_message()
             if self._offset - fed_at < len(data):
                 view = memoryview(data)
                 while self._offset - fed_at < len(view):
