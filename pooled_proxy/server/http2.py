@@ -356,7 +356,7 @@ class HTTP2Connection:
             scope = self._read_scope = trio.CancelScope(deadline=self._read_deadline())
             try:
                 with scope:
-                    data = await self.stream.receive_some(MAX_RECEIVE)
+                    data = await fastio.receive_some(self.stream, MAX_RECEIVE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             finally:
