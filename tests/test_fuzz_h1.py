@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pooled_proxy.protocol.h1_checks import RequestChecker, Violation
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.server.http1 import HTTP1Connection
-from tests.faulty_upstream import FaultyUpstream, read_until_close
+from tests.faulty_upstream import FaultyUpstream, SeenRequest, read_until_close
 from tests.helpers import make_config
 
 SERVER = {
@@ -86,6 +86,7 @@ class Outcome:
     in_use: int
     idle: int
     upstream_open: int
+    upstream_seen: list[SeenRequest]
 
 
 def _accepted_heads(data: bytes) -> int:
@@ -131,7 +132,10 @@ def exchange(data: bytes, cuts: list[int], half_close: bool) -> Outcome:
             await client.aclose()
             await trio.testing.wait_all_tasks_blocked()
             stats = proxy.forwarder.upstreams["app"].pools[0].statistics()
-            outcome = Outcome(reply, len(upstream.requests), stats.in_use, stats.idle, upstream.connections_open)
+            outcome = Outcome(
+                reply, len(upstream.requests), stats.in_use, stats.idle, upstream.connections_open,
+                upstream.requests,
+            )
             proxy.forwarder.close()
             nursery.cancel_scope.cancel()
         return outcome

@@ -13,9 +13,12 @@ import re
 import h11
 import pytest
 import trio
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from pooled_proxy.server import http1
 from tests.helpers import HOST, make_config, raw_exchange, start_proxy
+from tests.test_fuzz_h1 import exchange as fuzz_exchange
 from tests.test_upstream_fast_path import as_h11_writes_it
 from tests.test_upstream_fast_path import run as run_scripted
 
@@ -198,3 +201,56 @@ async def test_a_checked_request_goes_upstream_as_h11_writes_it(nursery):
     assert len(heads) == 2 and heads[0] == heads[1] == as_h11_writes_it(heads[0])
     assert b"\r\nx-tabs: in\t side\r\n" in heads[0]
     assert b"\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n" in heads[0]
+
+
+# -- the fast path against h11 on generated requests -------------------------------------------
+
+_TOKEN = st.text("abcdefghijklmnopqrstuvwxyz0123456789-!#$%&'*+.^_`|~", min_size=1, max_size=8)
+_VALUE = st.binary(max_size=12).map(
+    lambda raw: bytes(b if 0x20 <= b < 0x7F or b >= 0x80 or b == 0x09 else 0x61 for b in raw)
+)
+_FIELDS = st.one_of(
+    st.tuples(_TOKEN.map(str.encode), _VALUE),
+    st.sampled_from([
+        (b"Connection", b"close"), (b"Connection", b"keep-alive"), (b"connection", b"TE, close"),
+        (b"Content-Length", b"0"), (b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked"),
+        (b"Expect", b"100-continue"), (b"Upgrade", b"websocket"), (b"TE", b"trailers"),
+        (b"X-Forwarded-For", b"10.1.2.3"), (b"Via", b"1.0 edge"), (b"Host", b"other"),
+        (b"Keep-Alive", b"timeout=5"), (b"Cookie", b"a=b; c=d"), (b"X-Obs", b"caf\xc3\xa9"),
+    ]),
+)
+
+
+@st.composite
+def plausible_requests(draw: st.DrawFn) -> bytes:
+    """Requests a real client might send, on and off the fast path (mostly valid ones)."""
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"POST", b"PROPFIND"]))
+    query = draw(st.sampled_from([b"", b"?size=0", b"?size=5000", b"?chunked=1", b"?x=%20y&z"]))
+    target = draw(st.sampled_from([b"/ok", b"http://a/ok", b"/ok/caf\xc3\xa9"])) + query
+    version = draw(st.sampled_from([b"1.1", b"1.1", b"1.1", b"1.0"]))
+    fields = [(b"Host", b"a")] if draw(st.booleans()) or version == b"1.0" else []
+    fields += draw(st.lists(_FIELDS, max_size=5))
+    head = b"%s %s HTTP/%s\r\n" % (method, target, version)
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in fields)
+    body = b""
+    if (b"Content-Length", b"3") in fields:
+        body = b"abc"
+    elif (b"Transfer-Encoding", b"chunked") in fields:
+        body = b"3\r\nabc\r\n0\r\n\r\n"
+    return head + b"\r\n" + body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=plausible_requests(), repeat=st.integers(1, 2))
+@example(data=b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Close\r\n\r\n", repeat=1)
+@example(data=b"HEAD /ok?chunked=1 HTTP/1.1\r\nHost: a\r\n\r\n", repeat=1)
+@example(data=b"DELETE /ok?size=5000 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", repeat=2)
+@example(data=b"GET /ok?chunked=1 HTTP/1.1\r\nHost: a\r\nX-A: \tb c\t\r\n\r\n", repeat=2)
+def test_a_request_whole_or_in_pieces_gets_the_same_answer(data: bytes, repeat: int) -> None:
+    # Whole, each head arrives in one read and may take the fast path; cut after its third
+    # byte, it cannot, and h11 reads it. The client and the upstream must see the same.
+    whole = fuzz_exchange(data * repeat, [], False)
+    cuts = [i * len(data) + 3 for i in range(repeat)]
+    pieces = fuzz_exchange(data * repeat, cuts, False)
+    assert whole.reply == pieces.reply
+    assert whole.upstream_seen == pieces.upstream_seen
