@@ -252,7 +252,8 @@ class UpstreamPool:
         started = trio.current_time()
         self._queue_waits += 1
         try:
-            with trio.move_on_after(self.config.queue_timeout or math.inf):
+            # A plain scope (move_on_after adds a generator-based context manager per wait).
+            with trio.CancelScope(deadline=started + (self.config.queue_timeout or math.inf)):
                 await waiter.event.wait()
         except BaseException:
             self._abandon(waiter)
