@@ -128,6 +128,10 @@ class Exchange:
     body: AsyncIterator[bytes]
     sink: ResponseSink
     record: ExchangeRecord
+    # The request's whole body, when the front end already has all of it (it came in the
+    # same read as the head): sent upstream with the head, with no upload task. ``body``
+    # is then empty.
+    whole_body: bytes | None = None
     # Set by the HTTP/1.1 front end for a bodiless request asking for a WebSocket upgrade:
     # forward() then keeps the Upgrade headers and turns a 101 into a byte tunnel.
     upgrade: ClientUpgrade | None = None

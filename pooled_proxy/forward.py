@@ -213,7 +213,10 @@ class Forwarder:
             # The client framed its body hop by hop (chunked, or h2 DATA frames) and that
             # framing was dropped; without a length h11 would frame the request as bodiless.
             headers.append((b"transfer-encoding", b"chunked"))
-        upload = _Upload(exchange.body, record) if head.has_body else None
+        whole_body = exchange.whole_body
+        if whole_body is not None:
+            record.bytes_in += len(whole_body)
+        upload = _Upload(exchange.body, record) if head.has_body and whole_body is None else None
         exclude: UpstreamPool | None = None
         for attempt in (0, 1):
             pool, health = group.choose(exclude=exclude)
@@ -234,6 +237,7 @@ class Forwarder:
                 whole = await self._exchange(
                     connection, group.config, head, target, headers, upload, exchange.sink, record,
                     upgrade=exchange.upgrade if upgrade is not None else None,
+                    whole_body=whole_body,
                 )
             except UpstreamClosed:
                 pool.release(connection, reusable=False)
@@ -243,6 +247,7 @@ class Forwarder:
                     and connection.received_bytes == 0
                     and not exchange.sink.head_sent
                     and (upload is None or not upload.started)
+                    and whole_body is None  # a body that went up is not sent twice
                 ):
                     # The keep-alive race: the upstream closed this idle connection just as
                     # we reused it. Nothing reached it, so a fresh connection is safe.
@@ -290,12 +295,17 @@ class Forwarder:
         record: ExchangeRecord,
         *,
         upgrade: ClientUpgrade | None = None,
+        whole_body: bytes | None = None,
     ) -> _WholeResponse | None:
-        """Send the request and relay the response; see ``_relay_response`` for what it returns."""
+        """Send the request and relay the response; see ``_relay_response`` for what it returns.
+
+        A request without a body, or whose ``whole_body`` is at hand, goes up in one write.
+        """
         header_timeout = upstream.response_header_timeout or math.inf
         if upload is None:
             await connection.send_request(
-                head.method, target, headers, end=True, checked=head.checked and upgrade is None
+                head.method, target, headers, end=True, checked=head.checked and upgrade is None,
+                body=whole_body or b"",
             )
             sent_at = trio.current_time()
             return await self._relay_response(

@@ -62,6 +62,10 @@ _TOKENS = re.compile(_TOKEN_CHARS + rb"*")
 _STATEFUL_FIELD = re.compile(
     rb"\r\n(?:connection|content-length|transfer-encoding|upgrade|expect|host):", re.IGNORECASE
 )
+# The same for a request sent with its whole body, whose Content-Length is checked apart.
+_STATEFUL_FIELD_BUT_LENGTH = re.compile(
+    rb"\r\n(?:connection|transfer-encoding|upgrade|expect|host):", re.IGNORECASE
+)
 
 
 class ResponseHead:
@@ -104,11 +108,20 @@ async def open_connection(
     return UpstreamConnection(stream, server)
 
 
-def _fast_request(method: bytes, target: bytes, headers: Headers) -> bytes | None:
-    """The bytes h11 would send for this bodiless request, when it is one the fast path
-    takes (see the module docstring); ``None`` sends it through h11."""
+def _fast_request(
+    method: bytes, target: bytes, headers: Headers, body: bytes = b""
+) -> bytes | None:
+    """The bytes h11 would send for this request, bodiless or with its whole ``body``, when
+    it is one the fast path takes (see the module docstring); ``None`` sends it through h11."""
     if not headers or headers[0][0] != b"host" or method == b"CONNECT":
         return None
+    if body:
+        # Framed by the one Content-Length it carries, which must say what the body is.
+        if [value for name, value in headers if name == b"content-length"] != [b"%d" % len(body)]:
+            return None
+        stateful = _STATEFUL_FIELD_BUT_LENGTH
+    else:
+        stateful = _STATEFUL_FIELD
     try:
         names = b"".join([name for name, _ in headers])
         request_line = b"%s %s HTTP/1.1\r\n" % (method, target)
@@ -121,10 +134,10 @@ def _fast_request(method: bytes, target: bytes, headers: Headers) -> bytes | Non
         # a CR LF inside a value would have made two lines of one
         or data.count(b"\n") != len(headers) + 2
         # Host is first; nothing after it may be one of these
-        or _STATEFUL_FIELD.search(data, len(request_line) + 6 + len(headers[0][1])) is not None
+        or stateful.search(data, len(request_line) + 6 + len(headers[0][1])) is not None
     ):
         return None
-    return data
+    return data + body if body else data
 
 
 def _socket_of(stream: trio.abc.Stream) -> Any:
@@ -157,7 +170,7 @@ class UpstreamConnection:
         # The fast path (see the module docstring). While ``_fast`` is set, the current
         # request went out without h11 and h11 is idle; the rest is that exchange's state.
         self._fast = False
-        self._request: tuple[bytes, bytes, Headers] = (b"", b"", [])  # replayed on fallback
+        self._request: tuple[bytes, bytes, Headers, bytes] = (b"", b"", [], b"")  # replayed on fallback
         self._heads_before = 0  # the checker's head count when the request went out
         self._received: list[bytes] = []  # this response's bytes, until its head is taken
         self._pending = b""  # body bytes received and not yet handed out
@@ -233,9 +246,17 @@ class UpstreamConnection:
             raise UpstreamClosed(f"upstream {self.server} closed while we were sending: {exc}") from None
 
     async def send_request(
-        self, method: bytes, target: bytes, headers: Headers, *, end: bool, checked: bool = False
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        *,
+        end: bool,
+        checked: bool = False,
+        body: bytes = b"",
     ) -> None:
-        """Send the request head; with ``end``, the request has no body and is complete.
+        """Send the request head; with ``end``, the request is complete: bodiless, or with
+        its whole ``body`` (framed by its Content-Length), sent in the same write.
 
         ``checked``: every part of the head already passed the HTTP/1.1 framing checks and
         none changes h11's framing (see ``RequestHead.checked``), so it is written as it is.
@@ -244,18 +265,20 @@ class UpstreamConnection:
         self.received_bytes = 0
         self._checker.expect(method)
         if end and self._h11.our_state is h11.IDLE:
-            if checked:
+            if checked and not body:
                 data: bytes | None = b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (
                     method, target, b"\r\n".join(map(b": ".join, headers))
                 )
             else:
-                data = _fast_request(method, target, headers)
+                data = _fast_request(method, target, headers, body)
             if data is not None:
-                self._start_fast(method, target, headers)
+                self._start_fast(method, target, headers, body)
                 await self._send(data)
                 return
         try:
             data = self._h11.send(h11.Request(method=method, target=target, headers=headers))
+            if body:
+                data += self._h11.send(h11.Data(data=body))
             if end:
                 data += self._h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
@@ -263,9 +286,9 @@ class UpstreamConnection:
             raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
         await self._send(data)
 
-    def _start_fast(self, method: bytes, target: bytes, headers: Headers) -> None:
+    def _start_fast(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> None:
         self._fast = True
-        self._request = (method, target, headers)
+        self._request = (method, target, headers, body)
         self._heads_before = self._checker.heads
         self._received = []
         self._pending = b""
@@ -392,9 +415,11 @@ class UpstreamConnection:
         """Hand the current exchange to h11: the request as if h11 had sent it, then every
         byte of the response received so far."""
         self._fast = False
-        method, target, headers = self._request
+        method, target, headers, body = self._request
         try:
             self._h11.send(h11.Request(method=method, target=target, headers=headers))
+            if body:
+                self._h11.send(h11.Data(data=body))
             self._h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:  # the fast checks are stricter than h11's
             self.close()

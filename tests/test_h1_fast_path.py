@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pooled_proxy.server import http1
 from tests.helpers import HOST, make_config, raw_exchange, start_proxy
 from tests.test_fuzz_h1 import exchange as fuzz_exchange
-from tests.test_upstream_fast_path import as_h11_writes_it
+from tests.test_upstream_fast_path import OK, as_h11_writes_it
 from tests.test_upstream_fast_path import run as run_scripted
 
 CASES = [
@@ -36,6 +36,9 @@ CASES = [
     (b"GET", b"/", [(b"Connection", b"close")]),
     (b"GET", b"/", [(b"Connection", b"keep-alive, Close")]),
     (b"GET", b"/", [(b"Connection", b"keep-alive")]),
+    # A small body that comes whole with its head goes up with it, in one write.
+    (b"POST", b"/echo", [(b"Content-Length", b"11"), (b"Content-Type", b"text/plain")], b"hello world"),
+    (b"PUT", b"/echo?x=1", [(b"Content-Length", b"3"), (b"Connection", b"close")], b"abc"),
 ]
 
 
@@ -47,11 +50,14 @@ def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes
 
 async def exchange(port: int, case: tuple, *, split: bool) -> tuple[bytes, bool]:
     """The raw response to ``case``, and whether the connection then serves another request."""
-    method, target, headers = case
-    data = request_bytes(method, target, headers)
+    method, target, headers, *rest = case
+    body = rest[0] if rest else b""
+    data = request_bytes(method, target, headers) + body
     client = h11.Connection(h11.CLIENT)
     tracked = [(name, value.strip()) for name, value in headers]
     client.send(h11.Request(method=method, target=target, headers=[(b"host", b"x"), *tracked]))
+    if body:
+        client.send(h11.Data(data=body))
     client.send(h11.EndOfMessage())
     raw = b""
     stream = await trio.open_tcp_stream(HOST, port)
@@ -86,8 +92,8 @@ def fast_requests(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     taken: list[bytes] = []
     original = http1.HTTP1Connection._fast_request_head
 
-    def counted(self: http1.HTTP1Connection, head):  # type: ignore[no-untyped-def]
-        fast = original(self, head)
+    def counted(self: http1.HTTP1Connection, *args):  # type: ignore[no-untyped-def]
+        fast = original(self, *args)
         if fast is not None:
             taken.append(fast.head.target)
         return fast
@@ -254,3 +260,31 @@ def test_a_request_whole_or_in_pieces_gets_the_same_answer(data: bytes, repeat: 
     pieces = fuzz_exchange(data * repeat, cuts, False)
     assert whole.reply == pieces.reply
     assert whole.upstream_seen == pieces.upstream_seen
+
+
+async def test_a_small_body_goes_up_with_its_head_and_falls_back_with_it(nursery, fast_requests):
+    # A POST whose body came whole with its head is written upstream in one piece, byte for
+    # byte as h11 writes it; when the response is one h11 must read (1xx, chunked), the
+    # request is replayed into h11 with its body, and the connection stays usable.
+    upstream, proxy = await run_scripted(nursery, {
+        "/hint": [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK],
+        "/chunked": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+    })
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(HOST, proxy.port)
+        async with stream:
+            for path in (b"/ok", b"/hint", b"/chunked", b"/ok"):
+                await stream.send_all(
+                    request_bytes(b"POST", path, [(b"Content-Length", b"5")]) + b"hello"
+                )
+                received = b""
+                while not received.endswith(b"ok") and not received.endswith(b"0\r\n\r\n"):
+                    received += await stream.receive_some(65536)
+                assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+    assert fast_requests == [b"/ok", b"/hint", b"/chunked", b"/ok"]
+    heads = upstream.requests
+    assert len(heads) == 1 and len(heads[0]) == 4  # one upstream connection for all four
+    for raw in heads[0]:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert body == b"hello"
+        assert head + b"\r\n\r\n" == as_h11_writes_it(head + b"\r\n\r\n")

@@ -10,6 +10,7 @@ that the request bytes are exactly what h11 writes.
 
 from __future__ import annotations
 
+import re
 import h11
 import pytest
 import trio
@@ -54,7 +55,12 @@ class ScriptedUpstream:
                         return
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
-                self.requests[index].append(head + b"\r\n\r\n")
+                match = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+                length = int(match.group(1)) if match else 0
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                body, buffer = buffer[:length], buffer[length:]
+                self.requests[index].append(head + b"\r\n\r\n" + body)
                 path = head.split(b" ")[1].partition(b"?")[0].decode()
                 for piece in self.script[path]:
                     if piece is CLOSE:

@@ -5,10 +5,11 @@ in order (h11 keeps the bytes of the next request buffered until we start its cy
 
 The common request takes a fast path around h11: every head is parsed and checked in full
 by the strict framing checks anyway (protocol/h1_checks.py), so an HTTP/1.1 request without
-a body, upgrade or ``Expect`` that arrives with its head whole in one read, while h11 holds
-nothing, is taken from the checker's parse, and its response is written by hand the way h11
-writes it (see ``_fast_request_head`` and ``_fast_response_head``). Anything else goes to
-h11 as before, and the next request may go fast again once h11 is idle.
+upgrade or ``Expect`` that arrives with its head whole in one read (and its Content-Length
+body whole in the same read, if it has one), while h11 holds nothing, is taken from the
+checker's parse, and its response is written by hand the way h11 writes it (see
+``_fast_request_head`` and ``_fast_send_head``). Anything else goes to h11 as before, and
+the next request may go fast again once h11 is idle.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ class _Timeout(Exception):
 
 
 class _FastRequest:
-    """A request head taken from the framing checker's parse, h11 bypassed."""
+    """A request taken from the framing checker's parse, h11 bypassed: a bodiless one, or
+    one whose whole Content-Length body came in the same read as its head."""
 
-    __slots__ = ("close", "head")
+    __slots__ = ("body", "close", "head")
 
-    def __init__(self, head: RequestHead, close: bool) -> None:
+    def __init__(self, head: RequestHead, close: bool, body: bytes | None) -> None:
         self.head = head
         self.close = close  # the client sent Connection: close
+        self.body = body
 
 
 _FAST = object()  # _next_event's answer when a fast request arrived instead of h11 bytes
@@ -158,20 +161,31 @@ class HTTP1Connection:
                 and not self.h11.trailing_data[0]
             ):
                 assert checker.head is not None
-                fast = self._fast_request_head(checker.head)
+                after_head = checker.head_end - fed_at
+                fast = self._fast_request_head(checker.head, data, after_head)
                 if fast is not None:
                     self._fast_request = fast
-                    # Whatever follows the head is the next request: h11 keeps it, in order.
-                    data = data[checker.head_end - fed_at :]
+                    # Whatever follows the request is the next one: h11 keeps it, in order.
+                    data = data[after_head + (checker.head.content_length or 0) :]
                     if not data:
                         return
         self.h11.receive_data(bytes(data))  # h11_mypyc takes bytes only
 
-    def _fast_request_head(self, head: Head) -> _FastRequest | None:
-        """The request as h11 would have read it, or None if it needs h11 (or its errors)."""
+    def _fast_request_head(self, head: Head, data: bytes, body_start: int) -> _FastRequest | None:
+        """The request as h11 would have read it, or None if it needs h11 (or its errors).
+
+        A Content-Length body is taken only when all of it is in ``data`` already (small
+        uploads: API calls, forms); a longer one streams through h11 and an upload task.
+        """
+        length = head.content_length
+        body = None
+        if length:
+            limit = self.proxy.server.max_body_bytes
+            if len(data) - body_start < length or (limit and length > limit):
+                return None
+            body = bytes(data[body_start : body_start + length])
         if (
             head.version != b"1.1"
-            or head.content_length
             or head.chunked
             or head.method not in _FAST_METHODS
             or not _FAST_TARGET.fullmatch(head.target)
@@ -200,11 +214,11 @@ class HTTP1Connection:
             headers=headers,
             http_version=b"1.1",
             client_ip=self.client_ip,
-            has_body=False,
-            content_length=head.content_length,
-            checked=head.content_length is None,  # a Content-Length: 0 goes through h11
+            has_body=body is not None,
+            content_length=length,
+            checked=length is None,  # a Content-Length goes through the upstream's own checks
         )
-        return _FastRequest(request, close)
+        return _FastRequest(request, close, body)
 
     async def _next_event(self, deadline: float) -> Any:
         while True:
@@ -506,6 +520,7 @@ class HTTP1Connection:
         now = trio.current_time()
         record = ExchangeRecord(start=now, wall_start=time.time(), client_ip=self.client_ip)
         self._fast_cycle = False
+        whole_body: bytes | None = None
         try:
             request = await self._read_request()
             if request is None:
@@ -514,7 +529,7 @@ class HTTP1Connection:
             # connection can wait minutes): the access log's time says when it came.
             record.start, record.wall_start = trio.current_time(), time.time()
             if isinstance(request, _FastRequest):
-                head = request.head
+                head, whole_body = request.head, request.body
                 self._fast_cycle, self._fast_close = True, request.close
                 self._fast_chunked = self._fast_done = False
                 record.method, record.target = head.method, head.target
@@ -533,10 +548,15 @@ class HTTP1Connection:
                 BodyTooLarge(f"Content-Length over max_body_bytes ({server.max_body_bytes})"), record
             )
             return False
-        upload = self._request_body(server.max_body_bytes) if head.has_body else None
+        upload = (
+            self._request_body(server.max_body_bytes)
+            if head.has_body and whole_body is None
+            else None
+        )
         exchange = Exchange(
             head=head,
             body=NO_BODY if upload is None else upload,
+            whole_body=whole_body,
             sink=self,
             record=record,
             upgrade=None if self._fast_cycle or not self._may_upgrade(head) else self,
