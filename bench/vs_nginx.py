@@ -348,10 +348,21 @@ def cpu_ns(pid: int | None) -> int:
     return total
 
 
-def run_wrk(port: int, seconds: float, cpu: int | None, pid: int | None = None) -> dict[str, float]:
+# wrk's request for the upload row: a 100-byte POST, as an API call or a form sends.
+POST_LUA = """wrk.method = "POST"
+wrk.body = string.rep("x", 100)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+
+def run_wrk(
+    port: int, seconds: float, cpu: int | None, pid: int | None = None, script: Path | None = None
+) -> dict[str, float]:
     before = cpu_ns(pid)
+    extra = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
-        pinned(cpu, ["wrk", "-t1", "-c64", f"-d{max(1, round(seconds))}s", "--latency", f"http://{HOST}:{port}/"]),
+        pinned(cpu, ["wrk", "-t1", "-c64", f"-d{max(1, round(seconds))}s", "--latency", *extra,
+                     f"http://{HOST}:{port}/"]),
         capture_output=True, text=True, check=True,
     ).stdout
     used = cpu_ns(pid) - before
@@ -582,6 +593,12 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
             run_wrk(port, args.warmup, load_cpu)
             for key, value in run_wrk(port, args.duration, load_cpu, targets.get(name)).items():
                 results[f"{name}.h1_{key}"] = value
+        post = setup.workdir / "post.lua"
+        post.write_text(POST_LUA)
+        for name, port in h1_ports.items():
+            run_wrk(port, args.warmup, load_cpu, script=post)
+            for key, value in run_wrk(port, args.duration, load_cpu, targets.get(name), post).items():
+                results[f"{name}.post_{key}"] = value
         for name, port in h2_ports.items():
             run_h2load(port, args.warmup, load_cpu)
             for key, value in run_h2load(port, args.duration, load_cpu, targets.get(name)).items():
@@ -651,6 +668,8 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
     row("HTTP/1.1 p50 ms", "h1_p50_ms", 2)
     row("HTTP/1.1 p99 ms", "h1_p99_ms", 2, bar=f"<= {BAR_H1_P99_MS:g} ms", ok=lambda p, n: p <= BAR_H1_P99_MS)
     row("HTTP/1.1 proxy CPU us/request", "h1_cpu_us", 1)
+    row("HTTP/1.1 POST 100 B req/s (wrk -c64)", "post_rps", 0, ratio=True)
+    row("HTTP/1.1 POST proxy CPU us/request", "post_cpu_us", 1)
     row("h2c req/s (h2load -c16 -m10)", "h2_rps", 0, ratio=True, bar=f">= {BAR_H2_RATIO} x nginx",
         ok=lambda p, n: p >= BAR_H2_RATIO * n)
     row("h2c proxy CPU us/request", "h2_cpu_us", 1)
