@@ -22,6 +22,7 @@ from hyperframe.frame import (
 from pooled_proxy.protocol.h2_server import PREFACE
 from tests.h2client import H2Client, H2Reply
 from tests.helpers import H11Client, make_config, start_proxy
+from tests.test_upstream_fast_path import run as run_scripted
 from tests.interop.clients import h2load
 
 ErrorCodes = h2.errors.ErrorCodes
@@ -468,3 +469,23 @@ async def test_a_path_an_http1_upstream_cannot_take_is_a_502_not_a_crash(nursery
             bad = await client.response(stream_id)
             good = await client.get("/status/200")
     assert bad.status == 502 and good.status == 200
+
+
+async def test_a_small_body_goes_up_whole_with_a_length_and_a_slow_one_streams(nursery):
+    # HEADERS, DATA and END_STREAM in one flush: the stream's task finds the whole body and
+    # sends it up with a Content-Length in one write. A body still arriving is streamed,
+    # chunked, as before.
+    upstream, proxy = await run_scripted(nursery, {})
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            whole = await client.response(await client.start("POST", "/ok", body=b"hello"))
+            stream_id = await client.start("POST", "/ok", body=b"hel", end=False)
+            await trio.sleep(0.05)
+            client.conn.send_data(stream_id, b"lo", end_stream=True)
+            await client.flush()
+            streamed = await client.response(stream_id)
+    assert (whole.status, bytes(whole.body), streamed.status, bytes(streamed.body)) == (200, b"ok", 200, b"ok")
+    first, second = [raw for heads in upstream.requests for raw in heads]
+    assert b"\r\ncontent-length: 5\r\n" in first and first.endswith(b"\r\n\r\nhello")
+    assert b"transfer-encoding" not in first
+    assert b"\r\ntransfer-encoding: chunked\r\n" in second and b"content-length" not in second

@@ -118,6 +118,20 @@ class H2Stream:
         if self._progress is not None:
             self._progress.set()
 
+    def whole_request_body(self) -> bytes | None:
+        """The request's whole body if all of it arrived before the stream's task ran (a
+        small upload: its DATA and END_STREAM came with its HEADERS), credited back to the
+        client's window; else ``None``, and the body streams through ``request_body``."""
+        if not self.request_ended or self.closed:
+            return None
+        limit = self.connection.proxy.server.max_body_bytes
+        body = b"".join([data for data, _ in self.inbound])
+        if limit and len(body) > limit:
+            return None  # request_body answers it
+        self.connection.credit(self, sum(length for _, length in self.inbound))
+        self.inbound.clear()
+        return body
+
     async def request_body(self) -> AsyncIterator[bytes]:
         server = self.connection.proxy.server
         limit = server.max_body_bytes
@@ -489,6 +503,19 @@ class HTTP2Connection:
                 if not head.has_body:
                     await forwarder.forward(
                         Exchange(head=head, body=NO_BODY, sink=stream, record=record)
+                    )
+                    return
+                whole_body = stream.whole_request_body()
+                if whole_body is not None:
+                    if head.content_length is None:
+                        # Framed upstream by its length, as it is all here (h2 checked a
+                        # content-length the client sent against its DATA).
+                        head.content_length = len(whole_body)
+                        head.headers.append((b"content-length", b"%d" % len(whole_body)))
+                    await forwarder.forward(
+                        Exchange(
+                            head=head, body=NO_BODY, sink=stream, record=record, whole_body=whole_body
+                        )
                     )
                     return
                 body = stream.request_body()
