@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import TextIO
 
 from .config import LogConfig
@@ -56,31 +57,69 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
+# A JSON string literal, escaped as json.dumps escapes it (ASCII only); in C.
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if not value else _json_string(value)
+
+
+def _json_number(value: float | None) -> str:
+    return "null" if value is None else repr(value)
+
+
+class _UtcSeconds:
+    """``YYYY-MM-DDTHH:MM:SS`` of a Unix time, remembered for the last second asked: one
+    formatting per second instead of one per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, second: int) -> str:
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self._text
+
+
+_utc_seconds = _UtcSeconds()
+
+
+def _iso_millis(timestamp: float) -> str:
+    """``datetime.fromtimestamp(t, utc).isoformat(timespec="milliseconds")`` with a ``Z``:
+    the microseconds rounded as datetime rounds them, then cut to milliseconds."""
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1
+        micros -= 1_000_000
+    return f"{_utc_seconds(int(whole))}.{micros // 1000:03d}Z"
+
+
 def json_line(record: ExchangeRecord) -> str:
-    """One JSON object per line; durations in milliseconds, absent values as null."""
-    stamp = datetime.fromtimestamp(record.wall_start, timezone.utc)
-    return json.dumps(
-        {
-            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "client": _text(record.client_ip),
-            "method": _text(record.method),
-            "path": _text(record.target),
-            "protocol": _text(record.protocol),
-            "status": record.status,
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "route": record.route or None,
-            "upstream": record.route_upstream or None,
-            "upstream_server": record.upstream_server or None,
-            "upstream_connection": _connection(record),
-            "retried": record.retried,
-            "ttfb_ms": _ms(record.ttfb),
-            "duration_ms": _ms(record.duration),
-            "event_stream": record.event_stream,
-            "error": record.error or None,
-        },
-        separators=(",", ":"),
-    ) + "\n"
+    """One JSON object per line; durations in milliseconds, absent values as null.
+
+    Written out field by field (what ``json.dumps`` of the same dict with compact separators
+    gives, at a third of its cost: this runs for every exchange)."""
+    return (
+        f'{{"time":"{_iso_millis(record.wall_start)}",'
+        f'"client":{_json_string(_text(record.client_ip))},'
+        f'"method":{_json_string(_text(record.method))},'
+        f'"path":{_json_string(_text(record.target))},'
+        f'"protocol":{_json_string(_text(record.protocol))},'
+        f'"status":{record.status},"bytes_in":{record.bytes_in},"bytes_out":{record.bytes_out},'
+        f'"route":{_json_text(record.route)},'
+        f'"upstream":{_json_text(record.route_upstream)},'
+        f'"upstream_server":{_json_text(record.upstream_server)},'
+        f'"upstream_connection":{_json_text(_connection(record))},'
+        f'"retried":{"true" if record.retried else "false"},'
+        f'"ttfb_ms":{_json_number(_ms(record.ttfb))},'
+        f'"duration_ms":{_json_number(_ms(record.duration))},'
+        f'"event_stream":{"true" if record.event_stream else "false"},'
+        f'"error":{_json_text(record.error)}}}\n'
+    )
 
 
 def combined_line(record: ExchangeRecord) -> str:
