@@ -58,7 +58,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 # A JSON string literal, escaped as json.dumps escapes it (ASCII only); in C.
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def _json_text(value: str | None) -> str:

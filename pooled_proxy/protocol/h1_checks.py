@@ -231,7 +231,8 @@ class _StreamChecker:
             if self._state is _State.HEAD and not self._block:
                 self._offset += self._whole_head(data)
                 rest = len(data) - (self._offset - fed_at)
-                if self._state is _State.LENGTH_BODY and 0 < self._remaining <= rest:
+                # (_whole_head moved the state on; mypy still holds it at HEAD.)
+                if self._state is _State.LENGTH_BODY and 0 < self._remaining <= rest:  # type: ignore[comparison-overlap]
                     # The usual small response: its whole body came with its head.
                     self._offset += self._remaining
                     self._remaining = 0
