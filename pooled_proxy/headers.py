@@ -28,12 +28,18 @@ _SET_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"host"})
 VIA_TOKEN = b"pooled-proxy"
 
 
+def comma_tokens(value: bytes) -> list[bytes]:
+    """The items of a comma-separated header value, lower-case, without the empty ones."""
+    return [token for token in (t.strip().lower() for t in value.split(b",")) if token]
+
+
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Names listed in ``Connection`` headers: those headers are hop-by-hop too."""
+    """Names listed in ``Connection`` headers: those headers are hop-by-hop too (and
+    ``close`` among them ends the connection)."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            tokens.update(comma_tokens(value))
     return frozenset(tokens)
 
 

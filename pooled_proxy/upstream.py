@@ -39,7 +39,7 @@ from .errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
-from .headers import Headers, keep_alive_timeout
+from .headers import Headers, connection_tokens, keep_alive_timeout
 from .protocol.h1_checks import ResponseChecker, Violation
 
 MAX_RECEIVE = 64 * 1024
@@ -80,14 +80,6 @@ class ResponseHead:
 
     def __repr__(self) -> str:
         return f"<ResponseHead {self.status_code}>"
-
-
-def _closes_connection(fields: Headers) -> bool:
-    """Whether ``Connection`` lists ``close`` (h11's reading: comma-split, case-insensitive)."""
-    for name, value in fields:
-        if name == b"connection" and b"close" in [v.strip() for v in value.lower().split(b",")]:
-            return True
-    return False
 
 
 async def open_connection(
@@ -404,7 +396,7 @@ class UpstreamConnection:
         self._pending = received[len(received) - (checker.offset - checker.head_end) :]
         self._head_taken = True
         fields = head.fields
-        self._keep_alive = head.version >= b"1.1" and not _closes_connection(fields)
+        self._keep_alive = head.version >= b"1.1" and b"close" not in connection_tokens(fields)
         self.keepalive_advertised = keep_alive_timeout(fields)
         self._restart_keepalive_clock()
         if not self._remaining:

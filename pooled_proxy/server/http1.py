@@ -36,7 +36,7 @@ from ..errors import (
     RequestHeaderTimeout,
 )
 from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
-from ..headers import Headers
+from ..headers import Headers, comma_tokens
 from ..protocol.h1_checks import Head, RequestChecker, Violation
 from ..proxy import Proxy
 from ..tunnel import requested_upgrade
@@ -201,7 +201,7 @@ class HTTP1Connection:
                 continue
             if name in _SLOW_FIELDS:
                 return None
-            if name == b"connection" and b"close" in _comma_tokens(field[1]):
+            if name == b"connection" and b"close" in comma_tokens(field[1]):
                 close = True
             headers.append(field)
         if authority is None:
@@ -381,14 +381,13 @@ class HTTP1Connection:
     async def _fast_send_head(self, status: int, headers: Headers, body: bytes, end: bool) -> None:
         """send_head on the fast path: the bytes h11 would write, framing included."""
         close = self._fast_close or self.proxy.draining or self.close_after_response
-        method = self.request_method
-        self.body_left = _body_length(method, status, headers)
-        # As h11 does: a response of unknown length is chunked (a HEAD response says so
-        # too, as the GET's would, but has no body).
-        chunked_framing = self.body_left is None or (
-            method == b"HEAD" and status not in (204, 304) and not _has_field(headers, b"content-length")
-        )
+        declared = _declared_length(headers)
+        bodiless = self.request_method == b"HEAD" or status in (204, 304)
+        self.body_left = 0 if bodiless else declared
         self._fast_chunked = self.body_left is None
+        # As h11 does: a response of unknown length is framed chunked (a HEAD response says
+        # so too, as the GET's would, but has no body).
+        chunked_framing = declared is None and status not in (204, 304)
         extra = b"Transfer-Encoding: chunked\r\n" if chunked_framing else b""
         if close:
             self._fast_close = True
@@ -553,26 +552,26 @@ class HTTP1Connection:
             if head.has_body and whole_body is None
             else None
         )
+        upgrade = None if self._fast_cycle or not self._may_upgrade(head) else self
         exchange = Exchange(
             head=head,
             body=NO_BODY if upload is None else upload,
             whole_body=whole_body,
             sink=self,
             record=record,
-            upgrade=None if self._fast_cycle or not self._may_upgrade(head) else self,
+            upgrade=upgrade,
             # A bodiless exchange watches the client only once it has to wait upstream; one
-            # with a body, once the body is read (_request_body), never while it is read.
-            on_wait=self._arm_watch if upload is None else None,
+            # with a body, once the body is read (_request_body), never while it is read; a
+            # tunnel reads the client itself.
+            on_wait=self._arm_watch if upload is None and upgrade is None else None,
         )
         self.head_sent = False
         self.request_method = head.method
         self.body_left = None
         self.proxy.active_exchanges += 1
         try:
-            if exchange.upgrade is None:  # a tunnel reads the client itself
+            if upgrade is None:  # a tunnel reads the client itself
                 self._exchange_record = record
-            else:
-                exchange.on_wait = None
             await self.proxy.forwarder.forward(exchange)
         finally:
             self._exchange_record = None
@@ -705,14 +704,18 @@ class HTTP1Connection:
                 observer(record)
 
 
-def _body_length(method: bytes, status: int, headers: Headers) -> int | None:
-    """The response body's length as framed on the wire, or None if only its end tells."""
-    if method == b"HEAD" or status in (204, 304):
-        return 0
+def _declared_length(headers: Headers) -> int | None:
     for name, value in headers:
         if name == b"content-length":
             return int(value)
     return None
+
+
+def _body_length(method: bytes, status: int, headers: Headers) -> int | None:
+    """The response body's length as framed on the wire, or None if only its end tells."""
+    if method == b"HEAD" or status in (204, 304):
+        return 0
+    return _declared_length(headers)
 
 
 def _head_bytes(status: int, headers: Headers, extra: bytes) -> bytes:
@@ -725,12 +728,9 @@ def _head_bytes(status: int, headers: Headers, extra: bytes) -> bytes:
     return b"".join(lines)
 
 
-def _comma_tokens(value: bytes) -> list[bytes]:
-    return [token.strip() for token in value.lower().split(b",")]
-
-
-def _has_field(headers: Headers, name: bytes) -> bool:
-    return any(field[0] == name for field in headers)
+def _raw_response(status: int, headers: Headers, body: bytes) -> bytes:
+    """A whole response as it is, for answers h11 cannot send (no request read yet)."""
+    return _head_bytes(status, headers, b"") + body
 
 
 def _without_connection(headers: Headers) -> tuple[Headers, bytes]:
@@ -739,17 +739,11 @@ def _without_connection(headers: Headers) -> tuple[Headers, bytes]:
     kept: Headers = []
     for field in headers:
         if field[0] == b"connection":
-            tokens.update(token for token in _comma_tokens(field[1]) if token)
+            tokens.update(comma_tokens(field[1]))
         else:
             kept.append(field)
     tokens.discard(b"keep-alive")
     return kept, b", ".join(sorted(tokens))
-
-
-def _raw_response(status: int, headers: Headers, body: bytes) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b""))]
-    lines += [name + b": " + value for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def _origin_form(target: bytes, authority: bytes) -> tuple[bytes, bytes]:
