@@ -45,11 +45,13 @@ async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float = math.i
     the kernel cannot take the data at once, which on a plain TCP stream is rare.
     """
     if type(stream) is not trio.SocketStream:
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        if timeout == math.inf:
             await stream.send_all(data)
-        if scope.cancelled_caught:
-            raise trio.TooSlowError
-        return
+            return
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            await stream.send_all(data)
+            return
+        raise trio.TooSlowError
     fd = _fd(stream)
     await checkpoint_if_cancelled()
     try:
@@ -59,16 +61,22 @@ async def send_all(stream: trio.abc.Stream, data: bytes, timeout: float = math.i
     if sent == len(data):
         await cancel_shielded_checkpoint()
         return
-    view = memoryview(data)
-    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-        while sent < len(view):
-            await wait_writable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
-            try:
-                sent += os.write(fd, view[sent:])
-            except BlockingIOError:
-                pass
-    if scope.cancelled_caught:
-        raise trio.TooSlowError
+    if timeout == math.inf:
+        await _write_when_writable(fd, memoryview(data), sent)
+        return
+    with trio.CancelScope(deadline=trio.current_time() + timeout):
+        await _write_when_writable(fd, memoryview(data), sent)
+        return
+    raise trio.TooSlowError
+
+
+async def _write_when_writable(fd: int, view: memoryview, sent: int) -> None:
+    while sent < len(view):
+        await wait_writable(fd)  # raises ClosedResourceError if the socket is closed meanwhile
+        try:
+            sent += os.write(fd, view[sent:])
+        except BlockingIOError:
+            pass
 
 
 async def receive_some(
@@ -91,20 +99,19 @@ async def receive_some(
         with trio.CancelScope(deadline=deadline):
             return bytes(await stream.receive_some(max_bytes))
         raise trio.TooSlowError
-    fd = _fd(stream)
     await checkpoint_if_cancelled()
-    try:
-        data = os.read(fd, max_bytes)
-    except BlockingIOError:
-        if before_wait is not None:
-            before_wait()
-        if deadline == math.inf:
-            return await _read_when_readable(fd, max_bytes)
-        with trio.CancelScope(deadline=deadline):
-            return await _read_when_readable(fd, max_bytes)
-        raise trio.TooSlowError
-    await cancel_shielded_checkpoint()
-    return data
+    data = receive_now(stream, max_bytes)
+    if data is not None:
+        await cancel_shielded_checkpoint()
+        return data
+    if before_wait is not None:
+        before_wait()
+    fd = _fd(stream)
+    if deadline == math.inf:
+        return await _read_when_readable(fd, max_bytes)
+    with trio.CancelScope(deadline=deadline):
+        return await _read_when_readable(fd, max_bytes)
+    raise trio.TooSlowError
 
 
 def receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:

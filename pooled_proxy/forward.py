@@ -397,13 +397,14 @@ class Forwarder:
 
         read_timeout = upstream.read_timeout or math.inf
         while not ended:
-            with trio.CancelScope(deadline=trio.current_time() + read_timeout) as read_scope:
-                chunk = await connection.receive_data()
-            if read_scope.cancelled_caught:
+            # A deadline handed down, as for the head: a timer only when a read must wait.
+            try:
+                chunk = await connection.receive_data(trio.current_time() + read_timeout)
+            except trio.TooSlowError:
                 connection.close()
                 raise ReadTimeout(
                     f"{connection.server} sent nothing for {upstream.read_timeout:g}s mid-body"
-                )
+                ) from None
             if chunk is None:
                 break
             # Whatever arrived with it (more chunks, the end) goes out in the same write.

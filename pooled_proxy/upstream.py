@@ -100,6 +100,12 @@ async def open_connection(
     return UpstreamConnection(stream, server)
 
 
+def _request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """A request head as h11 writes it, names as given (``headers`` starts with Host)."""
+    fields = b"\r\n".join(map(b": ".join, headers))
+    return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, fields)
+
+
 def _fast_request(
     method: bytes, target: bytes, headers: Headers, body: bytes = b""
 ) -> bytes | None:
@@ -116,17 +122,17 @@ def _fast_request(
         stateful = _STATEFUL_FIELD
     try:
         names = b"".join([name for name, _ in headers])
-        request_line = b"%s %s HTTP/1.1\r\n" % (method, target)
-        data = request_line + b"\r\n".join(map(b": ".join, headers)) + b"\r\n\r\n"
+        data = _request_head(method, target, headers)
     except TypeError:  # not all bytes: h11 converts or refuses them
         return None
+    request_line_length = len(method) + len(target) + 12  # "M T HTTP/1.1\r\n"
     if (
         not _TOKENS.fullmatch(names)  # so each name ends at its line's first ": "
         or not _REQUEST_HEAD.fullmatch(data)
         # a CR LF inside a value would have made two lines of one
         or data.count(b"\n") != len(headers) + 2
         # Host is first; nothing after it may be one of these
-        or stateful.search(data, len(request_line) + 6 + len(headers[0][1])) is not None
+        or stateful.search(data, request_line_length + 6 + len(headers[0][1])) is not None
     ):
         return None
     return data + body if body else data
@@ -258,9 +264,7 @@ class UpstreamConnection:
         self._checker.expect(method)
         if end and self._h11.our_state is h11.IDLE:
             if checked and not body:
-                data: bytes | None = b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (
-                    method, target, b"\r\n".join(map(b": ".join, headers))
-                )
+                data: bytes | None = _request_head(method, target, headers)
             else:
                 data = _fast_request(method, target, headers, body)
             if data is not None:
@@ -433,12 +437,12 @@ class UpstreamConnection:
         self._remaining -= len(chunk)
         if not self._remaining and not self._done:
             self._done = True
-            self.trailers = []
-            self._restart_keepalive_clock()
+            self._response_ended([])
         return chunk
 
-    async def receive_data(self) -> bytes | None:
-        """The next response body chunk as it arrived, or ``None`` at the end (see ``trailers``)."""
+    async def receive_data(self, deadline: float = math.inf) -> bytes | None:
+        """The next response body chunk as it arrived, or ``None`` at the end (see
+        ``trailers``); ``trio.TooSlowError`` if nothing came by ``deadline``."""
         if self._fast:
             while True:
                 chunk = self._take_body()
@@ -446,7 +450,7 @@ class UpstreamConnection:
                     return chunk
                 if self._done:
                     return None
-                data = await self._receive()
+                data = await self._receive(deadline)
                 if not data:
                     self.close()
                     raise UpstreamClosed(
@@ -456,11 +460,11 @@ class UpstreamConnection:
                     )
                 self._pending = data
         while True:
-            event = await self._next_event()
+            event = await self._next_event(deadline)
             if isinstance(event, h11.Data):
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
-                self._response_ended(event)
+                self._response_ended(list(event.headers))
                 return None
             self.close()
             raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")
@@ -485,14 +489,14 @@ class UpstreamConnection:
             if isinstance(event, h11.Data):
                 chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self._response_ended(event)
+                self._response_ended(list(event.headers))
                 return b"".join(chunks), True
             else:
                 self.close()
                 raise UpstreamClosed(f"upstream {self.server} closed the connection mid-body")
 
-    def _response_ended(self, event: h11.EndOfMessage) -> None:
-        self.trailers = list(event.headers)
+    def _response_ended(self, trailers: Headers) -> None:
+        self.trailers = trailers
         self._restart_keepalive_clock()
 
     def detach(self) -> tuple[trio.abc.Stream, bytes]:
