@@ -40,7 +40,7 @@ from .errors import (
     UpstreamProtocolError,
 )
 from .headers import Headers, connection_tokens, keep_alive_timeout
-from .protocol.h1_checks import ResponseChecker, Violation
+from .protocol.h1_checks import TOKEN_CHAR, ResponseChecker, Violation
 
 MAX_RECEIVE = 64 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -48,15 +48,14 @@ MAX_RESPONSE_HEAD = 64 * 1024
 # never send on a socket the upstream is about to close (the keep-alive race).
 KEEPALIVE_SAFETY_MARGIN = 1.0
 
-_TOKEN_CHARS = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
 # A request head h11 would write as it is: method a token, target visible ASCII, each field
 # a token name and a value of visible bytes with inner spaces or tabs only (h11 refuses
 # leading or trailing whitespace, CR, LF, NUL and other whitespace; these are stricter).
 _REQUEST_HEAD = re.compile(
-    _TOKEN_CHARS + rb"+ [!-~]+ HTTP/1\.1\r\n"
-    rb"(?:" + _TOKEN_CHARS + rb"+: (?:[!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?\r\n)*\r\n"
+    TOKEN_CHAR + rb"+ [!-~]+ HTTP/1\.1\r\n"
+    rb"(?:" + TOKEN_CHAR + rb"+: (?:[!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?\r\n)*\r\n"
 )
-_TOKENS = re.compile(_TOKEN_CHARS + rb"*")
+_TOKENS = re.compile(TOKEN_CHAR + rb"*")
 # Fields that change h11's state machine (keep-alive, a protocol switch, request body
 # framing, 100-continue) and a second Host (h11 refuses it): such requests go through h11.
 _STATEFUL_FIELD = re.compile(
