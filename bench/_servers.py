@@ -39,7 +39,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def demo_upstream(*, event_interval: float = 1.0) -> Iterator[int]:
     """The built-in demo upstream on a free port; yields the port."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "pooled_proxy.demo", "--port", "0", "--event-interval", str(event_interval)],
+        [
+            sys.executable,
+            "-m",
+            "pooled_proxy.demo",
+            "--port",
+            "0",
+            "--event-interval",
+            str(event_interval),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -73,7 +81,15 @@ def proxy(upstream_port: int) -> Iterator[ProxyProcess]:
     port = free_port()
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pooled_proxy", "dev", f"http://{HOST}:{upstream_port}", "--listen", f"{HOST}:{port}"],
+            [
+                sys.executable,
+                "-m",
+                "pooled_proxy",
+                "dev",
+                f"http://{HOST}:{upstream_port}",
+                "--listen",
+                f"{HOST}:{port}",
+            ],
             stdout=subprocess.DEVNULL,  # the access log
             stderr=log,
         )

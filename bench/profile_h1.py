@@ -74,9 +74,23 @@ def main() -> int:
         )
         load.start()
         subprocess.run(
-            [py_spy, "record", "--pid", str(setup.proxy_pid), "--duration", str(args.seconds),
-             "--rate", str(args.rate), "--format", "raw", "--output", str(args.out), "--nonblocking"],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(setup.proxy_pid),
+                "--duration",
+                str(args.seconds),
+                "--rate",
+                str(args.rate),
+                "--format",
+                "raw",
+                "--output",
+                str(args.out),
+                "--nonblocking",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         load.join()
     print(summarize(args.out, args.top))

@@ -116,7 +116,9 @@ class Proxy:
     async def started(self) -> None:
         with trio.fail_after(20):
             while True:
-                match = re.search(rf"listening on http://{HOST}:(\d+)", self.log_path.read_text(errors="replace"))
+                match = re.search(
+                    rf"listening on http://{HOST}:(\d+)", self.log_path.read_text(errors="replace")
+                )
                 if match:
                     self.port = int(match.group(1))
                     return
@@ -265,7 +267,12 @@ class Soak:
             pending: dict[int, bytes] = {}
             for i in range(10):
                 sid = conn.get_next_available_stream_id()
-                request = [(b":method", b"GET"), (b":path", path), (b":scheme", b"http"), (b":authority", b"soak")]
+                request = [
+                    (b":method", b"GET"),
+                    (b":path", path),
+                    (b":scheme", b"http"),
+                    (b":authority", b"soak"),
+                ]
                 conn.send_headers(sid, request, end_stream=True)
                 pending[sid] = b"?"
             await stream.send_all(conn.data_to_send())
@@ -277,7 +284,9 @@ class Soak:
                     if isinstance(event, h2.events.ResponseReceived):
                         pending[event.stream_id] = dict(event.headers).get(b":status", b"?")
                     elif isinstance(event, h2.events.DataReceived):
-                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
                         if reset_half and event.stream_id % 4 == 1 and event.stream_id in pending:
                             conn.reset_stream(event.stream_id)
                             del pending[event.stream_id]
@@ -289,7 +298,9 @@ class Soak:
                         self.outcomes[f"{kind}: reset by the proxy"] += 1
                 await stream.send_all(conn.data_to_send())
                 if reset_half and len(pending) <= 3:
-                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    stream.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                     self.outcomes[f"{kind}: dropped with streams open"] += 1
                     return
             for _ in pending:
@@ -331,7 +342,10 @@ class Soak:
         while self.running():
             try:
                 async with await self.connect() as stream:
-                    await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: soak\r\nContent-Length: 100\r\n\r\n" + b"b" * 10)
+                    await stream.send_all(
+                        b"POST /echo HTTP/1.1\r\nHost: soak\r\nContent-Length: 100\r\n\r\n"
+                        + b"b" * 10
+                    )
                     # /echo answers at once and streams the body back, so the 408 cannot
                     # replace a head already sent: the response is cut at body_timeout.
                     with trio.move_on_after(10):
@@ -345,11 +359,15 @@ class Soak:
         while self.running():
             try:
                 stream = await self.connect()
-                await stream.send_all(b"GET " + random.choice(targets) + b" HTTP/1.1\r\nHost: soak\r\n\r\n")
+                await stream.send_all(
+                    b"GET " + random.choice(targets) + b" HTTP/1.1\r\nHost: soak\r\n\r\n"
+                )
                 if random.random() < 0.5:
                     with trio.move_on_after(random.random() * 0.3):
                         await stream.receive_some(random.randint(1, 65536))
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
                 await stream.aclose()
                 self.outcomes["reset: sent"] += 1
             except NET_ERRORS as exc:
@@ -361,7 +379,9 @@ class Soak:
             mode = random.choice([*FAULT_MODES, "endless"])
             try:
                 async with await self.connect() as stream:
-                    await stream.send_all(b"GET /fault/" + mode.encode() + b" HTTP/1.1\r\nHost: soak\r\n\r\n")
+                    await stream.send_all(
+                        b"GET /fault/" + mode.encode() + b" HTTP/1.1\r\nHost: soak\r\n\r\n"
+                    )
                     if mode == "endless":
                         got = 0
                         while got < 300_000 and (chunk := await stream.receive_some(65536)):
@@ -419,7 +439,9 @@ async def main(args: argparse.Namespace) -> int:
             await warm.run(args)
             await trio.sleep(SETTLE)
             fds_start, rss_start = proxy.fds(), proxy.rss_kib()
-            print(f"start: {fds_start} fds, RSS {rss_start / 1024:.1f} MiB; soaking {args.duration:g}s")
+            print(
+                f"start: {fds_start} fds, RSS {rss_start / 1024:.1f} MiB; soaking {args.duration:g}s"
+            )
             started = time.monotonic()
             soak = Soak(proxy.port, trio.current_time() + args.duration)
             await soak.run(args)
@@ -431,17 +453,25 @@ async def main(args: argparse.Namespace) -> int:
         code = proxy.stop() if proxy is not None else None
         demo.terminate()
         demo.wait()
-    print(f"\nrequests served: {soak.good_served} good ones ({soak.good_served / elapsed:.0f}/s), "
-          f"{soak.served} complete answers in all, in {elapsed:.0f}s")
+    print(
+        f"\nrequests served: {soak.good_served} good ones ({soak.good_served / elapsed:.0f}/s), "
+        f"{soak.served} complete answers in all, in {elapsed:.0f}s"
+    )
     print("outcomes by kind:")
     for kind, count in sorted(soak.outcomes.items()):
         print(f"  {count:8d}  {kind}")
     print(f"upstream faults injected: {sum(faulty.faults.values())} ({dict(faulty.faults)})")
     print(f"proxy fds: start {fds_start}, end {fds_end} ({fds_end - fds_start:+d})")
     growth = (rss_end - rss_start) / rss_start
-    print(f"proxy RSS: start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB ({growth:+.1%})")
-    errors = len(re.findall(r"Traceback|ERROR", (workdir / "proxy.log").read_text(errors="replace")))
-    print(f"proxy log: {errors} error/traceback line(s) ({workdir / 'proxy.log'}); exit code {code}")
+    print(
+        f"proxy RSS: start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB ({growth:+.1%})"
+    )
+    errors = len(
+        re.findall(r"Traceback|ERROR", (workdir / "proxy.log").read_text(errors="replace"))
+    )
+    print(
+        f"proxy log: {errors} error/traceback line(s) ({workdir / 'proxy.log'}); exit code {code}"
+    )
     flat = fds_end <= fds_start and growth <= args.rss_slack and errors == 0
     print("FLAT" if flat else "NOT FLAT")
     return 0 if flat else 1
@@ -449,13 +479,19 @@ async def main(args: argparse.Namespace) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=120.0, help="seconds of soak (default 120)")
-    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of the same mix before the start sample")
+    parser.add_argument(
+        "--duration", type=float, default=120.0, help="seconds of soak (default 120)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=15.0, help="seconds of the same mix before the start sample"
+    )
     parser.add_argument("--good", type=int, default=8, help="keep-alive clients with good traffic")
     parser.add_argument("--h2", type=int, default=2, help="HTTP/2 clients with good traffic")
     parser.add_argument("--slowloris", type=int, default=20, help="slowloris connections")
     parser.add_argument("--abusers", type=int, default=2, help="clients of each abusive kind")
-    parser.add_argument("--rss-slack", type=float, default=0.10, help="RSS growth tolerated (default 10%%)")
+    parser.add_argument(
+        "--rss-slack", type=float, default=0.10, help="RSS growth tolerated (default 10%%)"
+    )
     return parser.parse_args()
 
 

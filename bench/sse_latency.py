@@ -61,7 +61,11 @@ class _Events:
 async def stream_h1(port: int, target: str, timings: Timings) -> None:
     conn = h11.Connection(h11.CLIENT)
     async with await trio.open_tcp_stream(HOST, port) as stream:
-        request = h11.Request(method="GET", target=target, headers=[("host", "bench"), ("accept", "text/event-stream")])
+        request = h11.Request(
+            method="GET",
+            target=target,
+            headers=[("host", "bench"), ("accept", "text/event-stream")],
+        )
         events = _Events(timings, time.time())
         await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
         while True:
@@ -77,10 +81,17 @@ async def stream_h1(port: int, target: str, timings: Timings) -> None:
 
 
 async def stream_h2(port: int, target: str, timings: Timings) -> None:
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
     conn.initiate_connection()
     async with await trio.open_tcp_stream(HOST, port) as stream:
-        headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"bench"), (b":path", target.encode())]
+        headers = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"bench"),
+            (b":path", target.encode()),
+        ]
         events = _Events(timings, time.time())
         conn.send_headers(1, headers, end_stream=True)
         await stream.send_all(conn.data_to_send())
@@ -101,7 +112,9 @@ async def stream_h2(port: int, target: str, timings: Timings) -> None:
                 await stream.send_all(outgoing)
 
 
-async def run_round(upstream_port: int, proxy_port: int, streams: int, target: str) -> dict[str, Timings]:
+async def run_round(
+    upstream_port: int, proxy_port: int, streams: int, target: str
+) -> dict[str, Timings]:
     results = {row: Timings() for row in ROWS}
     async with trio.open_nursery() as nursery:
         for _ in range(streams):
@@ -111,7 +124,9 @@ async def run_round(upstream_port: int, proxy_port: int, streams: int, target: s
     return results
 
 
-async def measure(upstream_port: int, proxy_port: int, args: argparse.Namespace) -> dict[str, Timings]:
+async def measure(
+    upstream_port: int, proxy_port: int, args: argparse.Namespace
+) -> dict[str, Timings]:
     # Warm-up: the same burst of one-event streams, so the proxy's upstream pool holds as
     # many idle connections as the measured round needs (a steady state, not a cold start).
     await run_round(upstream_port, proxy_port, args.streams, "/events?count=1")
@@ -148,7 +163,9 @@ def main() -> None:
         timings = results[row]
         first = percentiles(timings.first_event)
         each = percentiles(timings.latencies)
-        added = "-" if row == "direct h1" else f"{each[0] - base[0]:+.2f} / {each[1] - base[1]:+.2f}"
+        added = (
+            "-" if row == "direct h1" else f"{each[0] - base[0]:+.2f} / {each[1] - base[1]:+.2f}"
+        )
         print(
             f"{row:<11} {len(timings.latencies):>7}  {first[0]:>10.2f} / {first[1]:<10.2f}  "
             f"{each[0]:>9.2f} / {each[1]:<9.2f}  {added:>26}"

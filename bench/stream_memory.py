@@ -60,10 +60,14 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def _read_response(sock: socket.socket, *, chunk: int = MIB, pause: float = 0.0, stop_after: float | None = None) -> int:
+def _read_response(
+    sock: socket.socket, *, chunk: int = MIB, pause: float = 0.0, stop_after: float | None = None
+) -> int:
     """Read a response (h11 decodes the framing); the body's size in bytes."""
     conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "bench")]))  # for h11's state only
+    conn.send(
+        h11.Request(method="GET", target="/", headers=[("host", "bench")])
+    )  # for h11's state only
     body = 0
     started = time.monotonic()
     while True:
@@ -85,7 +89,9 @@ def _read_response(sock: socket.socket, *, chunk: int = MIB, pause: float = 0.0,
 
 def download(port: int, size: int) -> int:
     with _connect(port) as sock:
-        sock.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /bytes/{size} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+        )
         return _read_response(sock)
 
 
@@ -113,14 +119,20 @@ def slow_download(port: int, seconds: float) -> int:
     """A client that reads 64 KiB every 10 ms from an endless-looking download."""
     with _connect(port) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(f"GET /bytes/{64 * 1024 * MIB} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /bytes/{64 * 1024 * MIB} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+        )
         return _read_response(sock, chunk=64 * 1024, pause=0.01, stop_after=seconds)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mib", type=int, default=1024, help="MiB to move each way (default 1024 = 1 GiB)")
-    parser.add_argument("--slow-seconds", type=float, default=3.0, help="how long the slow client reads")
+    parser.add_argument(
+        "--mib", type=int, default=1024, help="MiB to move each way (default 1024 = 1 GiB)"
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=3.0, help="how long the slow client reads"
+    )
     args = parser.parse_args()
     size = args.mib * MIB
 
@@ -132,7 +144,10 @@ def main() -> int:
             for name, run in (
                 (f"download {args.mib} MiB", lambda: download(process.port, size)),
                 (f"upload {args.mib} MiB (echoed)", lambda: upload(process.port, size)),
-                (f"slow client {args.slow_seconds:g} s", lambda: slow_download(process.port, args.slow_seconds)),
+                (
+                    f"slow client {args.slow_seconds:g} s",
+                    lambda: slow_download(process.port, args.slow_seconds),
+                ),
             ):
                 sampler.reset()
                 started = time.monotonic()
@@ -149,8 +164,10 @@ def main() -> int:
     print("-" * len(header))
     for name, moved, elapsed, rss in rows:
         print(f"{name:<26} {moved:>14,} {elapsed:>8.2f} {moved / MIB / elapsed:>8.1f} {rss:>12.1f}")
-    print(f"proxy RSS after start-up: {start_rss / 1024:.1f} MiB; peak RSS (VmHWM): {peak_mib:.1f} MiB "
-          f"(limit {LIMIT_MIB} MiB: {'ok' if peak_mib < LIMIT_MIB else 'OVER'})")
+    print(
+        f"proxy RSS after start-up: {start_rss / 1024:.1f} MiB; peak RSS (VmHWM): {peak_mib:.1f} MiB "
+        f"(limit {LIMIT_MIB} MiB: {'ok' if peak_mib < LIMIT_MIB else 'OVER'})"
+    )
     return 0 if peak_mib < LIMIT_MIB else 1
 
 

@@ -91,7 +91,9 @@ def ensure_tools() -> None:
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(
         [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-        check=True, env=env, stdout=subprocess.DEVNULL,
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
     )
 
 
@@ -206,7 +208,9 @@ http {{
 
 
 def upstream_nginx_conf(setup: Setup, big_file: Path) -> str:
-    return nginx_prelude(setup.workdir, "upstream", connections=4096) + f"""
+    return (
+        nginx_prelude(setup.workdir, "upstream", connections=4096)
+        + f"""
     server {{
         listen {HOST}:{setup.upstream_port};
         listen {HOST}:{setup.upstream_h2_port} http2;
@@ -216,6 +220,7 @@ def upstream_nginx_conf(setup: Setup, big_file: Path) -> str:
     }}
 }}
 """
+    )
 
 
 def proxy_nginx_conf(setup: Setup, *, connections: int) -> str:
@@ -225,7 +230,9 @@ def proxy_nginx_conf(setup: Setup, *, connections: int) -> str:
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Forwarded-Host $http_host;"""
-    return nginx_prelude(setup.workdir, "proxy", connections=connections) + f"""
+    return (
+        nginx_prelude(setup.workdir, "proxy", connections=connections)
+        + f"""
     upstream fast {{ server {HOST}:{setup.upstream_port}; keepalive 64; keepalive_requests 1000000; }}
     upstream sse {{ server {HOST}:{setup.sse_port}; keepalive 64; }}
     server {{
@@ -244,6 +251,7 @@ def proxy_nginx_conf(setup: Setup, *, connections: int) -> str:
     }}
 }}
 """
+    )
 
 
 def pooled_proxy_toml(setup: Setup, *, workers: int, connections: int) -> str:
@@ -282,8 +290,15 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-bench-")))
         os.chmod(workdir, 0o755)
         setup = Setup(workdir)
-        for name in ("upstream_port", "upstream_h2_port", "sse_port", "nginx_port",
-                     "nginx_h2_port", "proxy_port", "admin_port"):
+        for name in (
+            "upstream_port",
+            "upstream_h2_port",
+            "sse_port",
+            "nginx_port",
+            "nginx_h2_port",
+            "proxy_port",
+            "admin_port",
+        ):
             setattr(setup, name, free_port())
         big = workdir / "big.bin"
         with open(big, "wb") as handle:
@@ -301,23 +316,54 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
         load_cpu = None if args.no_pin else LOAD_CPU
         proxy_cpu = None if args.no_pin else PROXY_CPU
         (workdir / "upstream.conf").write_text(upstream_nginx_conf(setup, big))
-        start(pinned(load_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "upstream.conf")]),
-              "upstream nginx", setup.upstream_port)
-        start(pinned(load_cpu, [sys.executable, "-m", "pooled_proxy.demo", "--port",
-                                str(setup.sse_port), "--event-interval", "0.1"]),
-              "SSE upstream", setup.sse_port)
-        (workdir / "proxy.conf").write_text(proxy_nginx_conf(setup, connections=args.idle_connections))
-        nginx = start(pinned(proxy_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "proxy.conf")]),
-                      "nginx proxy", setup.nginx_port)
+        start(
+            pinned(load_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "upstream.conf")]),
+            "upstream nginx",
+            setup.upstream_port,
+        )
+        start(
+            pinned(
+                load_cpu,
+                [
+                    sys.executable,
+                    "-m",
+                    "pooled_proxy.demo",
+                    "--port",
+                    str(setup.sse_port),
+                    "--event-interval",
+                    "0.1",
+                ],
+            ),
+            "SSE upstream",
+            setup.sse_port,
+        )
+        (workdir / "proxy.conf").write_text(
+            proxy_nginx_conf(setup, connections=args.idle_connections)
+        )
+        nginx = start(
+            pinned(proxy_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "proxy.conf")]),
+            "nginx proxy",
+            setup.nginx_port,
+        )
         setup.nginx_pid = nginx.pid
         (workdir / "pooled-proxy.toml").write_text(
             pooled_proxy_toml(setup, workers=args.workers, connections=args.idle_connections)
         )
         proxy_cpu_pp = proxy_cpu if args.workers == 1 else None
         proxy = start(
-            pinned(proxy_cpu_pp, [sys.executable, "-m", "pooled_proxy", "run", "-c",
-                                  str(workdir / "pooled-proxy.toml")]),
-            "pooled-proxy", setup.proxy_port,
+            pinned(
+                proxy_cpu_pp,
+                [
+                    sys.executable,
+                    "-m",
+                    "pooled_proxy",
+                    "run",
+                    "-c",
+                    str(workdir / "pooled-proxy.toml"),
+                ],
+            ),
+            "pooled-proxy",
+            setup.proxy_port,
         )
         wait_for_port(setup.admin_port, proxy, "pooled-proxy admin", workdir / "pooled-proxy.log")
         setup.proxy_pid = proxy.pid
@@ -361,9 +407,21 @@ def run_wrk(
     before = cpu_ns(pid)
     extra = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
-        pinned(cpu, ["wrk", "-t1", "-c64", f"-d{max(1, round(seconds))}s", "--latency", *extra,
-                     f"http://{HOST}:{port}/"]),
-        capture_output=True, text=True, check=True,
+        pinned(
+            cpu,
+            [
+                "wrk",
+                "-t1",
+                "-c64",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                *extra,
+                f"http://{HOST}:{port}/",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     used = cpu_ns(pid) - before
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
@@ -372,15 +430,25 @@ def run_wrk(
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
     if errors:
         print(f"    wrk on {port}: {errors.group(0)}", flush=True)
-    return {"rps": rps, "p50_ms": _duration_ms(latency["50"]), "p99_ms": _duration_ms(latency["99"]),
-            "cpu_us": used / 1000 / requests if pid and requests else float("nan")}
+    return {
+        "rps": rps,
+        "p50_ms": _duration_ms(latency["50"]),
+        "p99_ms": _duration_ms(latency["99"]),
+        "cpu_us": used / 1000 / requests if pid and requests else float("nan"),
+    }
 
 
-def run_h2load(port: int, seconds: float, cpu: int | None, pid: int | None = None) -> dict[str, float]:
+def run_h2load(
+    port: int, seconds: float, cpu: int | None, pid: int | None = None
+) -> dict[str, float]:
     before = cpu_ns(pid)
     out = subprocess.run(
-        pinned(cpu, ["h2load", "-c16", "-m10", f"-D{max(1, round(seconds))}", f"http://{HOST}:{port}/"]),
-        capture_output=True, text=True, check=True,
+        pinned(
+            cpu, ["h2load", "-c16", "-m10", f"-D{max(1, round(seconds))}", f"http://{HOST}:{port}/"]
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     if "Application protocol: h2c" not in out:
         raise RuntimeError(f"h2load did not speak h2c to {port}:\n{out}")
@@ -419,7 +487,9 @@ def _event_times(data: bytes, buffer: bytearray, now: float) -> Iterator[float]:
 async def _sse_request(port: int, path: bytes) -> tuple[trio.SocketStream, h11.Connection, float]:
     stream = await trio.open_tcp_stream(HOST, port)
     connection = h11.Connection(h11.CLIENT)
-    request = h11.Request(method="GET", target=path, headers=[("host", "bench"), ("accept", "text/event-stream")])
+    request = h11.Request(
+        method="GET", target=path, headers=[("host", "bench"), ("accept", "text/event-stream")]
+    )
     sent = time.time()
     await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
     return stream, connection, sent
@@ -468,7 +538,9 @@ async def _sse_first_events(port: int, count: int, timings: SseTimings) -> None:
                     event = connection.next_event()
                     if event is h11.NEED_DATA:
                         break
-                    if isinstance(event, h11.Data) and any(True for _ in _event_times(bytes(event.data), buffer, now)):
+                    if isinstance(event, h11.Data) and any(
+                        True for _ in _event_times(bytes(event.data), buffer, now)
+                    ):
                         timings.first_ms.append((now - sent) * 1000)
                         done = True
                     elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
@@ -476,7 +548,9 @@ async def _sse_first_events(port: int, count: int, timings: SseTimings) -> None:
         await trio.sleep(0.05)
 
 
-def run_sse(ports: dict[str, int], seconds: float, streams: int, firsts: int) -> dict[str, SseTimings]:
+def run_sse(
+    ports: dict[str, int], seconds: float, streams: int, firsts: int
+) -> dict[str, SseTimings]:
     timings = {name: SseTimings() for name in ports}
 
     async def main() -> None:
@@ -564,7 +638,9 @@ def idle_connections_rss(port: int, pid: int, count: int) -> float:
                 while not (reply.endswith(BODY) and b"\r\n\r\n" in reply):
                     chunk = sock.recv(65536)
                     if not chunk:
-                        raise RuntimeError(f"connection {len(socks)} of {count} closed: {reply[:200]!r}")
+                        raise RuntimeError(
+                            f"connection {len(socks)} of {count} closed: {reply[:200]!r}"
+                        )
                     reply += chunk
         time.sleep(1.0)
         return rss_mib(pid)
@@ -582,13 +658,23 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
     load_cpu = None if args.no_pin else LOAD_CPU
     with running_setup(args) as setup:
         targets = {"nginx": setup.nginx_pid, "pooled": setup.proxy_pid}
-        h1_ports = {"direct": setup.upstream_port, "nginx": setup.nginx_port, "pooled": setup.proxy_port}
-        h2_ports = {"direct": setup.upstream_h2_port, "nginx": setup.nginx_h2_port, "pooled": setup.proxy_port}
+        h1_ports = {
+            "direct": setup.upstream_port,
+            "nginx": setup.nginx_port,
+            "pooled": setup.proxy_port,
+        }
+        h2_ports = {
+            "direct": setup.upstream_h2_port,
+            "nginx": setup.nginx_h2_port,
+            "pooled": setup.proxy_port,
+        }
         for name, pid in targets.items():
             results[f"{name}.rss_idle_mib"] = rss_mib(pid)
         for name, pid in targets.items():
             port = h1_ports[name]
-            results[f"{name}.rss_stream_peak_mib"], results[f"{name}.stream_mib_s"] = stream_big(port, pid)
+            results[f"{name}.rss_stream_peak_mib"], results[f"{name}.stream_mib_s"] = stream_big(
+                port, pid
+            )
         for name, port in h1_ports.items():
             run_wrk(port, args.warmup, load_cpu)
             for key, value in run_wrk(port, args.duration, load_cpu, targets.get(name)).items():
@@ -597,14 +683,20 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
         post.write_text(POST_LUA)
         for name, port in h1_ports.items():
             run_wrk(port, args.warmup, load_cpu, script=post)
-            for key, value in run_wrk(port, args.duration, load_cpu, targets.get(name), post).items():
+            for key, value in run_wrk(
+                port, args.duration, load_cpu, targets.get(name), post
+            ).items():
                 results[f"{name}.post_{key}"] = value
         for name, port in h2_ports.items():
             run_h2load(port, args.warmup, load_cpu)
             for key, value in run_h2load(port, args.duration, load_cpu, targets.get(name)).items():
                 results[f"{name}.h2_{key}"] = value
-        sse = run_sse({"direct": setup.sse_port, "nginx": setup.nginx_port, "pooled": setup.proxy_port},
-                      args.sse_seconds, args.sse_streams, args.sse_first)
+        sse = run_sse(
+            {"direct": setup.sse_port, "nginx": setup.nginx_port, "pooled": setup.proxy_port},
+            args.sse_seconds,
+            args.sse_streams,
+            args.sse_first,
+        )
         for name, timing in sse.items():
             results[f"{name}.sse_event_p50_ms"] = percentile(timing.events_ms, 0.50)
             results[f"{name}.sse_event_p99_ms"] = percentile(timing.events_ms, 0.99)
@@ -612,8 +704,13 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
             results[f"{name}.sse_first_p99_ms"] = percentile(timing.first_ms, 0.99)
             results[f"{name}.sse_events"] = len(timing.events_ms)
         for name, pid in targets.items():
-            results[f"{name}.rss_idle_conns_mib"] = idle_connections_rss(h1_ports[name], pid, args.idle_connections)
-    print(f"run {number}: " + ", ".join(f"{key}={value:.4g}" for key, value in results.items()), flush=True)
+            results[f"{name}.rss_idle_conns_mib"] = idle_connections_rss(
+                h1_ports[name], pid, args.idle_connections
+            )
+    print(
+        f"run {number}: " + ", ".join(f"{key}={value:.4g}" for key, value in results.items()),
+        flush=True,
+    )
     return results
 
 
@@ -633,15 +730,21 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
+    nginx = (
+        subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+        .stderr.strip()
+        .split("/")[-1]
+    )
     try:
         import h11_mypyc  # noqa: F401
 
         accel = "h11_mypyc " + getattr(h11_mypyc, "__version__", "?")
     except ImportError:
         accel = "h11 " + h11.__version__ + " (pure Python)"
-    return (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU(s) {model}, "
-            f"Linux {platform.release()}, Python {platform.python_version()}, {accel}, nginx {nginx}")
+    return (
+        f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU(s) {model}, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, {accel}, nginx {nginx}"
+    )
 
 
 def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
@@ -650,10 +753,19 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
     def get(name: str, key: str) -> float:
         return med.get(f"{name}.{key}", float("nan"))
 
-    rows: list[tuple[str, float, float, float, str, str]] = []  # label, direct, nginx, pooled, ratio, bar
+    rows: list[
+        tuple[str, float, float, float, str, str]
+    ] = []  # label, direct, nginx, pooled, ratio, bar
 
-    def row(label: str, key: str, digits: int, *, ratio: bool = False, bar: str = "",
-            ok: Callable[[float, float], bool] | None = None) -> None:
+    def row(
+        label: str,
+        key: str,
+        digits: int,
+        *,
+        ratio: bool = False,
+        bar: str = "",
+        ok: Callable[[float, float], bool] | None = None,
+    ) -> None:
         d, n, p = get("direct", key), get("nginx", key), get("pooled", key)
         r = f"{p / n:.3f}" if ratio and n == n and n else ""
         verdict = ""
@@ -663,36 +775,81 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
         fmt[label] = digits
 
     fmt: dict[str, int] = {}
-    row("HTTP/1.1 req/s (wrk -c64)", "h1_rps", 0, ratio=True, bar=f">= {BAR_H1_RATIO} x nginx",
-        ok=lambda p, n: p >= BAR_H1_RATIO * n)
+    row(
+        "HTTP/1.1 req/s (wrk -c64)",
+        "h1_rps",
+        0,
+        ratio=True,
+        bar=f">= {BAR_H1_RATIO} x nginx",
+        ok=lambda p, n: p >= BAR_H1_RATIO * n,
+    )
     row("HTTP/1.1 p50 ms", "h1_p50_ms", 2)
-    row("HTTP/1.1 p99 ms", "h1_p99_ms", 2, bar=f"<= {BAR_H1_P99_MS:g} ms", ok=lambda p, n: p <= BAR_H1_P99_MS)
+    row(
+        "HTTP/1.1 p99 ms",
+        "h1_p99_ms",
+        2,
+        bar=f"<= {BAR_H1_P99_MS:g} ms",
+        ok=lambda p, n: p <= BAR_H1_P99_MS,
+    )
     row("HTTP/1.1 proxy CPU us/request", "h1_cpu_us", 1)
     row("HTTP/1.1 POST 100 B req/s (wrk -c64)", "post_rps", 0, ratio=True)
     row("HTTP/1.1 POST proxy CPU us/request", "post_cpu_us", 1)
-    row("h2c req/s (h2load -c16 -m10)", "h2_rps", 0, ratio=True, bar=f">= {BAR_H2_RATIO} x nginx",
-        ok=lambda p, n: p >= BAR_H2_RATIO * n)
+    row(
+        "h2c req/s (h2load -c16 -m10)",
+        "h2_rps",
+        0,
+        ratio=True,
+        bar=f">= {BAR_H2_RATIO} x nginx",
+        ok=lambda p, n: p >= BAR_H2_RATIO * n,
+    )
     row("h2c proxy CPU us/request", "h2_cpu_us", 1)
     row("SSE per-event latency p50 ms", "sse_event_p50_ms", 3)
-    row("SSE per-event latency p99 ms", "sse_event_p99_ms", 3,
+    row(
+        "SSE per-event latency p99 ms",
+        "sse_event_p99_ms",
+        3,
         bar=f"<= direct + {BAR_SSE_EVENT_P99_MS:g} ms",
-        ok=lambda p, n: p - get("direct", "sse_event_p99_ms") <= BAR_SSE_EVENT_P99_MS)
-    row("SSE first event p50 ms", "sse_first_p50_ms", 2,
+        ok=lambda p, n: p - get("direct", "sse_event_p99_ms") <= BAR_SSE_EVENT_P99_MS,
+    )
+    row(
+        "SSE first event p50 ms",
+        "sse_first_p50_ms",
+        2,
         bar=f"<= direct + {BAR_SSE_FIRST_MS:g} ms",
-        ok=lambda p, n: p - get("direct", "sse_first_p50_ms") <= BAR_SSE_FIRST_MS)
+        ok=lambda p, n: p - get("direct", "sse_first_p50_ms") <= BAR_SSE_FIRST_MS,
+    )
     row("SSE first event p99 ms", "sse_first_p99_ms", 2)
-    row("RSS idle MiB", "rss_idle_mib", 1, bar=f"<= {BAR_IDLE_MIB} MiB", ok=lambda p, n: p <= BAR_IDLE_MIB)
-    row(f"RSS, {args.idle_connections:,} idle conns MiB", "rss_idle_conns_mib", 1,
-        bar=f"<= {BAR_IDLE_CONNS_MIB} MiB", ok=lambda p, n: p <= BAR_IDLE_CONNS_MIB)
-    row("RSS peak, 1 GiB stream MiB", "rss_stream_peak_mib", 1, bar=f"<= {BAR_STREAM_MIB} MiB",
-        ok=lambda p, n: p <= BAR_STREAM_MIB)
+    row(
+        "RSS idle MiB",
+        "rss_idle_mib",
+        1,
+        bar=f"<= {BAR_IDLE_MIB} MiB",
+        ok=lambda p, n: p <= BAR_IDLE_MIB,
+    )
+    row(
+        f"RSS, {args.idle_connections:,} idle conns MiB",
+        "rss_idle_conns_mib",
+        1,
+        bar=f"<= {BAR_IDLE_CONNS_MIB} MiB",
+        ok=lambda p, n: p <= BAR_IDLE_CONNS_MIB,
+    )
+    row(
+        "RSS peak, 1 GiB stream MiB",
+        "rss_stream_peak_mib",
+        1,
+        bar=f"<= {BAR_STREAM_MIB} MiB",
+        ok=lambda p, n: p <= BAR_STREAM_MIB,
+    )
     row("1 GiB stream MiB/s", "stream_mib_s", 0)
 
     lines = [
         f"pooled-proxy vs nginx: {machine_line()}",
         f"{len(runs)} run(s) x {args.duration:g} s, medians; "
-        + ("nothing pinned to a CPU" if args.no_pin else
-           f"proxies pinned to CPU {PROXY_CPU}, load and upstreams on CPU {LOAD_CPU}")
+        + (
+            "nothing pinned to a CPU"
+            if args.no_pin
+            else f"proxies pinned to CPU {PROXY_CPU}, load and upstreams on CPU {LOAD_CPU}"
+        )
         + f"; pooled-proxy workers = {args.workers}",
         "",
         "| measure | direct | nginx | pooled-proxy | pooled/nginx | bar |",
@@ -700,7 +857,9 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
     ]
     for label, d, n, p, r, verdict in rows:
         digits = fmt[label]
-        lines.append(f"| {label} | {_fmt(d, digits)} | {_fmt(n, digits)} | {_fmt(p, digits)} | {r} | {verdict} |")
+        lines.append(
+            f"| {label} | {_fmt(d, digits)} | {_fmt(n, digits)} | {_fmt(p, digits)} | {r} | {verdict} |"
+        )
     added = [
         ("SSE added per event p50 / p99 ms", "sse_event_p50_ms", "sse_event_p99_ms", 3),
         ("SSE added to first event p50 / p99 ms", "sse_first_p50_ms", "sse_first_p99_ms", 2),
@@ -717,29 +876,50 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs; the table shows medians (3)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk/h2load run (10)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first (1)")
-    parser.add_argument("--sse-seconds", type=float, default=10.0, help="length of the SSE streams (10)")
-    parser.add_argument("--sse-streams", type=int, default=10, help="concurrent SSE streams per path (10)")
-    parser.add_argument("--sse-first", type=int, default=50, help="first-event samples per path (50)")
-    parser.add_argument("--idle-connections", type=int, default=10_000, help="idle client connections (10000)")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per wrk/h2load run (10)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of unmeasured load first (1)"
+    )
+    parser.add_argument(
+        "--sse-seconds", type=float, default=10.0, help="length of the SSE streams (10)"
+    )
+    parser.add_argument(
+        "--sse-streams", type=int, default=10, help="concurrent SSE streams per path (10)"
+    )
+    parser.add_argument(
+        "--sse-first", type=int, default=50, help="first-event samples per path (50)"
+    )
+    parser.add_argument(
+        "--idle-connections", type=int, default=10_000, help="idle client connections (10000)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="pooled-proxy worker processes (1)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--quick", action="store_true", help="1 run, 3 s each: a smoke test")
     parser.add_argument("--json", type=Path, help="also write the runs and medians here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeat, args.duration, args.warmup, args.sse_seconds, args.sse_first = 1, 3.0, 1.0, 3.0, 20
+        args.repeat, args.duration, args.warmup, args.sse_seconds, args.sse_first = (
+            1,
+            3.0,
+            1.0,
+            3.0,
+            20,
+        )
     if (os.cpu_count() or 1) < 2 and not args.no_pin:
         print("one CPU only: running unpinned", file=sys.stderr)
         args.no_pin = True
     ensure_tools()
     raise_fd_limit(args.idle_connections * 2 + 4096)
     if not args.no_pin:
-        os.sched_setaffinity(0, {LOAD_CPU})  # this script's own clients run beside the load generators
+        os.sched_setaffinity(
+            0, {LOAD_CPU}
+        )  # this script's own clients run beside the load generators
     runs = [one_run(args, number + 1) for number in range(args.repeat)]
     text = report(runs, args)
     print()

@@ -113,7 +113,13 @@ class AdminServer:
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
-        except (_Close, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (
+            _Close,
+            h11.ProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+        ):
             return
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):

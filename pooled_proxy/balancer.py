@@ -58,9 +58,7 @@ class UpstreamGroup:
             return pools[0], self.health[0]
         now = trio.current_time()
         candidates = [
-            i
-            for i in range(len(pools))
-            if self.health[i].is_up(now) and pools[i] is not exclude
+            i for i in range(len(pools)) if self.health[i].is_up(now) and pools[i] is not exclude
         ]
         if not candidates:
             raise UpstreamUnavailable(f"every server of upstream {self.name!r} is marked down")

@@ -41,14 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the proxy from a TOML config file")
-    run.add_argument("-c", "--config", default=os.environ.get("POOLED_PROXY_CONFIG"),
-                     help="config file (default: $POOLED_PROXY_CONFIG)")
-    run.add_argument("--watch", action="store_true",
-                     help="reload the config whenever the file changes (as SIGHUP does)")
+    run.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("POOLED_PROXY_CONFIG"),
+        help="config file (default: $POOLED_PROXY_CONFIG)",
+    )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the config whenever the file changes (as SIGHUP does)",
+    )
 
     check = commands.add_parser("check", help="validate a config file and exit")
-    check.add_argument("-c", "--config", default=os.environ.get("POOLED_PROXY_CONFIG"),
-                       help="config file (default: $POOLED_PROXY_CONFIG)")
+    check.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("POOLED_PROXY_CONFIG"),
+        help="config file (default: $POOLED_PROXY_CONFIG)",
+    )
 
     dev = commands.add_parser("dev", help="proxy to one upstream URL with defaults, no config file")
     dev.add_argument("url", help="the upstream, e.g. http://127.0.0.1:3000")
@@ -142,8 +153,11 @@ async def _demo(listen: str) -> None:
         upstream_port = await nursery.start(DemoUpstream().serve, "127.0.0.1", 0)
         config = dev_config(f"http://127.0.0.1:{upstream_port}", listen)
         config = replace(config, server=replace(config.server, drain_timeout=5.0))
-        LOG.info("demo upstream on http://127.0.0.1:%d; try http://%s/ , /echo, /events, /slow",
-                 upstream_port, listen)
+        LOG.info(
+            "demo upstream on http://127.0.0.1:%d; try http://%s/ , /echo, /events, /slow",
+            upstream_port,
+            listen,
+        )
         await run_with_operations(config)
         nursery.cancel_scope.cancel()
 
@@ -153,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             config = _load(args.config)
-            print(f"{args.config}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))")
+            print(
+                f"{args.config}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))"
+            )
             return EXIT_OK
         if args.command == "run":
             return _serve(_load(args.config), args.config, watch=args.watch)

@@ -165,11 +165,16 @@ class Forwarder:
             for observer in self.observers:
                 observer(record)
 
-    async def answer_error(self, sink: ResponseSink, record: ExchangeRecord, exc: ProxyError) -> None:
+    async def answer_error(
+        self, sink: ResponseSink, record: ExchangeRecord, exc: ProxyError
+    ) -> None:
         record.error = exc.proxy_status
         if isinstance(exc, UpstreamError):
             LOG.warning(
-                "%s %s: %s", record.method.decode("latin-1"), record.target.decode("latin-1"), exc.detail
+                "%s %s: %s",
+                record.method.decode("latin-1"),
+                record.target.decode("latin-1"),
+                exc.detail,
             )
         try:
             if sink.head_sent:
@@ -235,7 +240,14 @@ class Forwarder:
                 record.connect_time = connection.connect_time
             try:
                 whole = await self._exchange(
-                    connection, group.config, head, target, headers, upload, exchange.sink, record,
+                    connection,
+                    group.config,
+                    head,
+                    target,
+                    headers,
+                    upload,
+                    exchange.sink,
+                    record,
                     upgrade=exchange.upgrade if upgrade is not None else None,
                     whole_body=whole_body,
                 )
@@ -278,7 +290,9 @@ class Forwarder:
             pool.release(connection, reusable=upload is None or upload.done)
             health.record_success()
             if whole is not None:
-                await exchange.sink.send_head(whole.status, whole.headers, body=whole.body, end=True)
+                await exchange.sink.send_head(
+                    whole.status, whole.headers, body=whole.body, end=True
+                )
             else:
                 await exchange.sink.end(trailers or None)
             return
@@ -304,13 +318,23 @@ class Forwarder:
         header_timeout = upstream.response_header_timeout or math.inf
         if upload is None:
             await connection.send_request(
-                head.method, target, headers, end=True, checked=head.checked and upgrade is None,
+                head.method,
+                target,
+                headers,
+                end=True,
+                checked=head.checked and upgrade is None,
                 body=whole_body or b"",
             )
             sent_at = trio.current_time()
             return await self._relay_response(
-                connection, upstream, None, sent_at + header_timeout, sink, record,
-                sent_at=sent_at, upgrade=upgrade,
+                connection,
+                upstream,
+                None,
+                sent_at + header_timeout,
+                sink,
+                record,
+                sent_at=sent_at,
+                upgrade=upgrade,
             )
         await connection.send_request(head.method, target, headers, end=False)
         head_sent_at = trio.current_time()

@@ -73,7 +73,9 @@ def upstream_request_headers(
             via = via + b", " + value if via else value
         else:
             out.append((name, value))
-    out.append((b"x-forwarded-for", forwarded_for + b", " + client_ip if forwarded_for else client_ip))
+    out.append(
+        (b"x-forwarded-for", forwarded_for + b", " + client_ip if forwarded_for else client_ip)
+    )
     out.append((b"x-forwarded-proto", scheme))
     out.append((b"x-forwarded-host", host))
     hop = protocol + b" " + VIA_TOKEN

@@ -158,7 +158,8 @@ class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._requests = _Counter(
-            "pooled_proxy_requests", "Exchanges finished, by route, upstream and status class.",
+            "pooled_proxy_requests",
+            "Exchanges finished, by route, upstream and status class.",
             ["route", "upstream", "status_class"],
         )
         self._duration = _Histogram(
@@ -229,7 +230,9 @@ class ProxyMetrics:
         if record.ttfb is not None:
             self._ttfb.observe(upstream, record.ttfb)
         if record.connect_time is not None:
-            self._connect.observe((record.route_upstream, record.upstream_server), record.connect_time)
+            self._connect.observe(
+                (record.route_upstream, record.upstream_server), record.connect_time
+            )
         if record.upstream_header_time is not None:
             self._header.observe(
                 (record.route_upstream, record.upstream_server), record.upstream_header_time

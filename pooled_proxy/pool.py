@@ -54,7 +54,9 @@ class PoolStatistics:
     waiting: int
     opened: int
     reused: int
-    closed: Mapping[str, int]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain, upgraded, upstream_close
+    closed: Mapping[
+        str, int
+    ]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain, upgraded, upstream_close
     queue_rejected: int  # queue full
     queue_timeouts: int
     queue_waits: int
@@ -270,8 +272,7 @@ class UpstreamPool:
             raise Draining("upstream pool is closing")
         self._queue_timeouts += 1
         raise PoolTimeout(
-            f"no connection to {self.server} within queue_timeout "
-            f"({self.config.queue_timeout:g}s)"
+            f"no connection to {self.server} within queue_timeout ({self.config.queue_timeout:g}s)"
         )
 
     def _abandon(self, waiter: Waiter[UpstreamConnection]) -> None:

@@ -26,7 +26,12 @@ FIRST_REQUEST_GRACE = 1.0
 # Settings a reload cannot apply to a running process: the sockets, the TLS context, the
 # worker processes, the admin listener and the access log are set up once at start.
 RESTART_ONLY = (
-    "server.listen", "server.tls", "server.workers", "admin", "log.access", "log.format"
+    "server.listen",
+    "server.tls",
+    "server.workers",
+    "admin",
+    "log.access",
+    "log.format",
 )
 
 

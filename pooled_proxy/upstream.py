@@ -89,7 +89,9 @@ async def open_connection(
             stream: trio.abc.Stream = await trio.open_tcp_stream(server.host, server.port)
             if server.tls:
                 context = ssl_context or ssl.create_default_context()
-                tls = trio.SSLStream(stream, context, server_hostname=server.host, https_compatible=True)
+                tls = trio.SSLStream(
+                    stream, context, server_hostname=server.host, https_compatible=True
+                )
                 await tls.do_handshake()
                 stream = tls
     except trio.TooSlowError:
@@ -167,7 +169,12 @@ class UpstreamConnection:
         # The fast path (see the module docstring). While ``_fast`` is set, the current
         # request went out without h11 and h11 is idle; the rest is that exchange's state.
         self._fast = False
-        self._request: tuple[bytes, bytes, Headers, bytes] = (b"", b"", [], b"")  # replayed on fallback
+        self._request: tuple[bytes, bytes, Headers, bytes] = (
+            b"",
+            b"",
+            [],
+            b"",
+        )  # replayed on fallback
         self._heads_before = 0  # the checker's head count when the request went out
         self._received: list[bytes] = []  # this response's bytes, until its head is taken
         self._pending = b""  # body bytes received and not yet handed out
@@ -240,7 +247,9 @@ class UpstreamConnection:
             # Not closed yet: the upstream may have answered early (a 413, say) before closing,
             # and that answer is still waiting in our receive buffer.
             self.send_failed = True
-            raise UpstreamClosed(f"upstream {self.server} closed while we were sending: {exc}") from None
+            raise UpstreamClosed(
+                f"upstream {self.server} closed while we were sending: {exc}"
+            ) from None
 
     async def send_request(
         self,

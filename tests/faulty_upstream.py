@@ -96,7 +96,9 @@ def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout: float = 2.0, what: str = "") -> None:
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float = 2.0, what: str = ""
+) -> None:
     """Poll ``predicate`` (real time: sockets close asynchronously) until true, else fail."""
     with trio.move_on_after(timeout):
         while not predicate():
@@ -214,7 +216,9 @@ class FaultyUpstream:
             self.connections_open -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> SeenRequest | None:
+    async def _read_request(
+        self, stream: trio.abc.Stream, conn: h11.Connection
+    ) -> SeenRequest | None:
         request: SeenRequest | None = None
         while True:
             try:
@@ -255,7 +259,9 @@ class FaultyUpstream:
             await trio.sleep(0.01)
             await _reset(stream)
         elif mode == "reset-mid-body":
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000
+            )
             await trio.sleep(0.01)
             await _reset(stream)
         elif mode == "half-chunked":
@@ -272,7 +278,9 @@ class FaultyUpstream:
             await stream.send_all(BAD_HEADS[query.get("kind", "cl-te")])
             await _wait_for_close(stream)
         elif mode == "extra":
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + SMUGGLED_RESPONSE)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + SMUGGLED_RESPONSE
+            )
             await _wait_for_close(stream)
         elif mode == "hang":
             await _wait_for_close(stream)
@@ -299,7 +307,9 @@ class FaultyUpstream:
                 headers = [("transfer-encoding", "chunked")]
             else:
                 headers = [("content-length", str(len(body)))]
-            data = conn.send(h11.Response(status_code=200, headers=[*headers, ("x-upstream", "faulty")]))
+            data = conn.send(
+                h11.Response(status_code=200, headers=[*headers, ("x-upstream", "faulty")])
+            )
             if request.method != b"HEAD":
                 data += conn.send(h11.Data(data=body))
             data += conn.send(h11.EndOfMessage())

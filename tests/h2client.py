@@ -73,7 +73,11 @@ class H2Client:
         await self.stream.send_all(data)
 
     def request_headers(
-        self, method: str, path: str, extra: list[tuple[str, str]] | None = None, authority: str = "test.local"
+        self,
+        method: str,
+        path: str,
+        extra: list[tuple[str, str]] | None = None,
+        authority: str = "test.local",
     ) -> list[tuple[bytes, bytes]]:
         headers = [
             (b":method", method.encode()),
@@ -132,7 +136,9 @@ class H2Client:
             del self._pending[: 9 + length]
             if isinstance(frame, GoAwayFrame):
                 frame.parse_body(memoryview(raw[9:]))
-                self.goaways.append(GoAway(frame.last_stream_id, frame.error_code, frame.additional_data))
+                self.goaways.append(
+                    GoAway(frame.last_stream_id, frame.error_code, frame.additional_data)
+                )
             else:
                 out += raw
         return bytes(out)

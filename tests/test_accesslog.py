@@ -180,34 +180,39 @@ async def test_a_request_after_an_idle_wait_is_logged_at_its_own_time(nursery, d
 def _reference_json_line(record: ExchangeRecord) -> str:
     """What the JSON line is: json.dumps of these fields (the written-out line must match)."""
     stamp = datetime.fromtimestamp(record.wall_start, timezone.utc)
-    return json.dumps(
-        {
-            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "client": record.client_ip.decode("latin-1"),
-            "method": record.method.decode("latin-1"),
-            "path": record.target.decode("latin-1"),
-            "protocol": record.protocol.decode("latin-1"),
-            "status": record.status,
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "route": record.route or None,
-            "upstream": record.route_upstream or None,
-            "upstream_server": record.upstream_server or None,
-            "upstream_connection": None if record.upstream_reused is None
-            else ("reused" if record.upstream_reused else "new"),
-            "retried": record.retried,
-            "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1000.0, 3),
-            "duration_ms": round(record.duration * 1000.0, 3),
-            "event_stream": record.event_stream,
-            "error": record.error or None,
-        },
-        separators=(",", ":"),
-    ) + "\n"
+    return (
+        json.dumps(
+            {
+                "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "client": record.client_ip.decode("latin-1"),
+                "method": record.method.decode("latin-1"),
+                "path": record.target.decode("latin-1"),
+                "protocol": record.protocol.decode("latin-1"),
+                "status": record.status,
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "route": record.route or None,
+                "upstream": record.route_upstream or None,
+                "upstream_server": record.upstream_server or None,
+                "upstream_connection": None
+                if record.upstream_reused is None
+                else ("reused" if record.upstream_reused else "new"),
+                "retried": record.retried,
+                "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1000.0, 3),
+                "duration_ms": round(record.duration * 1000.0, 3),
+                "event_stream": record.event_stream,
+                "error": record.error or None,
+            },
+            separators=(",", ":"),
+        )
+        + "\n"
+    )
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    wall_start=st.floats(0, 4e9, allow_nan=False) | st.sampled_from([1.9999995, 1.0000005, 59.9995]),
+    wall_start=st.floats(0, 4e9, allow_nan=False)
+    | st.sampled_from([1.9999995, 1.0000005, 59.9995]),
     text=st.binary(max_size=20),
     words=st.text(max_size=12),
     number=st.integers(0, 10**12),
@@ -216,10 +221,23 @@ def _reference_json_line(record: ExchangeRecord) -> str:
 )
 def test_the_json_line_is_json_dumps_of_its_fields(wall_start, text, words, number, seconds, flags):
     record = ExchangeRecord(
-        start=0.0, wall_start=wall_start, client_ip=text, method=text[:3], target=text,
-        protocol=b"HTTP/1.1", status=number % 600, bytes_in=number, bytes_out=number // 3,
-        route=words, route_upstream=words[:2], upstream_server=words, retried=flags[0],
-        event_stream=flags[1], upstream_reused=flags[2], ttfb=seconds, duration=seconds or 0.0,
+        start=0.0,
+        wall_start=wall_start,
+        client_ip=text,
+        method=text[:3],
+        target=text,
+        protocol=b"HTTP/1.1",
+        status=number % 600,
+        bytes_in=number,
+        bytes_out=number // 3,
+        route=words,
+        route_upstream=words[:2],
+        upstream_server=words,
+        retried=flags[0],
+        event_stream=flags[1],
+        upstream_reused=flags[2],
+        ttfb=seconds,
+        duration=seconds or 0.0,
         error=words[:3],
     )
     assert json_line(record) == _reference_json_line(record)

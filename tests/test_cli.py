@@ -74,9 +74,7 @@ def test_check_accepts_a_good_config(tmp_path):
 def test_run_refuses_a_bad_config_before_listening(tmp_path):
     port = free_port()
     config = tmp_path / "proxy.toml"
-    config.write_text(
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\n[upstreams.app]\nservers = []\n'
-    )
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[upstreams.app]\nservers = []\n')
     result = subprocess.run(
         [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=20
     )
@@ -103,11 +101,13 @@ def test_dev_proxies_one_upstream_without_a_config_file():
     upstream_port, proxy_port = free_port(), free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "pooled_proxy.demo", "--port", str(upstream_port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     proxy = subprocess.Popen(
         [*CLI, "dev", f"http://127.0.0.1:{upstream_port}", "--listen", f"127.0.0.1:{proxy_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(upstream_port, upstream)
@@ -135,12 +135,17 @@ def test_readme_setup_is_two_commands_and_ci_runs_the_same_test_command():
     assert ci.rstrip().splitlines()[-1] == "make test"
 
 
-@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "pooled-proxy").exists(), reason="needs make's .venv")
+@pytest.mark.skipif(
+    not (ROOT / ".venv" / "bin" / "pooled-proxy").exists(), reason="needs make's .venv"
+)
 def test_readme_make_demo_serves_the_demo_and_drains_on_sigterm():
     port = free_port()
     process = subprocess.Popen(
         ["make", "--no-print-directory", "demo", f"LISTEN=127.0.0.1:{port}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_for_port(port, process)
@@ -152,7 +157,7 @@ def test_readme_make_demo_serves_the_demo_and_drains_on_sigterm():
         assert text.count("data: ") == 2
         # Signal the proxy (make's child), as a terminal's Ctrl-C or a supervisor would;
         # make then exits with the proxy's status.
-        children = (Path("/proc") / str(process.pid) / "task" / str(process.pid) / "children")
+        children = Path("/proc") / str(process.pid) / "task" / str(process.pid) / "children"
         for child in children.read_text().split():
             os.kill(int(child), signal.SIGTERM)
         assert process.wait(timeout=15) == 0

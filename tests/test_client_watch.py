@@ -91,7 +91,9 @@ async def test_a_client_that_leaves_while_queued_for_a_connection_is_let_go_at_o
     _, port = demo_upstream
     records: list[ExchangeRecord] = []
     proxy = await start_proxy(
-        nursery, make_config(port, max_connections=1, queue_timeout=5.0), observers=(records.append,)
+        nursery,
+        make_config(port, max_connections=1, queue_timeout=5.0),
+        observers=(records.append,),
     )
     with trio.fail_after(5):
         holder = await H11Client.connect(proxy.port)

@@ -109,8 +109,12 @@ def test_design_example_loads_cleanly(in_tmp: Path) -> None:
     )
     assert config.admin == AdminConfig(listen=ServerAddress("127.0.0.1", 9901))
     assert config.log == LogConfig()
-    assert config.upstreams["api"] == UpstreamConfig(name="api", servers=(ServerAddress("127.0.0.1", 9000),))
-    assert config.routes == (RouteConfig(upstream="api", host="api.localhost", path_prefix="/api/"),)
+    assert config.upstreams["api"] == UpstreamConfig(
+        name="api", servers=(ServerAddress("127.0.0.1", 9000),)
+    )
+    assert config.routes == (
+        RouteConfig(upstream="api", host="api.localhost", path_prefix="/api/"),
+    )
     assert config.path == Path("proxy.toml")
 
 
@@ -226,7 +230,9 @@ def test_full_config_round_trips(in_tmp: Path) -> None:
             "web": UpstreamConfig(name="web", servers=(ServerAddress("127.0.0.1", 3000),)),
         },
         routes=(
-            RouteConfig(upstream="api", host="api.example.com", path_prefix="/v1/", strip_prefix=True),
+            RouteConfig(
+                upstream="api", host="api.example.com", path_prefix="/v1/", strip_prefix=True
+            ),
             RouteConfig(upstream="web", host="*.example.com"),
             RouteConfig(upstream="web"),
         ),
@@ -305,7 +311,7 @@ ERROR_CASES = [
         id="unknown-key-no-hint",
     ),
     pytest.param(
-        MINIMAL + "[server]\nheader_timeout = \"10\"\n",
+        MINIMAL + '[server]\nheader_timeout = "10"\n',
         'proxy.toml:4: server.header_timeout: bad duration "10": expected a number with a unit ms, s, m or h',
         id="bad-duration",
     ),
@@ -315,12 +321,12 @@ ERROR_CASES = [
         id="duration-not-a-string",
     ),
     pytest.param(
-        MINIMAL + "[server]\nheader_timeout = \"0s\"\n",
+        MINIMAL + '[server]\nheader_timeout = "0s"\n',
         'proxy.toml:4: server.header_timeout: must be more than 0s, got "0s"',
         id="zero-duration",
     ),
     pytest.param(
-        MINIMAL + "[server]\nmax_body_bytes = \"1MB\"\n",
+        MINIMAL + '[server]\nmax_body_bytes = "1MB"\n',
         "proxy.toml:4: server.max_body_bytes: expected an integer, got string",
         id="string-for-int",
     ),
@@ -410,7 +416,8 @@ ERROR_CASES = [
         id="route-missing-upstream",
     ),
     pytest.param(
-        MINIMAL + "[[routes]]\nupstream = 'api'\n[[routes]]\nupstream = 'api'\npath_prefix = 'api/'\n",
+        MINIMAL
+        + "[[routes]]\nupstream = 'api'\n[[routes]]\nupstream = 'api'\npath_prefix = 'api/'\n",
         'proxy.toml:7: routes[1].path_prefix: must start with "/", got "api/"',
         id="path-prefix-without-slash",
     ),
@@ -460,7 +467,8 @@ ERROR_CASES = [
         id="table-expected",
     ),
     pytest.param(
-        MINIMAL + "[server.tls]\nlisten = ['0.0.0.0:8443']\ncert = 'missing.pem'\nkey = 'key.pem'\n",
+        MINIMAL
+        + "[server.tls]\nlisten = ['0.0.0.0:8443']\ncert = 'missing.pem'\nkey = 'key.pem'\n",
         'proxy.toml:5: server.tls.cert: cannot read "{tmp}/missing.pem": No such file or directory',
         id="tls-cert-unreadable",
     ),
@@ -551,7 +559,8 @@ def test_lines_survive_comments_strings_and_multiline_values(in_tmp: Path) -> No
 
 def test_routes_as_inline_array_of_tables(in_tmp: Path) -> None:
     assert problems(
-        'routes = [\n  { upstream = "api" },\n  { upstream = "apx", path_prefix = "/b" },\n]\n' + MINIMAL
+        'routes = [\n  { upstream = "api" },\n  { upstream = "apx", path_prefix = "/b" },\n]\n'
+        + MINIMAL
     ) == ['proxy.toml:3: routes[1].upstream: unknown upstream "apx" (did you mean api?)']
 
 
@@ -643,7 +652,8 @@ def test_parse_address(text: str, default_port: int | None, expected: ServerAddr
 
 
 @pytest.mark.parametrize(
-    "text", ["", "host", ":80", "::1:80", "h:80x", "h:65536", "ftp://h:1", "http://h/path", "[::1", "h :1"]
+    "text",
+    ["", "host", ":80", "::1:80", "h:80x", "h:65536", "ftp://h:1", "http://h/path", "[::1", "h :1"],
 )
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(f'bad address "{text}": ')):
@@ -679,14 +689,19 @@ def test_dev_config() -> None:
 
 def test_config_module_does_not_import_trio() -> None:
     tree = ast.parse(Path(config_module.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {name for name in imported if name.split(".")[0] == "trio"}
 
 
 def test_lines_survive_crlf_escapes_and_literal_strings() -> None:
     text = (
-        '[server]\r\nnote = "a \\" = [b"\r\npath = \'C:\\dir\\\'\r\nml = \'\'\'\r\nx = [\r\n\'\'\'\'\'\r\n'
+        "[server]\r\nnote = \"a \\\" = [b\"\r\npath = 'C:\\dir\\'\r\nml = '''\r\nx = [\r\n'''''\r\n"
         'workers = 0\r\n[ upstreams . "a b" ]\r\nservers = ["h:1"] \r\nt = { b.c = 1, d = "}" }\r\n'
     )
     with pytest.raises(ConfigError) as info:

@@ -242,9 +242,7 @@ def test_kubernetes_probes_ports_and_grace_period_agree_with_the_code():
 
 def test_readme_says_how_to_build_and_run_the_image():
     readme = (ROOT / "README.md").read_text()
-    commands = [
-        line.strip() for line in readme.splitlines() if line.strip().startswith("docker ")
-    ]
+    commands = [line.strip() for line in readme.splitlines() if line.strip().startswith("docker ")]
     build = next(c for c in commands if c.startswith("docker build"))
     assert shlex.split(build)[2:4] == ["-f", "docker/Dockerfile"] and build.endswith(" .")
     run = next(c for c in commands if c.startswith("docker run"))

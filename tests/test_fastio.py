@@ -114,7 +114,9 @@ async def test_a_write_the_peer_does_not_take_times_out_at_its_timeout(autojump_
     async with left, right:
         start = trio.current_time()
         with trio.move_on_after(60) as guard, pytest.raises(trio.TooSlowError):
-            await fastio.send_all(left, b"x" * 16_000_000, timeout=7.0)  # more than the buffers hold
+            await fastio.send_all(
+                left, b"x" * 16_000_000, timeout=7.0
+            )  # more than the buffers hold
         assert not guard.cancelled_caught
         assert trio.current_time() - start == pytest.approx(7.0)
         # A write the kernel takes at once never waits, whatever the timeout.
@@ -129,7 +131,10 @@ async def test_a_read_with_nothing_to_read_times_out_at_its_deadline(autojump_cl
         woken: list[float] = []
         with trio.move_on_after(60) as guard, pytest.raises(trio.TooSlowError):
             await fastio.receive_some(
-                left, 10, before_wait=lambda: woken.append(trio.current_time()), deadline=start + 3.0
+                left,
+                10,
+                before_wait=lambda: woken.append(trio.current_time()),
+                deadline=start + 3.0,
             )
         assert not guard.cancelled_caught
         assert trio.current_time() - start == pytest.approx(3.0) and woken == [start]

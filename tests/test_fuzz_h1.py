@@ -91,7 +91,9 @@ class Outcome:
 
 def _accepted_heads(data: bytes) -> int:
     """How many request heads the strict check lets through from these bytes."""
-    checker = RequestChecker(max_head_bytes=SERVER["max_header_bytes"], max_header_count=SERVER["max_header_count"])
+    checker = RequestChecker(
+        max_head_bytes=SERVER["max_header_bytes"], max_header_count=SERVER["max_header_count"]
+    )
     try:
         checker.feed(data)
     except Violation:
@@ -133,7 +135,11 @@ def exchange(data: bytes, cuts: list[int], half_close: bool) -> Outcome:
             await trio.testing.wait_all_tasks_blocked()
             stats = proxy.forwarder.upstreams["app"].pools[0].statistics()
             outcome = Outcome(
-                reply, len(upstream.requests), stats.in_use, stats.idle, upstream.connections_open,
+                reply,
+                len(upstream.requests),
+                stats.in_use,
+                stats.idle,
+                upstream.connections_open,
                 upstream.requests,
             )
             proxy.forwarder.close()
@@ -144,7 +150,11 @@ def exchange(data: bytes, cuts: list[int], half_close: bool) -> Outcome:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=CLIENT_BYTES, cut_points=st.lists(st.integers(0, 400), max_size=4), half_close=st.booleans())
+@given(
+    data=CLIENT_BYTES,
+    cut_points=st.lists(st.integers(0, 400), max_size=4),
+    half_close=st.booleans(),
+)
 @example(
     data=b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
     cut_points=[],
@@ -155,7 +165,11 @@ def exchange(data: bytes, cuts: list[int], half_close: bool) -> Outcome:
     cut_points=[10],
     half_close=True,
 )
-@example(data=b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nhel", cut_points=[], half_close=False)
+@example(
+    data=b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nhel",
+    cut_points=[],
+    half_close=False,
+)
 def test_front_end_survives_any_bytes(data: bytes, cut_points: list[int], half_close: bool) -> None:
     cuts = sorted({c for c in cut_points if 0 < c < len(data)})
     outcome = exchange(data, cuts, half_close)

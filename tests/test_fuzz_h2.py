@@ -132,11 +132,15 @@ def frames(draw: st.DrawFn, encoder: hpack.Encoder) -> bytes:
         return frame.serialize()
     if kind == "window":
         increment = draw(st.sampled_from([0, 1, 65535, 2**31 - 1]))
-        return _on_stream(WindowUpdateFrame(0, window_increment=increment), draw(st.sampled_from([0, sid])))
+        return _on_stream(
+            WindowUpdateFrame(0, window_increment=increment), draw(st.sampled_from([0, sid]))
+        )
     if kind == "priority":
         return _on_stream(PriorityFrame(1, depends_on=draw(STREAM_IDS), stream_weight=16), sid)
     if kind == "goaway":
-        return GoAwayFrame(0, last_stream_id=draw(STREAM_IDS), error_code=draw(st.integers(0, 14))).serialize()
+        return GoAwayFrame(
+            0, last_stream_id=draw(STREAM_IDS), error_code=draw(st.integers(0, 14))
+        ).serialize()
     if kind == "push":
         frame = PushPromiseFrame(1, promised_stream_id=2, data=encoder.encode(REQUESTS[0]))
         return _on_stream(frame, sid)
@@ -155,7 +159,11 @@ def plausible_frames(draw: st.DrawFn, encoder: hpack.Encoder) -> list[bytes]:
     opened: list[int] = []
     next_id = 1
     for _ in range(draw(st.integers(1, 10))):
-        action = draw(st.sampled_from(["open", "open", "data", "data", "rst", "settings", "window", "ping", "nasty"]))
+        action = draw(
+            st.sampled_from(
+                ["open", "open", "data", "data", "rst", "settings", "window", "ping", "nasty"]
+            )
+        )
         if action == "open" or not opened and action in ("data", "rst"):
             frame = HeadersFrame(next_id, data=encoder.encode(draw(st.sampled_from(REQUESTS[:3]))))
             frame.flags.add("END_HEADERS")
@@ -176,7 +184,11 @@ def plausible_frames(draw: st.DrawFn, encoder: hpack.Encoder) -> list[bytes]:
             out.append(SettingsFrame(0, settings={4: window}).serialize())
         elif action == "window":
             sid = draw(st.sampled_from([0, *opened]))
-            out.append(WindowUpdateFrame(sid, window_increment=draw(st.sampled_from([1, 65535, 10**6]))).serialize())
+            out.append(
+                WindowUpdateFrame(
+                    sid, window_increment=draw(st.sampled_from([1, 65535, 10**6]))
+                ).serialize()
+            )
         elif action == "ping":
             out.append(PingFrame(0, opaque_data=b"abcdefgh").serialize())
         else:
@@ -250,7 +262,11 @@ def exchange(chunks: list[bytes], half_close: bool) -> Outcome:
             await trio.testing.wait_all_tasks_blocked()
             stats = proxy.forwarder.upstreams["app"].pools[0].statistics()
             outcome = Outcome(
-                output, errors.messages, stats.in_use, stats.idle, upstream.connections_open,
+                output,
+                errors.messages,
+                stats.in_use,
+                stats.idle,
+                upstream.connections_open,
                 len(upstream.requests),
             )
             proxy.forwarder.close()
@@ -283,7 +299,9 @@ def _frame_types(output: bytes) -> list[str]:
     (
         [
             PREFACE + SettingsFrame(0).serialize(),
-            HeadersFrame(1, data=hpack.Encoder().encode(REQUESTS[1]), flags=["END_HEADERS"]).serialize(),
+            HeadersFrame(
+                1, data=hpack.Encoder().encode(REQUESTS[1]), flags=["END_HEADERS"]
+            ).serialize(),
             DataFrame(1, data=b"hel").serialize(),
             RstStreamFrame(1, error_code=8).serialize(),
         ],
@@ -294,7 +312,9 @@ def _frame_types(output: bytes) -> list[str]:
     (
         [
             PREFACE + SettingsFrame(0).serialize(),
-            HeadersFrame(1, data=hpack.Encoder().encode(REQUESTS[0]), flags=["END_HEADERS", "END_STREAM"]).serialize(),
+            HeadersFrame(
+                1, data=hpack.Encoder().encode(REQUESTS[0]), flags=["END_HEADERS", "END_STREAM"]
+            ).serialize(),
             SettingsFrame(0, settings={4: 0}).serialize(),  # window 0: the response cannot move
         ],
         False,

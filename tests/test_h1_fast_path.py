@@ -37,7 +37,12 @@ CASES = [
     (b"GET", b"/", [(b"Connection", b"keep-alive, Close")]),
     (b"GET", b"/", [(b"Connection", b"keep-alive")]),
     # A small body that comes whole with its head goes up with it, in one write.
-    (b"POST", b"/echo", [(b"Content-Length", b"11"), (b"Content-Type", b"text/plain")], b"hello world"),
+    (
+        b"POST",
+        b"/echo",
+        [(b"Content-Length", b"11"), (b"Content-Type", b"text/plain")],
+        b"hello world",
+    ),
     (b"PUT", b"/echo?x=1", [(b"Content-Length", b"3"), (b"Connection", b"close")], b"abc"),
 ]
 
@@ -158,7 +163,9 @@ async def test_fast_path_keeps_the_request_limit(nursery, demo_upstream, fast_re
     assert b"Connection: close" not in heads[0] and b"\r\nConnection: close\r\n" in heads[1]
 
 
-async def test_requests_behind_a_fast_one_are_answered_in_order(nursery, demo_upstream, fast_requests):
+async def test_requests_behind_a_fast_one_are_answered_in_order(
+    nursery, demo_upstream, fast_requests
+):
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     second = request_bytes(b"GET", b"/status/202", [])
@@ -217,13 +224,25 @@ _VALUE = st.binary(max_size=12).map(
 )
 _FIELDS = st.one_of(
     st.tuples(_TOKEN.map(str.encode), _VALUE),
-    st.sampled_from([
-        (b"Connection", b"close"), (b"Connection", b"keep-alive"), (b"connection", b"TE, close"),
-        (b"Content-Length", b"0"), (b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked"),
-        (b"Expect", b"100-continue"), (b"Upgrade", b"websocket"), (b"TE", b"trailers"),
-        (b"X-Forwarded-For", b"10.1.2.3"), (b"Via", b"1.0 edge"), (b"Host", b"other"),
-        (b"Keep-Alive", b"timeout=5"), (b"Cookie", b"a=b; c=d"), (b"X-Obs", b"caf\xc3\xa9"),
-    ]),
+    st.sampled_from(
+        [
+            (b"Connection", b"close"),
+            (b"Connection", b"keep-alive"),
+            (b"connection", b"TE, close"),
+            (b"Content-Length", b"0"),
+            (b"Content-Length", b"3"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Expect", b"100-continue"),
+            (b"Upgrade", b"websocket"),
+            (b"TE", b"trailers"),
+            (b"X-Forwarded-For", b"10.1.2.3"),
+            (b"Via", b"1.0 edge"),
+            (b"Host", b"other"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Cookie", b"a=b; c=d"),
+            (b"X-Obs", b"caf\xc3\xa9"),
+        ]
+    ),
 )
 
 
@@ -266,10 +285,15 @@ async def test_a_small_body_goes_up_with_its_head_and_falls_back_with_it(nursery
     # A POST whose body came whole with its head is written upstream in one piece, byte for
     # byte as h11 writes it; when the response is one h11 must read (1xx, chunked), the
     # request is replayed into h11 with its body, and the connection stays usable.
-    upstream, proxy = await run_scripted(nursery, {
-        "/hint": [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK],
-        "/chunked": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
-    })
+    upstream, proxy = await run_scripted(
+        nursery,
+        {
+            "/hint": [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK],
+            "/chunked": [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            ],
+        },
+    )
     with trio.fail_after(5):
         stream = await trio.open_tcp_stream(HOST, proxy.port)
         async with stream:

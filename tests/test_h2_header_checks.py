@@ -14,17 +14,50 @@ from pooled_proxy.protocol.h2_server import _ordinary_request, validate_headers
 # The bytes at the edges of every range the RFC 9113 section 8.2.1 rules draw.
 EDGES = [0, 9, 10, 13, 31, 32, 33, 57, 58, 59, 64, 65, 90, 91, 96, 97, 122, 126, 127, 128, 255]
 NAMES = [
-    b":method", b":scheme", b":authority", b":path", b":status", b":protocol", b":x", b":",
-    b"", b"host", b"te", b"connection", b"upgrade", b"accept", b"Accept", b"x:y", b"cookie",
+    b":method",
+    b":scheme",
+    b":authority",
+    b":path",
+    b":status",
+    b":protocol",
+    b":x",
+    b":",
+    b"",
+    b"host",
+    b"te",
+    b"connection",
+    b"upgrade",
+    b"accept",
+    b"Accept",
+    b"x:y",
+    b"cookie",
 ]
-VALUES = [b"GET", b"CONNECT", b"", b"/", b"http", b"a.example", b"trailers", b" a", b"a\t", b"a\x00b"]
+VALUES = [
+    b"GET",
+    b"CONNECT",
+    b"",
+    b"/",
+    b"http",
+    b"a.example",
+    b"trailers",
+    b" a",
+    b"a\t",
+    b"a\x00b",
+]
 NAME = st.sampled_from(NAMES) | st.lists(st.sampled_from(EDGES), max_size=4).map(bytes)
 VALUE = st.sampled_from(VALUES) | st.lists(st.sampled_from(EDGES), max_size=4).map(bytes)
-REQUEST = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.example"), (b":path", b"/")]
+REQUEST = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":authority", b"a.example"),
+    (b":path", b"/"),
+]
 FLAGS = st.builds(
     h2.utilities.HeaderValidationFlags,
-    is_client=st.booleans(), is_trailer=st.booleans(),
-    is_response_header=st.booleans(), is_push_promise=st.booleans(),
+    is_client=st.booleans(),
+    is_trailer=st.booleans(),
+    is_response_header=st.booleans(),
+    is_push_promise=st.booleans(),
 )
 SERVER_REQUEST = h2.utilities.HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -53,7 +86,10 @@ PSEUDO_VALUE = st.sampled_from([b"GET", b"CONNECT", b"", b"/", b" /"])
 )
 def test_same_verdict_and_message_as_h2(pseudo, pseudo_values, fields, at, flags):
     # The pseudo-headers keep their ordinary values or take odd ones.
-    pseudo = [(name, odd if change else value) for (name, value), (change, odd) in zip(pseudo, pseudo_values)]
+    pseudo = [
+        (name, odd if change else value)
+        for (name, value), (change, odd) in zip(pseudo, pseudo_values)
+    ]
     headers = pseudo + fields
     headers[at:at] = fields[:1]  # and one of them somewhere else, maybe among the pseudo ones
     for flags_ in (flags, SERVER_REQUEST):
@@ -92,7 +128,11 @@ def test_edge_blocks_get_h2s_verdict():
 
 def test_every_single_byte_in_a_name_and_a_value():
     for byte in range(256):
-        for field in ((bytes([byte]), b"v"), (b"n", bytes([byte])), (b"a" + bytes([byte]) + b"b", b"v")):
+        for field in (
+            (bytes([byte]), b"v"),
+            (b"n", bytes([byte])),
+            (b"a" + bytes([byte]) + b"b", b"v"),
+        ):
             headers = [*REQUEST, field, (b"accept", b"*/*")]
             assert verdict(validate_headers, headers, SERVER_REQUEST) == verdict(
                 h2.utilities.validate_headers, headers, SERVER_REQUEST
@@ -101,7 +141,9 @@ def test_every_single_byte_in_a_name_and_a_value():
 
 def test_an_ordinary_request_takes_the_fast_path():
     # Else the tests above would compare h2 with itself.
-    assert _ordinary_request([*REQUEST, (b"user-agent", b"h2load nghttp2/1.52.0"), (b"cookie", b"a=b")])
+    assert _ordinary_request(
+        [*REQUEST, (b"user-agent", b"h2load nghttp2/1.52.0"), (b"cookie", b"a=b")]
+    )
     assert not _ordinary_request([*REQUEST, (b"host", b"a.example")])
     assert not _ordinary_request(REQUEST[1:])
 

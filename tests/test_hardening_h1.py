@@ -21,23 +21,53 @@ CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 # name -> (request bytes, expected status). Heads h11 alone would accept are marked (h11 ok).
 SMUGGLING = {
-    "cl_and_te": (b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n" + CHUNKED + b"\r\n0\r\n\r\n", 400),
-    "repeated_equal_cl (h11 ok)": (b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nhi", 400),
+    "cl_and_te": (
+        b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n" + CHUNKED + b"\r\n0\r\n\r\n",
+        400,
+    ),
+    "repeated_equal_cl (h11 ok)": (
+        b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+        400,
+    ),
     "cl_list (h11 ok)": (b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 2, 2\r\n\r\nhi", 400),
-    "differing_cl": (b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nhi!", 400),
+    "differing_cl": (
+        b"POST /ok HTTP/1.1\r\n" + H + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nhi!",
+        400,
+    ),
     "obs_fold (h11 ok)": (b"GET /ok HTTP/1.1\r\n" + H + b"X-Folded: a\r\n b\r\n\r\n", 400),
-    "obs_fold_te (h11 ok)": (b"POST /ok HTTP/1.1\r\n" + H + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400),
-    "space_before_colon": (b"GET /ok HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked\r\n\r\n", 400),
+    "obs_fold_te (h11 ok)": (
+        b"POST /ok HTTP/1.1\r\n" + H + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "space_before_colon": (
+        b"GET /ok HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked\r\n\r\n",
+        400,
+    ),
     "nul_in_value": (b"GET /ok HTTP/1.1\r\n" + H + b"X-A: a\x00b\r\n\r\n", 400),
     "cr_in_value": (b"GET /ok HTTP/1.1\r\n" + H + b"X-A: a\rb\r\n\r\n", 400),
-    "lf_in_value (h11 ok)": (b"GET /ok HTTP/1.1\r\n" + H + b"X-A: a\nContent-Length: 40\r\n\r\n", 400),
+    "lf_in_value (h11 ok)": (
+        b"GET /ok HTTP/1.1\r\n" + H + b"X-A: a\nContent-Length: 40\r\n\r\n",
+        400,
+    ),
     "lf_only_lines (h11 ok)": (b"GET /ok HTTP/1.1\nHost: test.local\n\n", 400),
     "te_in_http10 (h11 ok)": (b"POST /ok HTTP/1.0\r\n" + CHUNKED + b"\r\n0\r\n\r\n", 400),
     "unknown_te": (b"POST /ok HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
-    "bad_chunk_size": (b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\nxyz\r\nhello\r\n0\r\n\r\n", 400),
-    "chunk_size_overflow (h11 ok)": (b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n10000000000000005\r\nhello\r\n", 400),
-    "chunk_not_crlf_terminated": (b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n5\r\nhelloXX0\r\n\r\n", 400),
-    "trailer_obs_fold (h11 ok)": (b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n0\r\nX-T: a\r\n b\r\n\r\n", 400),
+    "bad_chunk_size": (
+        b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\nxyz\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk_size_overflow (h11 ok)": (
+        b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n10000000000000005\r\nhello\r\n",
+        400,
+    ),
+    "chunk_not_crlf_terminated": (
+        b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n5\r\nhelloXX0\r\n\r\n",
+        400,
+    ),
+    "trailer_obs_fold (h11 ok)": (
+        b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n0\r\nX-T: a\r\n b\r\n\r\n",
+        400,
+    ),
 }
 
 
@@ -82,7 +112,8 @@ async def test_body_violation_cuts_the_upstream_connection_too(nursery, upstream
     fds_before = open_fd_count()
     with trio.fail_after(5):
         reply = await raw_exchange(
-            proxy.port, b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n5\r\nhello\r\n" + b"1" * 20 + b"\r\n"
+            proxy.port,
+            b"POST /ok HTTP/1.1\r\n" + H + CHUNKED + b"\r\n5\r\nhello\r\n" + b"1" * 20 + b"\r\n",
         )
         assert _status(reply) == 400
         # The upstream got the head and 5 body bytes, then its connection was closed, so it
@@ -103,7 +134,11 @@ async def test_header_count_and_size_limits_are_431(nursery, upstream):
             reply = await raw_exchange(proxy.port, b"GET /ok HTTP/1.1\r\n" + H + extra + b"\r\n")
             assert _status(reply) == 431
         ok = await raw_exchange(
-            proxy.port, b"GET /ok HTTP/1.1\r\n" + H + many[: many.index(b"X-H18")] + b"Connection: close\r\n\r\n"
+            proxy.port,
+            b"GET /ok HTTP/1.1\r\n"
+            + H
+            + many[: many.index(b"X-H18")]
+            + b"Connection: close\r\n\r\n",
         )
         assert _status(ok) == 200
     assert len(faulty.requests) == 1
@@ -136,7 +171,14 @@ async def test_over_max_connections_is_503_and_close_then_recovers(nursery, upst
         finally:
             await held[0].aclose()
         await wait_until(lambda: proxy.proxy.client_connections == 2)
-        assert _status(await raw_exchange(proxy.port, b"GET /ok HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")) == 200
+        assert (
+            _status(
+                await raw_exchange(
+                    proxy.port, b"GET /ok HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+                )
+            )
+            == 200
+        )
         for client in held[1:]:
             await client.aclose()
 
@@ -186,6 +228,8 @@ async def test_head_request_refused_before_forwarding_still_gets_its_answer(nurs
     _, port = upstream
     proxy = await start_proxy(nursery, make_config(port, server={"max_body_bytes": 10}))
     with trio.fail_after(5):
-        reply = await raw_exchange(proxy.port, b"HEAD /ok HTTP/1.1\r\n" + H + b"Content-Length: 100\r\n\r\n")
+        reply = await raw_exchange(
+            proxy.port, b"HEAD /ok HTTP/1.1\r\n" + H + b"Content-Length: 100\r\n\r\n"
+        )
     assert re.match(rb"HTTP/1\.1 413 [A-Z][a-z]+ ", reply), reply  # with its reason phrase
     assert reply.endswith(b"\r\n\r\n")  # head only

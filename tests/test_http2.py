@@ -91,7 +91,9 @@ async def test_post_bodies_stream_both_ways(nursery, demo_upstream):
     assert unsized.status_code == 200 and unsized.content == body
 
 
-async def test_100_concurrent_streams_on_one_connection_stay_within_the_pool(nursery, demo_upstream):
+async def test_100_concurrent_streams_on_one_connection_stay_within_the_pool(
+    nursery, demo_upstream
+):
     upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port, max_connections=4))
     statuses: list[int] = []
@@ -124,7 +126,9 @@ async def test_concurrent_streams_over_the_limit_are_refused(nursery, demo_upstr
             advertised = client.conn.remote_settings.max_concurrent_streams
             again = await client.get("/echo")
     assert advertised == 3
-    assert [r.status for r in replies[:3]] == [200, 200, 200], [(i, r.status, r.reset_code) for i, r in zip(ids, replies)]
+    assert [r.status for r in replies[:3]] == [200, 200, 200], [
+        (i, r.status, r.reset_code) for i, r in zip(ids, replies)
+    ]
     assert [r.reset_code for r in replies[3:]] == [ErrorCodes.REFUSED_STREAM] * 2
     assert again.status == 200  # refusing a stream does not end the connection
 
@@ -213,7 +217,11 @@ async def test_rapid_reset_client_is_cut_off(nursery, demo_upstream, caplog):
                 while sent < 5000:
                     for _ in range(50):  # HEADERS then RST_STREAM at once, as CVE-2023-44487 does
                         stream_id = client.conn.get_next_available_stream_id()
-                        client.conn.send_headers(stream_id, client.request_headers("GET", "/slow?delay=1"), end_stream=True)
+                        client.conn.send_headers(
+                            stream_id,
+                            client.request_headers("GET", "/slow?delay=1"),
+                            end_stream=True,
+                        )
                         client.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
                         sent += 1
                     await client.flush()
@@ -271,7 +279,10 @@ async def test_oversized_header_lists_are_cut_off(nursery, demo_upstream):
             await client.start("GET", "/echo", headers=[("x-big", "a" * 10000)])
             await client.read_until_closed()
             assert client.closed and client.goaway is not None
-            assert client.goaway.error_code in (ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.PROTOCOL_ERROR)
+            assert client.goaway.error_code in (
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                ErrorCodes.PROTOCOL_ERROR,
+            )
         # A header block spread over many CONTINUATION frames, larger than we accept.
         async with await H2Client.connect(proxy.port) as client:
             block = client.conn.encoder.encode(
@@ -310,9 +321,13 @@ async def test_body_over_max_body_bytes_gets_413(nursery, demo_upstream):
     with trio.fail_after(5):
         async with await H2Client.connect(proxy.port) as client:
             declared = await client.response(
-                await client.start("POST", "/echo", headers=[("content-length", "5000")], body=b"x" * 5000)
+                await client.start(
+                    "POST", "/echo", headers=[("content-length", "5000")], body=b"x" * 5000
+                )
             )
-            undeclared = await client.response(await client.start("POST", "/echo", body=b"x" * 5000))
+            undeclared = await client.response(
+                await client.start("POST", "/echo", body=b"x" * 5000)
+            )
             after = await client.get("/echo")
     assert declared.status == 413
     assert undeclared.status == 413
@@ -346,7 +361,10 @@ async def test_drain_sends_goaway_at_once_and_lets_streams_in_flight_finish(nurs
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(5):
-        async with await H2Client.connect(proxy.port) as busy, await H2Client.connect(proxy.port) as idle:
+        async with (
+            await H2Client.connect(proxy.port) as busy,
+            await H2Client.connect(proxy.port) as idle,
+        ):
             assert (await idle.get("/echo")).status == 200
             first = await busy.start("GET", "/echo")
             slow = await busy.start("GET", "/slow?delay=0.5")
@@ -425,7 +443,9 @@ async def test_upstream_trailers_are_relayed_as_h2_trailers(nursery):
     assert reply.trailers == [(b"x-checksum", b"abc")]
 
 
-async def test_a_stream_whose_client_stops_reading_is_reset_after_write_timeout(nursery, demo_upstream):
+async def test_a_stream_whose_client_stops_reading_is_reset_after_write_timeout(
+    nursery, demo_upstream
+):
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port, server={"write_timeout": 0.3}))
     with trio.fail_after(5):
@@ -462,7 +482,12 @@ async def test_a_path_an_http1_upstream_cannot_take_is_a_502_not_a_crash(nursery
             client.replies[stream_id] = H2Reply()
             client.conn.send_headers(
                 stream_id,
-                [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/\xff")],
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"http"),
+                    (b":authority", b"x"),
+                    (b":path", b"/\xff"),
+                ],
                 end_stream=True,
             )
             await client.flush()
@@ -484,7 +509,12 @@ async def test_a_small_body_goes_up_whole_with_a_length_and_a_slow_one_streams(n
             client.conn.send_data(stream_id, b"lo", end_stream=True)
             await client.flush()
             streamed = await client.response(stream_id)
-    assert (whole.status, bytes(whole.body), streamed.status, bytes(streamed.body)) == (200, b"ok", 200, b"ok")
+    assert (whole.status, bytes(whole.body), streamed.status, bytes(streamed.body)) == (
+        200,
+        b"ok",
+        200,
+        b"ok",
+    )
     first, second = [raw for heads in upstream.requests for raw in heads]
     assert b"\r\ncontent-length: 5\r\n" in first and first.endswith(b"\r\n\r\nhello")
     assert b"transfer-encoding" not in first

@@ -255,9 +255,11 @@ async def h2_streams_across_drain(
         await client.until(lambda: client.replies[sse].status == 200)
         in_flight.set()
         await client.until(
-            lambda: client.goaway is not None
-            and client.replies[slow].ended
-            and client.replies[sse].ended
+            lambda: (
+                client.goaway is not None
+                and client.replies[slow].ended
+                and client.replies[sse].ended
+            )
         )
         return client.goaway, sse, client.replies[slow], client.replies[sse]
 

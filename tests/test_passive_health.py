@@ -64,7 +64,9 @@ async def test_refusing_server_is_skipped_then_tried_again(nursery, autojump_clo
     "mode,status",
     [("garbage", 502), ("reset-mid-head", 502), ("hang", 504), ("bad-response", 502)],
 )
-async def test_server_answering_badly_is_skipped_after_max_fails(nursery, autojump_clock, mode, status):
+async def test_server_answering_badly_is_skipped_after_max_fails(
+    nursery, autojump_clock, mode, status
+):
     servers = TwoServers(nursery, mode)
     proxy = make_proxy(servers)
     with trio.fail_after(300):

@@ -110,12 +110,23 @@ def _head(headers, **kwargs):
     return request_head(headers, **{**defaults, **kwargs})
 
 
-BASE = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"/p?q=1")]
+BASE = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":authority", b"a.test"),
+    (b":path", b"/p?q=1"),
+]
 
 
 def test_request_head_translation():
     head = _head(
-        [*BASE, (b"cookie", b"a=1"), (b"x-y", b"z"), (b"cookie", b"b=2"), (b"content-length", b"5")],
+        [
+            *BASE,
+            (b"cookie", b"a=1"),
+            (b"x-y", b"z"),
+            (b"cookie", b"b=2"),
+            (b"content-length", b"5"),
+        ],
         end_stream=False,
     )
     assert (head.method, head.target, head.authority) == (b"POST", b"/p?q=1", b"a.test")

@@ -45,7 +45,9 @@ async def test_keepalive_requests_share_bounded_upstream_connections(nursery, de
     upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port, max_connections=4))
     with trio.fail_after(10):
-        async with httpx.AsyncClient(base_url=proxy.url, limits=httpx.Limits(max_connections=16)) as client:
+        async with httpx.AsyncClient(
+            base_url=proxy.url, limits=httpx.Limits(max_connections=16)
+        ) as client:
 
             async def worker() -> None:
                 for _ in range(10):
@@ -207,7 +209,9 @@ async def test_chunked_request_body_is_forwarded_chunked(nursery, demo_upstream)
                 target="/echo",
                 headers=[("host", "test.local"), ("transfer-encoding", "chunked")],
             )
-            await client.send(request, h11.Data(data=b"first,"), h11.Data(data=b"second"), h11.EndOfMessage())
+            await client.send(
+                request, h11.Data(data=b"first,"), h11.Data(data=b"second"), h11.EndOfMessage()
+            )
             reply = await client.read_reply()
     assert reply.status == 200
     assert reply.body == b"first,second"

@@ -137,7 +137,9 @@ class ScriptedUpstream:
         self.closed_at.append(trio.current_time())
 
 
-SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
 
 
 def chunk(data: bytes) -> bytes:
@@ -195,7 +197,9 @@ async def test_sse_events_arrive_as_the_upstream_sends_them_h2(nursery, demo_ups
 async def test_sse_outlives_read_timeout_while_the_upstream_talks(nursery, demo_upstream):
     _, port = demo_upstream
     records: list[ExchangeRecord] = []
-    proxy = await start_proxy(nursery, make_config(port, read_timeout=0.3), observers=(records.append,))
+    proxy = await start_proxy(
+        nursery, make_config(port, read_timeout=0.3), observers=(records.append,)
+    )
     with trio.fail_after(10):
         async with await H11Client.connect(proxy.port) as client:
             await client.send(sse_request("/events?interval=0.1&count=12"), h11.EndOfMessage())
@@ -323,7 +327,9 @@ async def test_client_waiting_for_a_slow_response_that_leaves_cancels_it(nursery
     proxy = await start_proxy(nursery, make_config(port), observers=(records.append,))
     with trio.fail_after(5):
         client = await H11Client.connect(proxy.port)
-        await client.send(h11.Request(method="GET", target="/slow?delay=3", headers=[("host", "a")]))
+        await client.send(
+            h11.Request(method="GET", target="/slow?delay=3", headers=[("host", "a")])
+        )
         await client.send(h11.EndOfMessage())
         await wait_until(lambda: upstream.stats.connections_open == 1)
         await client.aclose()
@@ -405,7 +411,11 @@ async def test_slow_upstream_slows_the_uploading_client_down(nursery):
     with trio.fail_after(10):
         async with await H11Client.connect(proxy.port) as client:
             await client.send(
-                h11.Request(method="POST", target="/", headers=[("host", "a"), ("transfer-encoding", "chunked")])
+                h11.Request(
+                    method="POST",
+                    target="/",
+                    headers=[("host", "a"), ("transfer-encoding", "chunked")],
+                )
             )
 
             async def upload() -> None:
@@ -425,7 +435,9 @@ async def test_slow_upstream_slows_the_uploading_client_down(nursery):
                 uploader.cancel_scope.cancel()
 
 
-async def test_chunked_body_over_max_body_bytes_is_413_as_soon_as_it_crosses(nursery, demo_upstream):
+async def test_chunked_body_over_max_body_bytes_is_413_as_soon_as_it_crosses(
+    nursery, demo_upstream
+):
     # /slow answers only after 5 s, without reading the body: the 413 comes from the proxy,
     # when the limit is crossed, not when the upstream gets round to answering.
     # The limit is small enough for the socket buffers on the way to hold it: with a larger
@@ -437,7 +449,9 @@ async def test_chunked_body_over_max_body_bytes_is_413_as_soon_as_it_crosses(nur
         async with await H11Client.connect(proxy.port) as client:
             await client.send(
                 h11.Request(
-                    method="POST", target="/slow?delay=5", headers=[("host", "a"), ("transfer-encoding", "chunked")]
+                    method="POST",
+                    target="/slow?delay=5",
+                    headers=[("host", "a"), ("transfer-encoding", "chunked")],
                 )
             )
             started = trio.current_time()
@@ -464,7 +478,11 @@ async def test_content_length_over_max_body_bytes_is_413_before_the_body(nursery
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
             await client.send(
-                h11.Request(method="POST", target="/echo", headers=[("host", "a"), ("content-length", "1001")])
+                h11.Request(
+                    method="POST",
+                    target="/echo",
+                    headers=[("host", "a"), ("content-length", "1001")],
+                )
             )
             reply = await client.read_reply()  # no body byte was sent
     assert reply.status == 413
@@ -480,7 +498,11 @@ async def test_expect_100_continue_lets_the_upstream_refuse_the_body(nursery, de
                 h11.Request(
                     method="PUT",
                     target="/status/417",
-                    headers=[("host", "a"), ("content-length", "100000000"), ("expect", "100-continue")],
+                    headers=[
+                        ("host", "a"),
+                        ("content-length", "100000000"),
+                        ("expect", "100-continue"),
+                    ],
                 )
             )
             reply = await client.read_reply()  # the final answer, without a 100 or a body
@@ -525,7 +547,9 @@ async def test_256_mib_up_and_down_keep_memory_flat(nursery, demo_upstream):
     with trio.fail_after(120):
         async with await H11Client.connect(proxy.port) as client:
             # Download.
-            await client.send(h11.Request(method="GET", target=f"/bytes/{STREAM_SIZE}", headers=[("host", "a")]))
+            await client.send(
+                h11.Request(method="GET", target=f"/bytes/{STREAM_SIZE}", headers=[("host", "a")])
+            )
             await client.send(h11.EndOfMessage())
             assert isinstance(await client.next_event(), h11.Response)
             received = 0
@@ -536,7 +560,9 @@ async def test_256_mib_up_and_down_keep_memory_flat(nursery, demo_upstream):
             # Upload, echoed back while it is still being sent.
             await client.send(
                 h11.Request(
-                    method="POST", target="/echo", headers=[("host", "a"), ("content-length", str(STREAM_SIZE))]
+                    method="POST",
+                    target="/echo",
+                    headers=[("host", "a"), ("content-length", str(STREAM_SIZE))],
                 )
             )
             echoed = 0

@@ -89,7 +89,9 @@ async def test_slowloris_head_is_not_kept_alive_by_dripping(nursery, autojump_cl
 
 
 @guarded
-async def test_idle_keepalive_connection_closes_at_keepalive_timeout(nursery, autojump_clock, proxy):
+async def test_idle_keepalive_connection_closes_at_keepalive_timeout(
+    nursery, autojump_clock, proxy
+):
     client = memory_client(nursery, proxy)
     await client.send_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
     first = b""
@@ -159,7 +161,9 @@ async def test_client_that_stops_reading_frees_the_upstream_at_write_timeout(
 
 
 @guarded
-async def test_silent_upstream_is_504_at_response_header_timeout(nursery, autojump_clock, proxy, upstream):
+async def test_silent_upstream_is_504_at_response_header_timeout(
+    nursery, autojump_clock, proxy, upstream
+):
     client = memory_client(nursery, proxy)
     start = trio.current_time()
     await client.send_all(b"GET /hang HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -172,7 +176,9 @@ async def test_silent_upstream_is_504_at_response_header_timeout(nursery, autoju
 
 
 @guarded
-async def test_upstream_silent_mid_body_is_cut_at_read_timeout(nursery, autojump_clock, proxy, upstream):
+async def test_upstream_silent_mid_body_is_cut_at_read_timeout(
+    nursery, autojump_clock, proxy, upstream
+):
     client = memory_client(nursery, proxy)
     start = trio.current_time()
     await client.send_all(b"GET /hang-mid-body HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -55,7 +55,9 @@ async def tls_port(nursery, upstream_port: int, tls: TlsConfig, **server) -> tup
     return plain[0], secure[0]
 
 
-async def test_httpx_with_http2_negotiates_h2_over_tls(nursery, demo_upstream, tls_files, client_context, caplog):
+async def test_httpx_with_http2_negotiates_h2_over_tls(
+    nursery, demo_upstream, tls_files, client_context, caplog
+):
     caplog.set_level(logging.INFO, logger="pooled_proxy.lifecycle")
     upstream, port = demo_upstream
     plain, secure = await tls_port(nursery, port, tls_files)
@@ -84,7 +86,9 @@ async def test_httpx_with_http2_negotiates_h2_over_tls(nursery, demo_upstream, t
     assert f"listening on http://{HOST}:{plain} (HTTP/1.1, h2c)" in caplog.text
 
 
-async def _tls_connect(port: int, context: ssl.SSLContext, alpn: list[str] | None) -> trio.SSLStream:
+async def _tls_connect(
+    port: int, context: ssl.SSLContext, alpn: list[str] | None
+) -> trio.SSLStream:
     if alpn is not None:
         context.set_alpn_protocols(alpn)
     tcp = await trio.open_tcp_stream(HOST, port)
@@ -120,7 +124,9 @@ async def test_alpn_selects_the_protocol_that_is_served(
                 assert data.startswith(b"HTTP/1.1 200 ")
 
 
-async def test_without_alpn_the_h2_preface_still_gets_http2(nursery, demo_upstream, tls_files, client_context):
+async def test_without_alpn_the_h2_preface_still_gets_http2(
+    nursery, demo_upstream, tls_files, client_context
+):
     _, port = demo_upstream
     _, secure = await tls_port(nursery, port, tls_files)
     with trio.fail_after(5):
@@ -133,7 +139,9 @@ async def test_without_alpn_the_h2_preface_still_gets_http2(nursery, demo_upstre
             assert (await client.get("/echo")).status == 200
 
 
-async def test_a_stalled_handshake_is_dropped_after_header_timeout(nursery, demo_upstream, tls_files):
+async def test_a_stalled_handshake_is_dropped_after_header_timeout(
+    nursery, demo_upstream, tls_files
+):
     _, port = demo_upstream
     _, secure = await tls_port(nursery, port, tls_files, header_timeout=0.3)
     with trio.fail_after(5):

@@ -72,7 +72,9 @@ class ScriptedUpstream:
 async def run(nursery: trio.Nursery, script: dict[str, list[bytes | None]]):  # type: ignore[no-untyped-def]
     upstream = ScriptedUpstream(script)
     port = await nursery.start(upstream.serve)
-    proxy = await start_proxy(nursery, make_config(port, response_header_timeout=1.0, read_timeout=1.0))
+    proxy = await start_proxy(
+        nursery, make_config(port, response_header_timeout=1.0, read_timeout=1.0)
+    )
     return upstream, proxy
 
 
@@ -88,14 +90,25 @@ def as_h11_writes_it(raw: bytes) -> bytes:
 
 
 async def test_response_split_over_reads_then_the_next_request_reuses_the_connection(nursery):
-    upstream, proxy = await run(nursery, {
-        "/split": [b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 10\r\nX-A:  spaced \t\r\n\r\nabc",
-                   b"defg", b"hij"],
-    })
+    upstream, proxy = await run(
+        nursery,
+        {
+            "/split": [
+                b"HTTP/1.1 200 OK\r\nContent-Le",
+                b"ngth: 10\r\nX-A:  spaced \t\r\n\r\nabc",
+                b"defg",
+                b"hij",
+            ],
+        },
+    )
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
             reply = await client.request("GET", "/split?q=1", headers=[("x-b", "one  two")])
-            assert (reply.status, reply.body, reply.headers[b"x-a"]) == (200, b"abcdefghij", b"spaced")
+            assert (reply.status, reply.body, reply.headers[b"x-a"]) == (
+                200,
+                b"abcdefghij",
+                b"spaced",
+            )
             assert (await client.request("GET", "/ok")).body == b"ok"
             assert (await client.request("GET", "/split")).body == b"abcdefghij"
     assert [len(heads) for heads in upstream.requests] == [3]
@@ -110,12 +123,14 @@ async def test_response_split_over_reads_then_the_next_request_reuses_the_connec
     "method, response",
     [
         ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
-        ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: \"x\"\r\n\r\n"),
+        ("GET", b'HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: "x"\r\n\r\n'),
         ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
         ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
     ],
 )
-async def test_bodiless_response_ends_at_its_head_and_the_connection_is_reused(nursery, method, response):
+async def test_bodiless_response_ends_at_its_head_and_the_connection_is_reused(
+    nursery, method, response
+):
     upstream, proxy = await run(nursery, {"/none": [response]})
     status = int(response.split(b" ")[1])
     with trio.fail_after(5):
@@ -149,10 +164,16 @@ async def test_bytes_behind_a_response_are_never_served(nursery, pieces):
 @pytest.mark.parametrize(
     "response, reason",
     [
-        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, CLOSE\r\nContent-Length: 2\r\n\r\nok", "upstream_close"),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, CLOSE\r\nContent-Length: 2\r\n\r\nok",
+            "upstream_close",
+        ),
         (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "upstream_close"),
         # timeout=1 minus the one-second safety margin: retired as soon as it is back
-        (b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok", "keepalive_timeout"),
+        (
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok",
+            "keepalive_timeout",
+        ),
     ],
     ids=["connection-close", "http-1.0", "keep-alive-timeout"],
 )
@@ -168,27 +189,42 @@ async def test_upstream_that_ends_the_connection_is_not_reused(nursery, response
 
 
 async def test_responses_h11_reads_then_fast_ones_share_one_connection(nursery):
-    upstream, proxy = await run(nursery, {
-        "/early": [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK],
-        "/early-glued": [b"HTTP/1.1 103 Early Hints\r\n\r\n" + OK],
-        "/chunked": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-                     b"2\r\nde\r\n0\r\n\r\n"],
-        "/until-close": [b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"close", CLOSE],
-    })
+    upstream, proxy = await run(
+        nursery,
+        {
+            "/early": [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK],
+            "/early-glued": [b"HTTP/1.1 103 Early Hints\r\n\r\n" + OK],
+            "/chunked": [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                b"2\r\nde\r\n0\r\n\r\n",
+            ],
+            "/until-close": [b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"close", CLOSE],
+        },
+    )
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
-            for target, body in [("/early", b"ok"), ("/ok", b"ok"), ("/early-glued", b"ok"),
-                                 ("/chunked", b"abcde"), ("/ok", b"ok"), ("/until-close", b"until close"),
-                                 ("/ok", b"ok"), ("/ok", b"ok")]:
+            for target, body in [
+                ("/early", b"ok"),
+                ("/ok", b"ok"),
+                ("/early-glued", b"ok"),
+                ("/chunked", b"abcde"),
+                ("/ok", b"ok"),
+                ("/until-close", b"until close"),
+                ("/ok", b"ok"),
+                ("/ok", b"ok"),
+            ]:
                 reply = await client.request("GET", target)
                 assert (reply.status, reply.body) == (200, body), target
     assert [len(heads) for heads in upstream.requests] == [6, 2]
 
 
 async def test_upstream_closing_mid_body_cuts_the_response(nursery):
-    upstream, proxy = await run(nursery, {
-        "/cut": [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcd", CLOSE],
-    })
+    upstream, proxy = await run(
+        nursery,
+        {
+            "/cut": [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcd", CLOSE],
+        },
+    )
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
             with pytest.raises(h11.RemoteProtocolError):  # the client connection is cut
@@ -201,17 +237,32 @@ async def test_upstream_closing_mid_body_cuts_the_response(nursery):
 
 # Header names and values from HTTP/2 clients may be anything the h2 library lets through.
 _names = st.one_of(
-    st.sampled_from([b"accept", b"x-a", b"Host", b"host", b"connection", b"Content-Length",
-                     b"transfer-encoding", b"upgrade", b"expect", b"te"]),
+    st.sampled_from(
+        [
+            b"accept",
+            b"x-a",
+            b"Host",
+            b"host",
+            b"connection",
+            b"Content-Length",
+            b"transfer-encoding",
+            b"upgrade",
+            b"expect",
+            b"te",
+        ]
+    ),
     st.binary(max_size=6),
 )
-_values = st.one_of(st.sampled_from([b"", b"a b", b"a  b", b" a", b"a\t", b"\xff", b"close"]),
-                    st.binary(max_size=6))
+_values = st.one_of(
+    st.sampled_from([b"", b"a b", b"a  b", b" a", b"a\t", b"\xff", b"close"]), st.binary(max_size=6)
+)
 
 
 @given(
     method=st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"G(T", b""]),
-    target=st.one_of(st.sampled_from([b"/", b"/a?b=c", b"*", b"/\xff", b"/ a"]), st.binary(max_size=4)),
+    target=st.one_of(
+        st.sampled_from([b"/", b"/a?b=c", b"*", b"/\xff", b"/ a"]), st.binary(max_size=4)
+    ),
     host=st.one_of(st.just(b"example.com"), _values),
     headers=st.lists(st.tuples(_names, _values), max_size=4),
 )

@@ -80,7 +80,10 @@ async def assert_settled(proxy: RunningProxy, upstream: FaultyUpstream, fds_befo
             and open_fd_count() == fds_before + 2 * stats.idle
         )
 
-    await wait_until(settled, what=f"{pool.statistics()}, upstream open {upstream.connections_open}, fds {open_fd_count()} vs {fds_before}")
+    await wait_until(
+        settled,
+        what=f"{pool.statistics()}, upstream open {upstream.connections_open}, fds {open_fd_count()} vs {fds_before}",
+    )
 
 
 @pytest.fixture
@@ -203,7 +206,10 @@ async def test_failed_head_request_is_a_bodyless_502_and_keeps_the_connection(nu
     proxy = await start_proxy(nursery, make_config(port, **TIMEOUTS))
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
-            await client.send(h11.Request(method="HEAD", target="/garbage", headers=[("host", "a")]), h11.EndOfMessage())
+            await client.send(
+                h11.Request(method="HEAD", target="/garbage", headers=[("host", "a")]),
+                h11.EndOfMessage(),
+            )
             reply = await client.read_reply()
             assert reply.status == 502 and reply.body == b""
             assert b"error=http_protocol_error" in reply.headers[b"proxy-status"]

@@ -79,7 +79,9 @@ class WSEchoUpstream:
                             if self.greeting is not None:
                                 out += ws.send(TextMessage(data=self.greeting))
                         elif isinstance(event, Message):
-                            echo = type(event)(data=event.data, message_finished=event.message_finished)
+                            echo = type(event)(
+                                data=event.data, message_finished=event.message_finished
+                            )
                             out += ws.send(echo)
                         elif isinstance(event, CloseConnection):
                             if data:
@@ -117,7 +119,9 @@ class WSClient:
         return self.pending.pop(0)
 
     async def send(self, message: str | bytes) -> None:
-        event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        event = (
+            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        )
         await self.stream.send_all(self.ws.send(event))
 
     async def receive(self) -> str | bytes:
@@ -234,7 +238,9 @@ async def test_client_bytes_before_the_101_that_pass_the_checks_are_tunneled_int
     early = masked_text_frame("too early", mask=b"\x01\x02\x03\x04")
     with trio.fail_after(5):
         async with client.stream:
-            await client.stream.send_all(client.ws.send(Request(host="test.local", target="/ws")) + early)
+            await client.stream.send_all(
+                client.ws.send(Request(host="test.local", target="/ws")) + early
+            )
             assert isinstance(await client.next_event(), AcceptConnection)
             assert await client.receive() == "too early"
             await client.close_handshake()
@@ -310,7 +316,9 @@ async def test_upgrade_refused_by_upstream_is_an_ordinary_response(nursery, demo
     ]
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
-            await client.send(h11.Request(method="GET", target="/echo", headers=[("host", "a"), *upgrade_headers]))
+            await client.send(
+                h11.Request(method="GET", target="/echo", headers=[("host", "a"), *upgrade_headers])
+            )
             await client.send(h11.EndOfMessage())
             reply = await client.read_reply()
             assert reply.status == 200
@@ -329,7 +337,13 @@ async def test_other_upgrades_are_not_forwarded(nursery, demo_upstream):
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
             reply = await client.request(
-                "GET", "/echo", headers=[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA")]
+                "GET",
+                "/echo",
+                headers=[
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "h2c"),
+                    ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+                ],
             )
     seen = {k for k, _ in reply.json()["headers"]}
     assert reply.status == 200

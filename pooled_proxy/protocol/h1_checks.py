@@ -83,7 +83,14 @@ class Head:
     """
 
     __slots__ = (
-        "chunked", "content_length", "fields", "method", "start_line", "status", "target", "version"
+        "chunked",
+        "content_length",
+        "fields",
+        "method",
+        "start_line",
+        "status",
+        "target",
+        "version",
     )
 
     def __init__(self) -> None:
@@ -97,7 +104,9 @@ class Head:
         self.fields: list[tuple[bytes, bytes]] = []  # lower-case names, OWS-trimmed values
 
 
-def _field_lines(lines: list[bytes], *, max_count: int | None, what: str) -> list[tuple[bytes, bytes]]:
+def _field_lines(
+    lines: list[bytes], *, max_count: int | None, what: str
+) -> list[tuple[bytes, bytes]]:
     """Validate header (or trailer) lines; names are returned lower-case."""
     if max_count is not None and len(lines) > max_count:
         raise Violation(f"more than {max_count} {what} fields", 431)

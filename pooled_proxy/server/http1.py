@@ -119,7 +119,9 @@ class HTTP1Connection:
         # nursery's scope, which costs nothing per request, unlike a cancel scope of its own).
         self._exchange_record: ExchangeRecord | None = None
         self.request_method = b""
-        self.body_left: int | None = None  # of a response with a known length, once its head is sent
+        self.body_left: int | None = (
+            None  # of a response with a known length, once its head is sent
+        )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -315,7 +317,9 @@ class HTTP1Connection:
                 ) from None
             except h11.RemoteProtocolError as exc:
                 self.close_after_response = True
-                raise ClientError(f"bad request body: {exc}", status=exc.error_status_hint) from None
+                raise ClientError(
+                    f"bad request body: {exc}", status=exc.error_status_hint
+                ) from None
             if isinstance(event, h11.Data):
                 received += len(event.data)
                 if limit and received > limit:
@@ -404,7 +408,9 @@ class HTTP1Connection:
     def _fast_body(self, data: bytes) -> bytes:
         if self.body_left is not None:
             if len(data) > self.body_left:
-                raise ClientDisconnected("cannot send response: too much data for its Content-Length")
+                raise ClientDisconnected(
+                    "cannot send response: too much data for its Content-Length"
+                )
             self.body_left -= len(data)
             return data
         return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
@@ -459,9 +465,7 @@ class HTTP1Connection:
     def _request_head(self, request: h11.Request) -> RequestHead:
         server = self.proxy.server
         if len(request.headers) > server.max_header_count:
-            raise ClientError(
-                f"more than {server.max_header_count} request headers", status=431
-            )
+            raise ClientError(f"more than {server.max_header_count} request headers", status=431)
         authority = b""
         headers: Headers = []
         content_length: int | None = None
@@ -544,7 +548,8 @@ class HTTP1Connection:
         self.close_after_response = bool(limit and self.requests >= limit)
         if server.max_body_bytes and (head.content_length or 0) > server.max_body_bytes:
             await self._answer_and_close(
-                BodyTooLarge(f"Content-Length over max_body_bytes ({server.max_body_bytes})"), record
+                BodyTooLarge(f"Content-Length over max_body_bytes ({server.max_body_bytes})"),
+                record,
             )
             return False
         upload = (
@@ -688,7 +693,9 @@ class HTTP1Connection:
             # request head gets hand-built bytes instead.
             if self.h11.their_state is h11.SEND_BODY or self.h11.their_state is h11.DONE:
                 data = self.h11.send(
-                    h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
+                    h11.Response(
+                        status_code=status, headers=headers, reason=REASONS.get(status, b"")
+                    )
                 )
                 if record.method != b"HEAD":  # h11 refuses a body on a HEAD response
                     data += self.h11.send(h11.Data(data=body))

@@ -447,7 +447,8 @@ class HTTP2Connection:
         # stream of the bytes just read, so its count runs ahead of the one being decided.
         if self.goaway_sent or (
             len(self.streams) >= self.max_streams
-            and sum(1 for s in self.streams.values() if not (s.ended or s.closed)) >= self.max_streams
+            and sum(1 for s in self.streams.values() if not (s.ended or s.closed))
+            >= self.max_streams
         ):
             self.guard.note_refused(now)
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
@@ -514,7 +515,11 @@ class HTTP2Connection:
                         head.headers.append((b"content-length", b"%d" % len(whole_body)))
                     await forwarder.forward(
                         Exchange(
-                            head=head, body=NO_BODY, sink=stream, record=record, whole_body=whole_body
+                            head=head,
+                            body=NO_BODY,
+                            sink=stream,
+                            record=record,
+                            whole_body=whole_body,
                         )
                     )
                     return
@@ -633,7 +638,9 @@ class HTTP2Connection:
         self.h2.acknowledge_received_data(flow_controlled_length, stream.id)
         self._pull()
 
-    def send_headers(self, stream: H2Stream, headers: Headers, *, end: bool, pull: bool = True) -> None:
+    def send_headers(
+        self, stream: H2Stream, headers: Headers, *, end: bool, pull: bool = True
+    ) -> None:
         if stream.closed:
             raise ClientDisconnected("client reset the stream")
         try:
@@ -754,7 +761,11 @@ class HTTP2Connection:
                     # The timer is set only if the kernel cannot take it all at once.
                     await fastio.send_all(self.stream, data, write_timeout)
                 except trio.TooSlowError:
-                    LOG.info("HTTP/2 client %s did not read for %gs", self.client_ip.decode(), write_timeout)
+                    LOG.info(
+                        "HTTP/2 client %s did not read for %gs",
+                        self.client_ip.decode(),
+                        write_timeout,
+                    )
                     self._abort()
                     return
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -47,9 +47,17 @@ class Browser:
         chromium = require_program("chromium")
         self._log = open(profile.parent / "chromium.log", "wb")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, *extra_flags, f"--user-data-dir={profile}",
-             "--remote-debugging-port=0", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                *extra_flags,
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=die_with_parent,
         )

@@ -28,7 +28,9 @@ def payload(size: int) -> bytes:
     return os.urandom(size)
 
 
-async def post_roundtrip(client: httpx.AsyncClient, path: str, body: bytes, *, chunked: bool = False) -> httpx.Response:
+async def post_roundtrip(
+    client: httpx.AsyncClient, path: str, body: bytes, *, chunked: bool = False
+) -> httpx.Response:
     """POST ``body`` (with Content-Length, or chunked from a generator) and check the echo."""
     if chunked:
 
@@ -84,7 +86,9 @@ def assert_live(events: list[Event], count: int) -> None:
     )
 
 
-async def measure_idle_close(port: int, target: str = "/", timeout: float = 30.0) -> tuple[float, bytes | None]:
+async def measure_idle_close(
+    port: int, target: str = "/", timeout: float = 30.0
+) -> tuple[float, bytes | None]:
     """Ask a server directly, then time how long it keeps the idle connection open.
 
     Returns the seconds from our receipt of the complete response to the server's close, and

@@ -18,7 +18,9 @@ from .servers import require_program
 
 async def run(argv: Sequence[str], *, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(timeout):
-        return await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
+        return await trio.run_process(
+            list(argv), capture_stdout=True, capture_stderr=True, check=False
+        )
 
 
 async def curl(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
@@ -43,7 +45,8 @@ async def h2load(*args: str, timeout: float = 60.0) -> H2loadResult:
     out = done.stdout.decode(errors="replace")
     assert done.returncode == 0, (args, out, done.stderr.decode(errors="replace"))
     requests = re.search(
-        r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out
+        r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+        out,
     )
     status = re.search(r"status codes: (\d+) 2xx", out)
     protocol = re.search(r"Application protocol: (\S+)", out)

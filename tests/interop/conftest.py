@@ -43,14 +43,27 @@ def _package_version(distribution: str) -> str:
 
 def uvicorn_argv(port: int, *extra: str) -> list[str]:
     return python_argv(
-        "-m", "uvicorn", "tests.interop.apps.asgi_app:app",
-        "--host", HOST, "--port", str(port), "--log-level", "warning", "--no-access-log", *extra,
+        "-m",
+        "uvicorn",
+        "tests.interop.apps.asgi_app:app",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        *extra,
     )
 
 
 def hypercorn_argv(port: int) -> list[str]:
     return python_argv(
-        "-m", "hypercorn", "tests.interop.apps.asgi_app:app", "--bind", f"{HOST}:{port}",
+        "-m",
+        "hypercorn",
+        "tests.interop.apps.asgi_app:app",
+        "--bind",
+        f"{HOST}:{port}",
     )
 
 
@@ -60,8 +73,17 @@ def aiohttp_argv(port: int) -> list[str]:
 
 def gunicorn_argv(port: int) -> list[str]:
     return python_argv(
-        "-m", "gunicorn", "--worker-class", "sync", "--workers", "2",
-        "--bind", f"{HOST}:{port}", "--log-level", "warning", "tests.interop.apps.wsgi_app:app",
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "sync",
+        "--workers",
+        "2",
+        "--bind",
+        f"{HOST}:{port}",
+        "--log-level",
+        "warning",
+        "tests.interop.apps.wsgi_app:app",
     )
 
 
@@ -131,7 +153,9 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start servers with test-specific settings; all are killed when the test ends."""
     started: list[ServerProcess] = []
 
-    def start(name: str, argv_for_port: Callable[[int], Sequence[str]], **kwargs: object) -> ServerProcess:
+    def start(
+        name: str, argv_for_port: Callable[[int], Sequence[str]], **kwargs: object
+    ) -> ServerProcess:
         server = start_server(name, argv_for_port, log_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
         started.append(server)
         return server
@@ -224,7 +248,9 @@ def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> TlsSetup:
     for n, pem in enumerate(cert.cert_chain_pems):
         pem.write_to_path(directory / "cert.pem", append=n > 0)
     cert.private_key_pem.write_to_path(directory / "key.pem")
-    config = TlsConfig(listen=(ServerAddress(HOST, 0),), cert=directory / "cert.pem", key=directory / "key.pem")
+    config = TlsConfig(
+        listen=(ServerAddress(HOST, 0),), cert=directory / "cert.pem", key=directory / "key.pem"
+    )
     return TlsSetup(ca, directory / "ca.pem", config)
 
 
@@ -246,7 +272,9 @@ class TlsProxy:
         return self.proxy.forwarder.upstreams["app"].pools[0]
 
 
-async def start_tls_proxy(nursery: trio.Nursery, upstream_port: int, tls: TlsSetup, **upstream: object) -> TlsProxy:
+async def start_tls_proxy(
+    nursery: trio.Nursery, upstream_port: int, tls: TlsSetup, **upstream: object
+) -> TlsProxy:
     """The proxy with a cleartext and a TLS (ALPN h2, http/1.1) listener, both on port 0."""
     config = make_config(upstream_port, server={"tls": tls.config}, **upstream)
     proxy = Proxy(config)

@@ -36,9 +36,13 @@ ALLOW_SKIP_ENV = "POOLED_PROXY_ALLOW_SKIP"
 def require_program(name: str) -> str:
     """The path of an installed program, else fail (or skip with POOLED_PROXY_ALLOW_SKIP=1)."""
     # nginx lives in /usr/sbin, which is not on every user's PATH
-    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    path = shutil.which(
+        name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    )
     if path is None:
-        message = f"{name!r} is not installed (.ci/run installs it; or set {ALLOW_SKIP_ENV}=1 to skip)"
+        message = (
+            f"{name!r} is not installed (.ci/run installs it; or set {ALLOW_SKIP_ENV}=1 to skip)"
+        )
         if os.environ.get(ALLOW_SKIP_ENV):
             pytest.skip(message)
         pytest.fail(message, pytrace=False)

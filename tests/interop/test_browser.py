@@ -46,7 +46,9 @@ class PageRun:
     screenshot: bytes = b""
 
 
-def load_page(profile: Path, url: str, screenshot: Path, *flags: str, timeout: float = 30.0) -> PageRun:
+def load_page(
+    profile: Path, url: str, screenshot: Path, *flags: str, timeout: float = 30.0
+) -> PageRun:
     browser = Browser(profile, *flags)
     try:
         browser.navigate(url)
@@ -85,20 +87,28 @@ async def test_chromium_eventsource_and_fetch_over_http11(nursery, uvicorn_serve
     shot = tmp_path / "chromium-h1.png"
     with trio.fail_after(60):
         run = await trio.to_thread.run_sync(
-            load_page, tmp_path / "profile", f"{proxy.url}/page?count={EVENTS}&interval={INTERVAL}", shot
+            load_page,
+            tmp_path / "profile",
+            f"{proxy.url}/page?count={EVENTS}&interval={INTERVAL}",
+            shot,
         )
     print(f"screenshot: {shot}")
     assert_page_worked(run, "http/1.1")
 
 
-async def test_chromium_eventsource_and_fetch_over_h2_with_tls(nursery, uvicorn_server, tls_setup: TlsSetup, tmp_path: Path):
+async def test_chromium_eventsource_and_fetch_over_h2_with_tls(
+    nursery, uvicorn_server, tls_setup: TlsSetup, tmp_path: Path
+):
     # The trustme CA is not in Chromium's store; the brief allows skipping verification.
     proxy = await start_tls_proxy(nursery, uvicorn_server.port, tls_setup)
     shot = tmp_path / "chromium-h2.png"
     with trio.fail_after(60):
         run = await trio.to_thread.run_sync(
-            load_page, tmp_path / "profile", f"{proxy.tls_url}/page?count={EVENTS}&interval={INTERVAL}",
-            shot, "--ignore-certificate-errors",
+            load_page,
+            tmp_path / "profile",
+            f"{proxy.tls_url}/page?count={EVENTS}&interval={INTERVAL}",
+            shot,
+            "--ignore-certificate-errors",
         )
     print(f"screenshot: {shot}")
     assert_page_worked(run, "h2")

@@ -26,19 +26,36 @@ async def test_http11_get_post_and_connection_reuse(nursery, demo_upstream, tmp_
     assert b"\r\nvia: 1.1 pooled-proxy" in head.lower()
     assert json.loads(content)["path"] == "/echo?x=1"
 
-    done = await curl("--http1.1", "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.url}/echo")
+    done = await curl(
+        "--http1.1", "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.url}/echo"
+    )
     assert done.stdout == body
     # -T - sends the body chunked (no length known in advance)
     done = await curl(
-        "--http1.1", "-X", "POST", "-H", "transfer-encoding: chunked",
-        "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.url}/echo",
+        "--http1.1",
+        "-X",
+        "POST",
+        "-H",
+        "transfer-encoding: chunked",
+        "--data-binary",
+        f"@{tmp_path / 'body.bin'}",
+        f"{proxy.url}/echo",
     )
     assert done.stdout == body
     # Several URLs on one command line: curl reuses its one connection to the proxy.
     done = await curl(
-        "--http1.1", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
-        "-w", "%{http_code} %{num_connects}\n",
-        f"{proxy.url}/status/204", f"{proxy.url}/bytes/100000", f"{proxy.url}/echo",
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{num_connects}\n",
+        f"{proxy.url}/status/204",
+        f"{proxy.url}/bytes/100000",
+        f"{proxy.url}/echo",
     )
     assert done.stdout.decode().split("\n")[:3] == ["204 1", "200 0", "200 0"]
 
@@ -49,8 +66,13 @@ async def test_http11_expect_100_continue(nursery, demo_upstream, tmp_path: Path
     body = payload(300_000)
     (tmp_path / "body.bin").write_bytes(body)
     done = await curl(
-        "--http1.1", "-v", "-H", "expect: 100-continue",
-        "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.url}/echo",
+        "--http1.1",
+        "-v",
+        "-H",
+        "expect: 100-continue",
+        "--data-binary",
+        f"@{tmp_path / 'body.bin'}",
+        f"{proxy.url}/echo",
     )
     assert done.stdout == body
     assert b"< HTTP/1.1 100" in done.stderr  # relayed from the upstream
@@ -60,6 +82,12 @@ async def test_http11_sse_arrives_live(nursery, demo_upstream):
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     lines = await stream_lines(
-        [require_program("curl"), "-sS", "-N", "--http1.1", f"{proxy.url}/events?count=6&interval=0.15"]
+        [
+            require_program("curl"),
+            "-sS",
+            "-N",
+            "--http1.1",
+            f"{proxy.url}/events?count=6&interval=0.15",
+        ]
     )
     assert_live(sse_events_from_lines(lines), 6)

@@ -17,7 +17,9 @@ from tests.operations import start_operated_proxy
 from .checks import payload, post_roundtrip
 
 
-async def test_every_request_gets_a_fresh_connection_and_the_client_keeps_its_own(nursery, gunicorn_server):
+async def test_every_request_gets_a_fresh_connection_and_the_client_keeps_its_own(
+    nursery, gunicorn_server
+):
     operated = await start_operated_proxy(nursery, make_config(gunicorn_server.port))
     proxy = operated.running
     with trio.fail_after(20):

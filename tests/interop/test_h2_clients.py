@@ -30,18 +30,30 @@ async def test_curl_http2_prior_knowledge(nursery, demo_upstream, tmp_path: Path
 
     body = payload(2 << 20)
     (tmp_path / "body.bin").write_bytes(body)
-    done = await curl("--http2-prior-knowledge", "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.url}/echo")
+    done = await curl(
+        "--http2-prior-knowledge", "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.url}/echo"
+    )
     assert done.stdout == body
     # One URL per curl: curl 7.88 fails to reuse a prior-knowledge connection for a second
     # URL ("Error in the HTTP2 framing layer", curl issue 10634, fixed in 7.89), against any
     # server. Reuse by a multiplexing client is covered by httpx, h2load and nghttp below.
     done = await curl(
-        "--http2-prior-knowledge", "-o", "/dev/null",
-        "-w", "%{http_version} %{http_code} %{size_download}", f"{proxy.url}/bytes/1000000",
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version} %{http_code} %{size_download}",
+        f"{proxy.url}/bytes/1000000",
     )
     assert done.stdout == b"2 200 1000000"
     lines = await stream_lines(
-        [require_program("curl"), "-sS", "-N", "--http2-prior-knowledge", f"{proxy.url}/events?count=5&interval=0.15"]
+        [
+            require_program("curl"),
+            "-sS",
+            "-N",
+            "--http2-prior-knowledge",
+            f"{proxy.url}/events?count=5&interval=0.15",
+        ]
     )
     assert_live(sse_events_from_lines(lines), 5)
 
@@ -73,7 +85,9 @@ async def test_h2load_multiplexed_load(nursery, demo_upstream):
     proxy = await start_proxy(nursery, make_config(port, max_connections=8))
     result = await h2load("-n", "1000", "-c", "4", "-m", "16", f"{proxy.url}/echo")
     assert result.protocol == "h2c", result.output
-    assert (result.total, result.succeeded, result.failed, result.errored) == (1000, 1000, 0, 0), result.output
+    assert (result.total, result.succeeded, result.failed, result.errored) == (1000, 1000, 0, 0), (
+        result.output
+    )
     assert result.status_2xx == 1000
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.stats.requests == 1000
@@ -85,7 +99,9 @@ async def test_nghttp_parallel_streams_and_sse(nursery, demo_upstream):
     proxy = await start_proxy(nursery, make_config(port))
     nghttp = require_program("nghttp")
     # -n: discard bodies; -s: per-stream statistics; three URLs on one connection.
-    done = await run([nghttp, "-ns", f"{proxy.url}/echo", f"{proxy.url}/bytes/500000", f"{proxy.url}/status/204"])
+    done = await run(
+        [nghttp, "-ns", f"{proxy.url}/echo", f"{proxy.url}/bytes/500000", f"{proxy.url}/status/204"]
+    )
     out = done.stdout.decode()
     assert done.returncode == 0, (out, done.stderr)
     assert out.count(" 200 ") == 2 and out.count(" 204 ") == 1, out
@@ -97,7 +113,9 @@ async def test_nghttp_parallel_streams_and_sse(nursery, demo_upstream):
     assert [event["n"] for event in events] == [1, 2, 3, 4, 5]
     data_times = [
         float(match.group(1))
-        for match in re.finditer(r"\[\s*([\d.]+)\] recv DATA frame <length=[1-9]\d*, flags=0x00, stream_id=\d+>", out)
+        for match in re.finditer(
+            r"\[\s*([\d.]+)\] recv DATA frame <length=[1-9]\d*, flags=0x00, stream_id=\d+>", out
+        )
     ]
     assert len(data_times) >= 5, out
     # five events written 0.2 s apart reached nghttp spread over ~0.8 s, not in one burst

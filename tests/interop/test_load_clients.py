@@ -13,7 +13,9 @@ async def test_h2load_http11_keepalive_load(nursery, demo_upstream):
     upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port, max_connections=8))
     result = await h2load("--h1", "-n", "1000", "-c", "16", f"{proxy.url}/echo")
-    assert (result.total, result.succeeded, result.failed, result.errored) == (1000, 1000, 0, 0), result.output
+    assert (result.total, result.succeeded, result.failed, result.errored) == (1000, 1000, 0, 0), (
+        result.output
+    )
     assert result.status_2xx == 1000
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.stats.max_concurrent_connections <= 8

@@ -30,8 +30,17 @@ async def test_static_file_and_reuse_seen_by_nginx(nursery, nginx_server):
             missing = await client.get("/nothing-here")
     assert missing.status_code == 404
     # nginx's own view: one connection, its 1st, 2nd, 3rd and 4th request.
-    assert hello.headers["x-connection"] == big.headers["x-connection"] == missing.headers["x-connection"]
-    assert [r.headers["x-connection-requests"] for r in (hello, big, again, missing)] == ["1", "2", "3", "4"]
+    assert (
+        hello.headers["x-connection"]
+        == big.headers["x-connection"]
+        == missing.headers["x-connection"]
+    )
+    assert [r.headers["x-connection-requests"] for r in (hello, big, again, missing)] == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
     # nginx advertises Keep-Alive: timeout=30; that is about our hop, not the client's.
     assert "keep-alive" not in hello.headers
 
@@ -65,7 +74,9 @@ async def test_connection_close_after_keepalive_requests(nursery, nginx_server):
             for _ in range(9):
                 response = await client.get("/few-requests/")
                 assert response.status_code == 200 and response.text == "few requests\n"
-                seen.append((response.headers["x-connection"], response.headers["x-connection-requests"]))
+                seen.append(
+                    (response.headers["x-connection"], response.headers["x-connection-requests"])
+                )
         await trio.testing.wait_all_tasks_blocked()
     assert [requests for _, requests in seen] == ["1", "2", "3"] * 3
     assert len({connection for connection, _ in seen}) == 3

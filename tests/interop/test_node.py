@@ -25,7 +25,15 @@ from pooled_proxy.upstream import KEEPALIVE_SAFETY_MARGIN
 from tests.helpers import make_config, start_proxy
 from tests.operations import OperatedProxy, start_operated_proxy
 
-from .checks import Lane, assert_live, idle_lane, measure_idle_close, payload, post_roundtrip, read_sse
+from .checks import (
+    Lane,
+    assert_live,
+    idle_lane,
+    measure_idle_close,
+    payload,
+    post_roundtrip,
+    read_sse,
+)
 from .conftest import ServerFactory, node_argv
 
 
@@ -46,7 +54,9 @@ async def measure(port: int) -> Measured:
     return Measured(advertised, closes_after)
 
 
-async def run_keepalive_sweep(nursery: trio.Nursery, port: int, offsets: tuple[float, ...]) -> Measured:
+async def run_keepalive_sweep(
+    nursery: trio.Nursery, port: int, offsets: tuple[float, ...]
+) -> Measured:
     measured = await measure(port)
     retire_at = measured.advertised - KEEPALIVE_SAFETY_MARGIN
     # 0.5 s short of retirement: still reused even when a loaded machine adds latency
@@ -61,7 +71,13 @@ async def run_keepalive_sweep(nursery: trio.Nursery, port: int, offsets: tuple[f
         async with trio.open_nursery() as running:
             for proxy, lane in lanes:
                 running.start_soon(
-                    partial(idle_lane, proxy.url, "/echo", lane, body=body if lane.method == "POST" else b"")
+                    partial(
+                        idle_lane,
+                        proxy.url,
+                        "/echo",
+                        lane,
+                        body=body if lane.method == "POST" else b"",
+                    )
                 )
 
     assert [lane.statuses for _, lane in lanes] == [(200, 200)] * len(lanes), lanes  # zero 502s
@@ -117,7 +133,9 @@ async def test_routes_sse_and_header_rewriting(nursery, node_server):
     assert proxy.pool().statistics().opened == 1
 
 
-async def test_keepalive_clock_starts_when_the_response_ends(nursery, server_factory: ServerFactory):
+async def test_keepalive_clock_starts_when_the_response_ends(
+    nursery, server_factory: ServerFactory
+):
     """Node starts its keep-alive timer when a response *ends*. A response that streamed
     longer than the advertised timeout must not get its connection retired on return."""
     node = server_factory("node-ka2-long", lambda port: node_argv(port, 2000))

@@ -19,7 +19,9 @@ from .conftest import TlsSetup, start_tls_proxy
 from .servers import require_program
 
 
-async def test_curl_over_tls_negotiates_h2_and_http11(nursery, demo_upstream, tls_setup: TlsSetup, tmp_path: Path):
+async def test_curl_over_tls_negotiates_h2_and_http11(
+    nursery, demo_upstream, tls_setup: TlsSetup, tmp_path: Path
+):
     _, port = demo_upstream
     proxy = await start_tls_proxy(nursery, port, tls_setup)
     cacert = ("--cacert", str(tls_setup.ca_file))
@@ -30,22 +32,41 @@ async def test_curl_over_tls_negotiates_h2_and_http11(nursery, demo_upstream, tl
     assert seen["x-forwarded-proto"] == "https"
     assert seen["via"] == "2 pooled-proxy"
 
-    done = await curl(*cacert, "--http1.1", "-o", "/dev/null", "-w", "%{http_version}", f"{proxy.tls_url}/echo")
+    done = await curl(
+        *cacert, "--http1.1", "-o", "/dev/null", "-w", "%{http_version}", f"{proxy.tls_url}/echo"
+    )
     assert done.stdout == b"1.1"
 
     body = payload(2 << 20)
     (tmp_path / "body.bin").write_bytes(body)
-    done = await curl(*cacert, "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.tls_url}/echo")
+    done = await curl(
+        *cacert, "--data-binary", f"@{tmp_path / 'body.bin'}", f"{proxy.tls_url}/echo"
+    )
     assert done.stdout == body
     # Over TLS (ALPN, not prior knowledge) curl 7.88 does reuse its h2 connection.
     done = await curl(
-        *cacert, "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
-        "-w", "%{http_version} %{http_code} %{num_connects}\n",
-        f"{proxy.tls_url}/bytes/1000000", f"{proxy.tls_url}/status/204", f"{proxy.tls_url}/echo",
+        *cacert,
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version} %{http_code} %{num_connects}\n",
+        f"{proxy.tls_url}/bytes/1000000",
+        f"{proxy.tls_url}/status/204",
+        f"{proxy.tls_url}/echo",
     )
     assert done.stdout.decode().split("\n")[:3] == ["2 200 1", "2 204 0", "2 200 0"]
     lines = await stream_lines(
-        [require_program("curl"), "-sS", "-N", *cacert, f"{proxy.tls_url}/events?count=5&interval=0.15"]
+        [
+            require_program("curl"),
+            "-sS",
+            "-N",
+            *cacert,
+            f"{proxy.tls_url}/events?count=5&interval=0.15",
+        ]
     )
     assert_live(sse_events_from_lines(lines), 5)
 
@@ -55,7 +76,9 @@ async def test_httpx_h2_and_h1_over_tls(nursery, demo_upstream, tls_setup: TlsSe
     proxy = await start_tls_proxy(nursery, port, tls_setup)
     with trio.fail_after(20):
         for http2, expected in ((True, "HTTP/2"), (False, "HTTP/1.1")):
-            async with httpx.AsyncClient(base_url=proxy.tls_url, http2=http2, verify=tls_setup.client_context()) as client:
+            async with httpx.AsyncClient(
+                base_url=proxy.tls_url, http2=http2, verify=tls_setup.client_context()
+            ) as client:
                 response = await client.get("/bytes/2000000")
                 assert response.http_version == expected
                 assert response.content == (bytes(range(256)) * 7813)[:2000000]
@@ -69,7 +92,9 @@ async def test_h2load_over_tls(nursery, demo_upstream, tls_setup: TlsSetup):
     proxy = await start_tls_proxy(nursery, port, tls_setup, max_connections=8)
     result = await h2load("-n", "1000", "-c", "4", "-m", "16", f"{proxy.tls_url}/echo")
     assert result.protocol == "h2", result.output
-    assert (result.total, result.succeeded, result.failed, result.errored) == (1000, 1000, 0, 0), result.output
+    assert (result.total, result.succeeded, result.failed, result.errored) == (1000, 1000, 0, 0), (
+        result.output
+    )
     assert result.status_2xx == 1000
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.stats.max_concurrent_connections <= 8
@@ -78,7 +103,14 @@ async def test_h2load_over_tls(nursery, demo_upstream, tls_setup: TlsSetup):
 async def test_nghttp_over_tls(nursery, demo_upstream, tls_setup: TlsSetup):
     _, port = demo_upstream
     proxy = await start_tls_proxy(nursery, port, tls_setup)
-    done = await run([require_program("nghttp"), "-nsv", f"{proxy.tls_url}/echo", f"{proxy.tls_url}/bytes/300000"])
+    done = await run(
+        [
+            require_program("nghttp"),
+            "-nsv",
+            f"{proxy.tls_url}/echo",
+            f"{proxy.tls_url}/bytes/300000",
+        ]
+    )
     out = done.stdout.decode()
     assert done.returncode == 0, (out, done.stderr)
     assert "The negotiated protocol: h2" in out, out

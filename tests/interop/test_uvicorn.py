@@ -9,7 +9,15 @@ import trio
 
 from tests.helpers import H11Client, make_config, start_proxy
 
-from .checks import Lane, assert_live, idle_lane, measure_idle_close, payload, post_roundtrip, read_sse
+from .checks import (
+    Lane,
+    assert_live,
+    idle_lane,
+    measure_idle_close,
+    payload,
+    post_roundtrip,
+    read_sse,
+)
 from .conftest import uvicorn_argv
 
 
@@ -51,7 +59,9 @@ async def test_idle_close_without_keepalive_header_never_becomes_a_502(nursery, 
     just before, at and just after the moment uvicorn closes must all succeed (the closed
     socket is seen at checkout, or the request is retried on a new connection).
     """
-    uvicorn = server_factory("uvicorn-ka1", lambda port: uvicorn_argv(port, "--timeout-keep-alive", "1"))
+    uvicorn = server_factory(
+        "uvicorn-ka1", lambda port: uvicorn_argv(port, "--timeout-keep-alive", "1")
+    )
     closes_after, advertised = await measure_idle_close(uvicorn.port)
     assert advertised is None
     assert 0.7 < closes_after < 2.0, closes_after
@@ -65,7 +75,13 @@ async def test_idle_close_without_keepalive_header_never_becomes_a_502(nursery, 
         async with trio.open_nursery() as running:
             for proxy, lane in lanes:
                 running.start_soon(
-                    partial(idle_lane, proxy.url, "/echo", lane, body=body if lane.method == "POST" else b"")
+                    partial(
+                        idle_lane,
+                        proxy.url,
+                        "/echo",
+                        lane,
+                        body=body if lane.method == "POST" else b"",
+                    )
                 )
     assert all(lane.statuses == (200, 200) for _, lane in lanes), [lane for _, lane in lanes]
     # The trap was really sprung: uvicorn closed pooled connections under the proxy, which

@@ -31,7 +31,9 @@ def talk(url: str, ssl_context: ssl.SSLContext | None = None) -> list[object]:
         received.append(ws.recv(timeout=10) == big)
         for n in range(100):
             ws.send(f"message {n}")
-        received.append([ws.recv(timeout=10) for _ in range(100)] == [f"message {n}" for n in range(100)])
+        received.append(
+            [ws.recv(timeout=10) for _ in range(100)] == [f"message {n}" for n in range(100)]
+        )
     received.append(ws.close_code)
     return received
 
