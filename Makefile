@@ -5,12 +5,12 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: demo test test-all test-h11 bench clean
+.PHONY: demo test test-all test-h11 lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +25,12 @@ test-all: $(STAMP)
 # The same suite on pure-Python h11, the fallback when the h11-mypyc accelerator is absent.
 test-h11: $(STAMP)
 	POOLED_PROXY_H11=h11 $(VENV)/bin/pytest -m "not slow"
+
+# ruff (lint and format) on the whole tree, mypy --strict on the package.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pooled_proxy tests bench
+	$(VENV)/bin/ruff format --check pooled_proxy tests bench
+	$(VENV)/bin/mypy --strict pooled_proxy
 
 # pooled-proxy against nginx on this machine (bench/README.md); BENCH_ARGS=--quick for a short run
 bench: $(STAMP)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import vs_nginx  # noqa: E402
+import vs_nginx
 
 
 def summarize(collapsed: Path, top: int) -> str:

@@ -23,7 +23,6 @@ import h2.connection
 import h2.events
 import h11
 import trio
-
 from _servers import HOST, cpu_count_note, demo_upstream, proxy
 
 ROWS = ("direct h1", "proxy h1", "proxy h2c")

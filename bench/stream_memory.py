@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import h11
-
 from _servers import HOST, ProxyProcess, cpu_count_note, demo_upstream, proxy
 
 MIB = 1024 * 1024

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -55,6 +56,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import h11
 import trio
@@ -307,7 +309,10 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
         def start(argv: list[str], name: str, port: int) -> subprocess.Popen[bytes]:
             log = workdir / f"{name}.log"
             process = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), stdin=subprocess.DEVNULL
+                argv,
+                stdout=subprocess.DEVNULL,
+                stderr=stack.enter_context(open(log, "wb")),
+                stdin=subprocess.DEVNULL,
             )
             stack.callback(stop, process)
             wait_for_port(port, process, name, log)
@@ -426,7 +431,7 @@ def run_wrk(
     used = cpu_ns(pid) - before
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
     if errors:
         print(f"    wrk on {port}: {errors.group(0)}", flush=True)
@@ -570,7 +575,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -589,7 +594,7 @@ class PeakSampler:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, rss_mib(self.pid))
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self) -> Self:
         for pid in tree_pids(self.pid):
             try:  # "5" resets VmHWM to the current RSS (Linux 4.0+)
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -718,7 +723,7 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
 
 
 def _fmt(value: float, digits: int) -> str:
-    return "-" if value != value else f"{value:,.{digits}f}"
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
 def machine_line() -> str:
@@ -736,7 +741,7 @@ def machine_line() -> str:
         .split("/")[-1]
     )
     try:
-        import h11_mypyc  # noqa: F401
+        import h11_mypyc
 
         accel = "h11_mypyc " + getattr(h11_mypyc, "__version__", "?")
     except ImportError:
@@ -767,7 +772,7 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
         ok: Callable[[float, float], bool] | None = None,
     ) -> None:
         d, n, p = get("direct", key), get("nginx", key), get("pooled", key)
-        r = f"{p / n:.3f}" if ratio and n == n and n else ""
+        r = f"{p / n:.3f}" if ratio and not math.isnan(n) and n else ""
         verdict = ""
         if ok is not None:
             verdict = bar + (" ok" if ok(p, n) else " MISSED")

@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import h11
-elif os.environ.get("POOLED_PROXY_H11") == "h11":
+if TYPE_CHECKING or os.environ.get("POOLED_PROXY_H11") == "h11":
     import h11
 else:
     try:

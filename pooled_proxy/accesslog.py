@@ -170,7 +170,8 @@ class AccessLog:
             return None
         if config.access == "stdout":
             return cls(sys.stdout, config.format)
-        stream = open(config.access, "a", encoding="utf-8", buffering=1)
+        # The log owns the file for its lifetime and closes it in close().
+        stream = open(config.access, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         return cls(stream, config.format, close_stream=True)
 
     def __call__(self, record: ExchangeRecord) -> None:

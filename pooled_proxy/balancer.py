@@ -16,7 +16,7 @@ class ServerHealth:
     """Passive health: ``max_fails`` failures within ``fail_window`` mark a server down for
     ``fail_timeout``. Only consulted when the upstream has more than one server."""
 
-    __slots__ = ("_failures", "down_until", "_config")
+    __slots__ = ("_config", "_failures", "down_until")
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config

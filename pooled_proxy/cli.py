@@ -20,12 +20,13 @@ from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, dev_config, load_config, parse_address
 from .errors import ConfigError
-from .server.tls import check_certificate
 from .forward import ExchangeObserver
-from .lifecycle import Service, run as run_proxy
+from .lifecycle import Service
+from .lifecycle import run as run_proxy
 from .metrics import ProxyMetrics
 from .proxy import Proxy
 from .runtime import tune_gc_for_serving
+from .server.tls import check_certificate
 
 LOG = logging.getLogger("pooled_proxy")
 
@@ -111,9 +112,10 @@ def _run_trio(async_fn: Callable[[], Awaitable[object]]) -> int:
         os_errors = group.subgroup(OSError)
         if os_errors is None:
             raise
-        while isinstance(os_errors, BaseExceptionGroup):
-            os_errors = os_errors.exceptions[0]
-        LOG.error("%s", os_errors)
+        first: BaseException = os_errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        LOG.error("%s", first)
         return EXIT_RUNTIME
     return EXIT_OK
 

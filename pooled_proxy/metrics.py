@@ -76,7 +76,7 @@ def _created_series() -> bool:
 class _Counter:
     """A labelled counter as plain numbers, exported as a ``CounterMetricFamily``."""
 
-    __slots__ = ("name", "documentation", "labelnames", "values", "created")
+    __slots__ = ("created", "documentation", "labelnames", "name", "values")
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, labelnames
@@ -102,7 +102,7 @@ class _Histogram:
     """A labelled histogram as plain numbers (a count per bucket, not cumulative, and a sum),
     exported as a ``HistogramMetricFamily`` with the samples prometheus_client's Histogram has."""
 
-    __slots__ = ("name", "documentation", "labelnames", "bounds", "series")
+    __slots__ = ("bounds", "documentation", "labelnames", "name", "series")
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]

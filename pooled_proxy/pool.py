@@ -38,7 +38,7 @@ C = TypeVar("C", bound=PooledConnection)
 class Waiter(Generic[C]):
     """A request queued for a connection: it is handed either a connection or a connect slot."""
 
-    __slots__ = ("event", "connection", "may_connect")
+    __slots__ = ("connection", "event", "may_connect")
 
     def __init__(self) -> None:
         self.event = trio.Event()
@@ -343,6 +343,7 @@ class UpstreamPool:
             reason = "drain"
         elif reusable and connection.upstream_ends_connection():
             reason = "upstream_close"
+        assert reason is not None  # put_back's None returned above
         self._close(connection, reason)
         self._grant_capacity()
 

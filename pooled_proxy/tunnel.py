@@ -99,7 +99,7 @@ class _Tunnel:
 
     async def _copy(self, source: str, sink: str, pending: bytes) -> None:
         receiver, sender = self.streams[source], self.streams[sink]
-        data = pending
+        data: bytes | bytearray = pending
         while True:
             if data:
                 try:

@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from ._h11 import h11
 from . import fastio
+from ._h11 import h11
 from .config import ServerAddress
 from .errors import (
     ConnectTimeout,

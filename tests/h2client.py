@@ -4,7 +4,7 @@ resets, windows that never open, floods. Everyday requests in tests go through h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import h2.config
 import h2.connection
@@ -186,7 +186,7 @@ class H2Client:
     async def aclose(self) -> None:
         await self.stream.aclose()
 
-    async def __aenter__(self) -> H2Client:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

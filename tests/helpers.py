@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import h11
 import trio
@@ -125,7 +125,7 @@ class H11Client:
     async def aclose(self) -> None:
         await self.stream.aclose()
 
-    async def __aenter__(self) -> H11Client:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

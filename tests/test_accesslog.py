@@ -6,7 +6,7 @@ import io
 import json
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import trio
 import trio.testing
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pooled_proxy.accesslog import AccessLog, json_line
-from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.config import LogConfig
+from pooled_proxy.exchange import ExchangeRecord
 from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
 from tests.test_metrics import _closed_port
 
@@ -60,7 +60,7 @@ async def test_json_lines_in_a_file_match_each_request(nursery, demo_upstream, t
         assert entry["upstream_server"] == f"{HOST}:{port}"
         assert entry["error"] is None
         assert 0 <= entry["ttfb_ms"] <= entry["duration_ms"] < 5000
-        logged_at = datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
+        logged_at = datetime.fromisoformat(entry["time"]).timestamp()
         assert started - 1 <= logged_at <= time.time()
     # One client connection, sequential requests: the first opened the upstream connection.
     assert [e["upstream_connection"] for e in entries[:3]] == ["new", "reused", "reused"]
@@ -173,13 +173,13 @@ async def test_a_request_after_an_idle_wait_is_logged_at_its_own_time(nursery, d
             assert (await client.request("GET", "/echo")).status == 200
         await trio.testing.wait_all_tasks_blocked()
     _, second = (json.loads(line) for line in log.getvalue().splitlines())
-    logged_at = datetime.fromisoformat(second["time"].replace("Z", "+00:00")).timestamp()
+    logged_at = datetime.fromisoformat(second["time"]).timestamp()
     assert logged_at >= sent_second - 0.05, (logged_at, sent_second)
 
 
 def _reference_json_line(record: ExchangeRecord) -> str:
     """What the JSON line is: json.dumps of these fields (the written-out line must match)."""
-    stamp = datetime.fromtimestamp(record.wall_start, timezone.utc)
+    stamp = datetime.fromtimestamp(record.wall_start, UTC)
     return (
         json.dumps(
             {

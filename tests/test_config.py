@@ -515,8 +515,10 @@ def test_all_problems_are_reported_in_line_order(in_tmp: Path) -> None:
     ) == [
         'proxy.toml:2: routes[0].upstream: unknown upstream "nope"',
         "proxy.toml:5: server.workers: must be at least 1, got 0",
-        'proxy.toml:6: server.keepalive_timeout: bad duration "5 minutes": '
-        "expected a number with a unit ms, s, m or h",
+        (
+            'proxy.toml:6: server.keepalive_timeout: bad duration "5 minutes": '
+            "expected a number with a unit ms, s, m or h"
+        ),
         "proxy.toml:10: upstreams.api.max_conections: unknown key (did you mean max_connections?)",
         'proxy.toml:13: log.level: must be one of debug, info, warning, error; got "loud"',
     ]

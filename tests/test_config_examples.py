@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import sys
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import h11
@@ -74,7 +74,7 @@ def test_production_has_two_upstreams_tls_and_admin():
     assert "DO NOT USE IN PRODUCTION" in certificate.subject.rfc4514_string()
     assert tls.cert.parent == CONFIG / "tls" and (CONFIG / "tls" / "README.md").exists()
     # Regenerate it (config/tls/README.md) before it lapses and `check` users get a surprise.
-    assert certificate.not_valid_after_utc > datetime.now(timezone.utc) + timedelta(days=365)
+    assert certificate.not_valid_after_utc > datetime.now(UTC) + timedelta(days=365)
     router = Router(config.routes)
     assert router.match(b"shop.example.com", b"/api/orders").upstream == "api"
     assert router.match(b"api.example.com", b"/v2/orders").upstream == "api"

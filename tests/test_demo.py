@@ -126,12 +126,15 @@ async def test_echo_json_shows_received_headers() -> None:
 
 async def test_events_yields_well_formed_events() -> None:
     with trio.fail_after(10):
-        async with running(DemoUpstream()) as port, client(port) as c:
-            async with c.stream("GET", "/events?count=3&interval=0.05") as r:
-                assert r.headers["content-type"] == "text/event-stream"
-                assert r.headers["cache-control"] == "no-cache"
-                assert r.headers["transfer-encoding"] == "chunked"
-                text = (await r.aread()).decode()
+        async with (
+            running(DemoUpstream()) as port,
+            client(port) as c,
+            c.stream("GET", "/events?count=3&interval=0.05") as r,
+        ):
+            assert r.headers["content-type"] == "text/event-stream"
+            assert r.headers["cache-control"] == "no-cache"
+            assert r.headers["transfer-encoding"] == "chunked"
+            text = (await r.aread()).decode()
     assert text.endswith("\n\n")
     events = text[:-2].split("\n\n")
     assert len(events) == 3

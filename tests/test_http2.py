@@ -19,11 +19,10 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from pooled_proxy.protocol.h2_server import PREFACE
 from tests.h2client import H2Client, H2Reply
 from tests.helpers import H11Client, make_config, start_proxy
-from tests.test_upstream_fast_path import run as run_scripted
 from tests.interop.clients import h2load
+from tests.test_upstream_fast_path import run as run_scripted
 
 ErrorCodes = h2.errors.ErrorCodes
 
@@ -136,7 +135,7 @@ async def test_concurrent_streams_over_the_limit_are_refused(nursery, demo_upstr
 async def test_reset_mid_body_cancels_only_that_stream_and_closes_its_upstream_connection(
     nursery, demo_upstream
 ):
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(10):
         async with await H2Client.connect(proxy.port) as client:
@@ -159,7 +158,7 @@ async def test_reset_mid_body_cancels_only_that_stream_and_closes_its_upstream_c
 
 
 async def test_a_reader_that_never_opens_its_window_does_not_grow_the_proxy(nursery, demo_upstream):
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(20):
         async with await H2Client.connect(proxy.port, auto_ack=False) as client:
@@ -208,7 +207,7 @@ async def _expect_cut_off(client: H2Client, code: int = ErrorCodes.ENHANCE_YOUR_
 
 
 async def test_rapid_reset_client_is_cut_off(nursery, demo_upstream, caplog):
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(10):
         async with await H2Client.connect(proxy.port) as client:
@@ -316,7 +315,7 @@ async def test_protocol_errors_end_in_goaway_not_in_a_crash(nursery, demo_upstre
 
 
 async def test_body_over_max_body_bytes_gets_413(nursery, demo_upstream):
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port, server={"max_body_bytes": 1000}))
     with trio.fail_after(5):
         async with await H2Client.connect(proxy.port) as client:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -15,6 +15,8 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pooled_proxy.errors import ClientError
 from pooled_proxy.protocol.h2_server import PREFACE, AbuseLimits, FrameGuard, H2Abuse, request_head
@@ -25,7 +27,7 @@ LIMITS = AbuseLimits(window=10.0, resets=5, settings=3, pings=3, empty_frames=4,
 
 def feed_split(guard: FrameGuard, data: bytes, cuts: list[int], now: float = 0.0) -> None:
     points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    for start, end in zip(points, points[1:]):
+    for start, end in itertools.pairwise(points):
         guard.feed(data[start:end], now)
 
 
@@ -106,7 +108,12 @@ def test_a_finished_header_block_clears_its_clock():
 
 
 def _head(headers, **kwargs):
-    defaults = dict(end_stream=True, scheme=b"https", client_ip=b"10.0.0.9", max_header_count=100)
+    defaults = {
+        "end_stream": True,
+        "scheme": b"https",
+        "client_ip": b"10.0.0.9",
+        "max_header_count": 100,
+    }
     return request_head(headers, **{**defaults, **kwargs})
 
 

@@ -13,7 +13,7 @@ from tests.helpers import H11Client, make_config, raw_exchange, start_proxy
 
 
 async def test_get_is_forwarded_with_forwarding_headers(nursery, demo_upstream):
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(5):
         async with await H11Client.connect(proxy.port) as client:
@@ -29,7 +29,7 @@ async def test_get_is_forwarded_with_forwarding_headers(nursery, demo_upstream):
                 ],
             )
     assert reply.status == 200
-    seen = dict((k, v) for k, v in reply.json()["headers"])
+    seen = {k: v for k, v in reply.json()["headers"]}
     assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
     assert seen["x-forwarded-host"] == "test.local"

@@ -62,7 +62,7 @@ async def test_reload_adds_a_route_for_new_requests_and_keeps_existing_pools(nur
 
 
 async def test_removed_upstream_finishes_its_sse_stream_then_its_pool_closes(nursery):
-    a, a_port, b, b_port = await two_upstreams(nursery)
+    _a, a_port, b, b_port = await two_upstreams(nursery)
     running = await start_proxy(
         nursery, config_of({"a": a_port, "b": b_port}, routes=routes("a", "b"))
     )
@@ -128,7 +128,7 @@ def _with_upstream_key(config: Config, name: str, key: str, value: object) -> Co
 
 
 async def test_sighup_adds_a_route_live_and_a_bad_file_keeps_the_old_config(nursery, tmp_path):
-    a, a_port, b, b_port = await two_upstreams(nursery)
+    a, a_port, _b, b_port = await two_upstreams(nursery)
     config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"))
     async with running_daemon(nursery, tmp_path, config) as daemon:
         with trio.fail_after(10):
@@ -168,7 +168,7 @@ async def test_sighup_adds_a_route_live_and_a_bad_file_keeps_the_old_config(nurs
 
 
 async def test_watch_reloads_when_the_file_changes(nursery, tmp_path: Path):
-    a, a_port, b, b_port = await two_upstreams(nursery)
+    _a, a_port, _b, b_port = await two_upstreams(nursery)
     config = DaemonConfig(upstreams={"a": a_port}, routes=routes("a"))
     async with running_daemon(nursery, tmp_path, config, "--watch") as daemon:
         with trio.fail_after(10):

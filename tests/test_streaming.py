@@ -7,6 +7,7 @@ wall-clock time it wrote it, and the client compares that with when the event ar
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -81,7 +82,7 @@ def assert_prompt(arrivals: list[SSEArrival], requested: float, count: int) -> N
     assert statistics.median(latencies) < 0.01, latencies
     assert max(latencies) < 0.05, latencies
     # The gaps the client sees are the upstream's gaps.
-    for before, after in zip(arrivals, arrivals[1:]):
+    for before, after in itertools.pairwise(arrivals):
         assert abs((after.arrived - before.arrived) - (after.sent - before.sent)) < 0.05
 
 
@@ -221,7 +222,7 @@ async def test_sse_comments_keep_a_quiet_stream_alive(nursery):
             await trio.sleep(0.1)
         await upstream.send(stream, chunk(b"data: finally\n\n") + b"0\r\n\r\n")
 
-    proxy, records = await start(nursery, ScriptedUpstream(heartbeat), read_timeout=0.25)
+    proxy, _records = await start(nursery, ScriptedUpstream(heartbeat), read_timeout=0.25)
     with trio.fail_after(10):
         async with await H11Client.connect(proxy.port) as client:
             reply = await client.request("GET", "/")
@@ -343,7 +344,7 @@ async def test_client_waiting_for_a_slow_response_that_leaves_cancels_it(nursery
 async def test_closing_right_after_a_complete_response_is_not_a_disconnect(nursery, demo_upstream):
     # A Content-Length body is complete on the wire before the proxy has finished the
     # exchange: a client that reads it and closes at once did not leave mid-response.
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     records: list[ExchangeRecord] = []
     proxy = await start_proxy(nursery, make_config(port), observers=(records.append,))
     with trio.fail_after(10):

@@ -15,7 +15,7 @@ import trustme
 from pooled_proxy.cli import main
 from pooled_proxy.config import ServerAddress, TlsConfig
 from tests.h2client import H2Client
-from tests.helpers import HOST, make_config, start_proxy
+from tests.helpers import HOST, make_config
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ async def test_httpx_with_http2_negotiates_h2_over_tls(
     nursery, demo_upstream, tls_files, client_context, caplog
 ):
     caplog.set_level(logging.INFO, logger="pooled_proxy.lifecycle")
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     plain, secure = await tls_port(nursery, port, tls_files)
     with trio.fail_after(10):
         async with httpx.AsyncClient(http2=True, verify=client_context) as client:

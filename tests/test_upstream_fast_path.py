@@ -11,6 +11,7 @@ that the request bytes are exactly what h11 writes.
 from __future__ import annotations
 
 import re
+
 import h11
 import pytest
 import trio

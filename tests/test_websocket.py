@@ -15,7 +15,6 @@ import h11
 import trio
 import trio.testing
 from wsproto import ConnectionType, WSConnection
-from wsproto.utilities import RemoteProtocolError
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -25,12 +24,12 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.utilities import RemoteProtocolError
 
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.tunnel import requested_upgrade, run_tunnel
 from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
 from tests.test_tls import ca, client_context, tls_files, tls_port  # noqa: F401 (fixtures)
-
 
 # -- peers -------------------------------------------------------------------------------------
 
@@ -246,7 +245,7 @@ async def test_client_bytes_before_the_101_that_pass_the_checks_are_tunneled_int
             await client.close_handshake()
 
 
-async def test_websocket_over_tls(nursery, tls_files, client_context):
+async def test_websocket_over_tls(nursery, tls_files, client_context):  # noqa: F811
     # The client side of the tunnel is a TLS stream, which cannot be half-closed: the
     # upstream's end-of-stream ends the tunnel, and the client gets a TLS close.
     upstream = WSEchoUpstream()
@@ -322,7 +321,7 @@ async def test_upgrade_refused_by_upstream_is_an_ordinary_response(nursery, demo
             await client.send(h11.EndOfMessage())
             reply = await client.read_reply()
             assert reply.status == 200
-            seen = dict((k, v) for k, v in reply.json()["headers"])
+            seen = {k: v for k, v in reply.json()["headers"]}
             assert seen["upgrade"] == "websocket"  # forwarded, so the upstream could decide
             assert "upgrade" not in {k.lower() for k in reply.headers}
             # The denied switch leaves both connections in plain keep-alive HTTP.

@@ -112,12 +112,12 @@ def _field_lines(
         raise Violation(f"more than {max_count} {what} fields", 431)
     if _FIELD_LINES.fullmatch(b"\r\n".join(lines) + b"\r\n"):
         # All valid (one regex over the block): split them without matching each again.
-        fields = []
+        fields: list[tuple[bytes, bytes]] = []
         for line in lines:
             name, _, value = line.partition(b":")
             fields.append((name.lower(), value.strip(_OWS)))
         return fields
-    fields: list[tuple[bytes, bytes]] = []
+    fields = []
     for line in lines:
         match = _FIELD_LINE.fullmatch(line)
         if match is not None:

@@ -677,7 +677,8 @@ class HTTP1Connection:
         return (
             not head.has_body
             and self.violation is None
-            and self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL
+            # A documented h11 state that h11's __all__ leaves out.
+            and self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
             and requested_upgrade(head.headers) is not None
         )
 

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import h2.config
 import h2.connection
@@ -132,7 +132,7 @@ class H2Stream:
         self.inbound.clear()
         return body
 
-    async def request_body(self) -> AsyncIterator[bytes]:
+    async def request_body(self) -> AsyncGenerator[bytes, None]:
         server = self.connection.proxy.server
         limit = server.max_body_bytes
         body_timeout = server.body_timeout or math.inf
@@ -359,9 +359,8 @@ class HTTP2Connection:
     async def _read_loop(self) -> None:
         data = self.initial_data
         while True:
-            if data:
-                if not self._receive(data):
-                    return
+            if data and not self._receive(data):
+                return
             if self._finished():
                 return
             while len(self._outbox) > OUTBOX_PAUSE:

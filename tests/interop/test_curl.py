@@ -16,7 +16,7 @@ from .servers import require_program
 
 
 async def test_http11_get_post_and_connection_reuse(nursery, demo_upstream, tmp_path: Path):
-    upstream, port = demo_upstream
+    _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     body = payload(2 << 20)
     (tmp_path / "body.bin").write_bytes(body)
