@@ -28,7 +28,7 @@ upstreams run on CPU 1. Each run measures, for direct / nginx / pooled-proxy:
   RSS with 10,000 idle keep-alive client connections open (each has had one request).
 
 It prints each run, then a table of medians with the ratios pooled-proxy / nginx and the
-targets of issue 8. ``--workers N`` runs pooled-proxy with N worker processes (unpinned,
+targets set for one worker. ``--workers N`` runs pooled-proxy with N worker processes (unpinned,
 when N > 1: then it shares the machine with the load generator). ``--json FILE`` keeps the
 numbers.
 """
@@ -69,7 +69,7 @@ BIG_BYTES = 1 << 30
 MIB = 1024 * 1024
 TOOLS = {"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
 
-# The bar from issue 8 (ratios are pooled-proxy / nginx, same run).
+# The targets set for one worker (ratios are pooled-proxy / nginx, same run).
 BAR_H1_RATIO = 0.20
 BAR_H1_P99_MS = 10.0
 BAR_H2_RATIO = 0.15

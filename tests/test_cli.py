@@ -125,7 +125,7 @@ def test_dev_proxies_one_upstream_without_a_config_file():
 
 def _readme_setup_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Set-up", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    section = readme.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
     return [line.split("#", 1)[0].strip() for line in section.strip().splitlines()]
 
 
