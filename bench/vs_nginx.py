@@ -4,7 +4,7 @@
     .venv/bin/python bench/vs_nginx.py --quick      # 1 run x 3 s, a smoke test of the numbers
     make bench                                      # the same as the first line
 
-It installs what it needs when missing (nginx, wrk, nghttp2-client from apt), then starts:
+It installs what it needs when missing (nginx, haproxy, caddy, wrk, nghttp2-client from apt), then starts:
 
 - the **upstream**: nginx, one worker, ``GET /`` answered ``return 200`` with a 100-byte body,
   ``/big`` a 1 GiB file; and the built-in demo upstream for ``/events`` (Server-Sent Events,
@@ -12,11 +12,14 @@ It installs what it needs when missing (nginx, wrk, nghttp2-client from apt), th
 - **nginx as a reverse proxy**: one worker, ``upstream { keepalive 64; }``,
   ``proxy_http_version 1.1``, ``proxy_buffering off`` for ``/events``, X-Forwarded-For/-Proto
   and Host set as pooled-proxy sets them, on one port for HTTP/1.1 and one for h2c;
+- **HAProxy** (one thread, ``http-reuse always``) and **Caddy** (``GOMAXPROCS=1``, 64 idle
+  upstream connections, ``flush_interval -1`` for ``/events``), set up as nginx is; they take
+  the throughput rows (HTTP/1.1 GET and POST, h2c), nginx and pooled-proxy every row;
 - **pooled-proxy**: ``pooled-proxy run`` with ``workers = 1``, the access log off, everything
   else on (metrics and the admin listener included), ``max_idle = 64`` to match nginx's
   ``keepalive 64``.
 
-Both proxies are pinned to CPU 0 (``taskset``); this script, the load generators and the
+The proxies are pinned to CPU 0 (``taskset``); this script, the load generators and the
 upstreams run on CPU 1. Each run measures, for direct / nginx / pooled-proxy:
 
 - HTTP/1.1 keep-alive: ``wrk -t1 -c64 -d10s --latency``: req/s, p50, p99;
@@ -67,7 +70,18 @@ PROXY_CPU, LOAD_CPU = 0, 1
 BODY = b"x" * 99 + b"\n"  # the upstream's 100-byte answer
 BIG_BYTES = 1 << 30
 MIB = 1024 * 1024
-TOOLS = {"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
+TOOLS = {
+    "nginx": "nginx",
+    "haproxy": "haproxy",
+    "caddy": "caddy",
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+    "taskset": "util-linux",
+}
+# The proxies measured side by side, in the table's column order. HAProxy and Caddy take the
+# throughput rows (HTTP/1.1 GET and POST, h2c); nginx and pooled-proxy every row.
+PROXIES = ("nginx", "haproxy", "caddy", "pooled")
+PEERS = ("haproxy", "caddy")
 
 # The targets set for one worker (ratios are pooled-proxy / nginx, same run).
 BAR_H1_RATIO = 0.20
@@ -181,9 +195,14 @@ class Setup:
     sse_port: int = 0
     nginx_port: int = 0
     nginx_h2_port: int = 0
+    haproxy_port: int = 0
+    haproxy_h2_port: int = 0
+    caddy_port: int = 0
     proxy_port: int = 0
     admin_port: int = 0
     nginx_pid: int = 0
+    haproxy_pid: int = 0
+    caddy_pid: int = 0
     proxy_pid: int = 0
 
 
@@ -256,6 +275,54 @@ def proxy_nginx_conf(setup: Setup, *, connections: int) -> str:
     )
 
 
+def haproxy_conf(setup: Setup, *, connections: int) -> str:
+    """HAProxy as nginx is set up: one thread, keep-alive and reuse upstream, no buffering."""
+    return f"""global
+    nbthread 1
+    maxconn {connections + 1024}
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    http-reuse always
+    option forwardfor
+frontend proxy
+    bind {HOST}:{setup.haproxy_port}
+    bind {HOST}:{setup.haproxy_h2_port} proto h2
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    use_backend sse if {{ path_beg /events }}
+    default_backend fast
+backend fast
+    server upstream {HOST}:{setup.upstream_port} maxconn 64
+backend sse
+    server upstream {HOST}:{setup.sse_port}
+"""
+
+
+def caddyfile(setup: Setup) -> str:
+    """Caddy as nginx is set up: HTTP/1.1 and h2c on one port, 64 idle upstream connections."""
+    return f"""{{
+    admin off
+    auto_https off
+    servers {{
+        protocols h1 h2c
+    }}
+}}
+http://{HOST}:{setup.caddy_port} {{
+    reverse_proxy /events* {HOST}:{setup.sse_port} {{
+        flush_interval -1
+    }}
+    reverse_proxy {HOST}:{setup.upstream_port} {{
+        transport http {{
+            keepalive_idle_conns_per_host 64
+        }}
+    }}
+}}
+"""
+
+
 def pooled_proxy_toml(setup: Setup, *, workers: int, connections: int) -> str:
     return f"""# written by bench/vs_nginx.py
 [server]
@@ -298,6 +365,9 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
             "sse_port",
             "nginx_port",
             "nginx_h2_port",
+            "haproxy_port",
+            "haproxy_h2_port",
+            "caddy_port",
             "proxy_port",
             "admin_port",
         ):
@@ -306,10 +376,13 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
         with open(big, "wb") as handle:
             handle.truncate(BIG_BYTES)  # sparse: served by sendfile without touching a disk
 
-        def start(argv: list[str], name: str, port: int) -> subprocess.Popen[bytes]:
+        def start(
+            argv: list[str], name: str, port: int, env: dict[str, str] | None = None
+        ) -> subprocess.Popen[bytes]:
             log = workdir / f"{name}.log"
             process = subprocess.Popen(
                 argv,
+                env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=stack.enter_context(open(log, "wb")),
                 stdin=subprocess.DEVNULL,
@@ -351,6 +424,30 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
             setup.nginx_port,
         )
         setup.nginx_pid = nginx.pid
+        (workdir / "haproxy.cfg").write_text(haproxy_conf(setup, connections=args.idle_connections))
+        haproxy = start(
+            pinned(proxy_cpu, ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]),
+            "haproxy",
+            setup.haproxy_port,
+        )
+        setup.haproxy_pid = haproxy.pid
+        (workdir / "Caddyfile").write_text(caddyfile(setup))
+        caddy = start(
+            pinned(
+                proxy_cpu,
+                ["caddy", "run", "--adapter", "caddyfile", "--config", str(workdir / "Caddyfile")],
+            ),
+            "caddy",
+            setup.caddy_port,
+            # One core, as the others get; HOME for the data directory Caddy insists on.
+            env={
+                **os.environ,
+                "GOMAXPROCS": "1",
+                "HOME": str(workdir),
+                "XDG_DATA_HOME": str(workdir),
+            },
+        )
+        setup.caddy_pid = caddy.pid
         (workdir / "pooled-proxy.toml").write_text(
             pooled_proxy_toml(setup, workers=args.workers, connections=args.idle_connections)
         )
@@ -388,14 +485,20 @@ def _duration_ms(text: str) -> float:
 
 
 def cpu_ns(pid: int | None) -> int:
-    """CPU time a process tree has used so far (``/proc/PID/schedstat``), in nanoseconds."""
+    """CPU time a process tree has used so far, every thread counted (Caddy's Go runtime works
+    on threads other than the main one), from ``/proc/PID/task/TID/schedstat``, in nanoseconds."""
     total = 0
     for p in tree_pids(pid) if pid else ():
         try:
-            with open(f"/proc/{p}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[0])
+            tasks = os.listdir(f"/proc/{p}/task")
         except OSError:
-            pass
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/schedstat") as schedstat:
+                    total += int(schedstat.read().split()[0])
+            except OSError:
+                pass
     return total
 
 
@@ -662,20 +765,31 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
     results: dict[str, float] = {}
     load_cpu = None if args.no_pin else LOAD_CPU
     with running_setup(args) as setup:
-        targets = {"nginx": setup.nginx_pid, "pooled": setup.proxy_pid}
+        targets = {
+            "nginx": setup.nginx_pid,
+            "haproxy": setup.haproxy_pid,
+            "caddy": setup.caddy_pid,
+            "pooled": setup.proxy_pid,
+        }
         h1_ports = {
             "direct": setup.upstream_port,
             "nginx": setup.nginx_port,
+            "haproxy": setup.haproxy_port,
+            "caddy": setup.caddy_port,
             "pooled": setup.proxy_port,
         }
         h2_ports = {
             "direct": setup.upstream_h2_port,
             "nginx": setup.nginx_h2_port,
+            "haproxy": setup.haproxy_h2_port,
+            "caddy": setup.caddy_port,
             "pooled": setup.proxy_port,
         }
-        for name, pid in targets.items():
+        # Memory and SSE: nginx and pooled-proxy only (the throughput rows compare all four).
+        compared = {name: pid for name, pid in targets.items() if name not in PEERS}
+        for name, pid in compared.items():
             results[f"{name}.rss_idle_mib"] = rss_mib(pid)
-        for name, pid in targets.items():
+        for name, pid in compared.items():
             port = h1_ports[name]
             results[f"{name}.rss_stream_peak_mib"], results[f"{name}.stream_mib_s"] = stream_big(
                 port, pid
@@ -708,7 +822,7 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
             results[f"{name}.sse_first_p50_ms"] = percentile(timing.first_ms, 0.50)
             results[f"{name}.sse_first_p99_ms"] = percentile(timing.first_ms, 0.99)
             results[f"{name}.sse_events"] = len(timing.events_ms)
-        for name, pid in targets.items():
+        for name, pid in compared.items():
             results[f"{name}.rss_idle_conns_mib"] = idle_connections_rss(
                 h1_ports[name], pid, args.idle_connections
             )
@@ -740,6 +854,8 @@ def machine_line() -> str:
         .stderr.strip()
         .split("/")[-1]
     )
+    haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()[2]
+    caddy = subprocess.run(["caddy", "version"], capture_output=True, text=True).stdout.split()[0]
     try:
         import h11_mypyc
 
@@ -748,7 +864,8 @@ def machine_line() -> str:
         accel = "h11 " + h11.__version__ + " (pure Python)"
     return (
         f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU(s) {model}, "
-        f"Linux {platform.release()}, Python {platform.python_version()}, {accel}, nginx {nginx}"
+        f"Linux {platform.release()}, Python {platform.python_version()}, {accel}, nginx {nginx}, "
+        f"HAProxy {haproxy}, Caddy {caddy}"
     )
 
 
@@ -758,9 +875,7 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
     def get(name: str, key: str) -> float:
         return med.get(f"{name}.{key}", float("nan"))
 
-    rows: list[
-        tuple[str, float, float, float, str, str]
-    ] = []  # label, direct, nginx, pooled, ratio, bar
+    rows: list[tuple[str, list[float], str, str]] = []  # label, direct and proxies, ratio, bar
 
     def row(
         label: str,
@@ -771,12 +886,13 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
         bar: str = "",
         ok: Callable[[float, float], bool] | None = None,
     ) -> None:
-        d, n, p = get("direct", key), get("nginx", key), get("pooled", key)
+        values = [get(name, key) for name in ("direct", *PROXIES)]
+        n, p = get("nginx", key), get("pooled", key)
         r = f"{p / n:.3f}" if ratio and not math.isnan(n) and n else ""
         verdict = ""
         if ok is not None:
             verdict = bar + (" ok" if ok(p, n) else " MISSED")
-        rows.append((label, d, n, p, r, verdict))
+        rows.append((label, values, r, verdict))
         fmt[label] = digits
 
     fmt: dict[str, int] = {}
@@ -857,14 +973,12 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
         )
         + f"; pooled-proxy workers = {args.workers}",
         "",
-        "| measure | direct | nginx | pooled-proxy | pooled/nginx | bar |",
-        "|---|---:|---:|---:|---:|---|",
+        "| measure | direct | nginx | HAProxy | Caddy | pooled-proxy | pooled/nginx | bar |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for label, d, n, p, r, verdict in rows:
-        digits = fmt[label]
-        lines.append(
-            f"| {label} | {_fmt(d, digits)} | {_fmt(n, digits)} | {_fmt(p, digits)} | {r} | {verdict} |"
-        )
+    for label, values, r, verdict in rows:
+        cells = " | ".join(_fmt(value, fmt[label]) for value in values)
+        lines.append(f"| {label} | {cells} | {r} | {verdict} |")
     added = [
         ("SSE added per event p50 / p99 ms", "sse_event_p50_ms", "sse_event_p99_ms", 3),
         ("SSE added to first event p50 / p99 ms", "sse_first_p50_ms", "sse_first_p99_ms", 2),
