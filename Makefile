@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: demo test test-all test-h11 lint bench clean
+.PHONY: demo test test-all test-h11 lint interop-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pooled_proxy tests bench
 	$(VENV)/bin/ruff format --check pooled_proxy tests bench
 	$(VENV)/bin/mypy --strict pooled_proxy
+
+# The programs the interop tests run (nginx, h2load, nghttp, chromium, node, curl), with apt;
+# without them `make test` skips those tests.
+interop-deps:
+	.ci/interop-deps
 
 # pooled-proxy against nginx on this machine (bench/README.md); BENCH_ARGS=--quick for a short run
 bench: $(STAMP)
