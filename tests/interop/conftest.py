@@ -25,6 +25,7 @@ from tests.helpers import make_config
 from .servers import (
     APPS,
     HOST,
+    NOT_INSTALLED,
     ServerProcess,
     program_version,
     python_argv,
@@ -33,6 +34,28 @@ from .servers import (
 )
 
 ServerFactory = Callable[..., ServerProcess]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per test skipped for a missing program, then what to install."""
+    missing: dict[str, list[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            program, found, _ = reason.partition(NOT_INSTALLED)
+            if found:
+                missing.setdefault(program, []).append(report.nodeid)
+    if not missing:
+        return
+    skipped = sum(len(nodeids) for nodeids in missing.values())
+    terminalreporter.write_sep("-", "interop tests skipped: programs not installed")
+    for program, nodeids in missing.items():
+        for nodeid in nodeids:
+            terminalreporter.write_line(f"SKIPPED {nodeid}: {program}{NOT_INSTALLED}")
+    terminalreporter.write_line(
+        f"{skipped} interop test(s) skipped: {', '.join(missing)} not installed; "
+        "`make interop-deps` installs them"
+    )
 
 
 def _package_version(distribution: str) -> str:

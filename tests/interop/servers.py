@@ -4,9 +4,9 @@ Every server runs in its own process group (``start_new_session``) so that killi
 kills the workers it forked (gunicorn, nginx). Output goes to a log file, never a pipe that
 could fill up and stall the server; the log is shown when a server fails to start.
 
-A program the tests need but that is not installed fails the test, because CI (``.ci/run``)
-installs all of them and a silent skip there would hide a gap. Set
-``POOLED_PROXY_ALLOW_SKIP=1`` on a machine without them to skip those tests instead.
+A test whose program is not installed is skipped (``make interop-deps`` installs them all);
+with ``POOLED_PROXY_REQUIRE_INTEROP=1``, which CI (``.ci/run``) sets, it fails instead, so
+that CI can never pass by skipping.
 """
 
 from __future__ import annotations
@@ -30,22 +30,28 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]  # the repository: subprocesses import tests.interop.*
 APPS = Path(__file__).resolve().parent / "apps"
 START_TIMEOUT = 20.0
-ALLOW_SKIP_ENV = "POOLED_PROXY_ALLOW_SKIP"
+REQUIRE_ENV = "POOLED_PROXY_REQUIRE_INTEROP"
+NOT_INSTALLED = " is not installed"  # a skip reason "NAME is not installed ..." (conftest.py)
+
+
+def interop_required() -> bool:
+    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
 
 def require_program(name: str) -> str:
-    """The path of an installed program, else fail (or skip with POOLED_PROXY_ALLOW_SKIP=1)."""
+    """The path of an installed program; else skip the test, or fail it when
+    POOLED_PROXY_REQUIRE_INTEROP is set."""
     # nginx lives in /usr/sbin, which is not on every user's PATH
     path = shutil.which(
         name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     )
     if path is None:
-        message = (
-            f"{name!r} is not installed (.ci/run installs it; or set {ALLOW_SKIP_ENV}=1 to skip)"
-        )
-        if os.environ.get(ALLOW_SKIP_ENV):
-            pytest.skip(message)
-        pytest.fail(message, pytrace=False)
+        if interop_required():
+            pytest.fail(
+                f"{name}{NOT_INSTALLED} and {REQUIRE_ENV} is set (`make interop-deps`)",
+                pytrace=False,
+            )
+        pytest.skip(f"{name}{NOT_INSTALLED} (`make interop-deps` installs it)")
     return path
 
 
