@@ -49,8 +49,11 @@ def test_ci_installs_the_programs_requires_them_and_lints_before_testing():
 
 
 def run_selection(capsys: pytest.CaptureFixture[str]) -> tuple[int | pytest.ExitCode, str]:
-    """pytest on SELECTION in this process (a second one would spend seconds importing)."""
-    code = pytest.main(["-p", "no:cacheprovider", "--rootdir", str(ROOT), *SELECTION])
+    """pytest on SELECTION in this process (a second one would spend seconds importing).
+    ``timeout=0``: the inner tests set no alarm, which would replace this test's own."""
+    code = pytest.main(
+        ["-p", "no:cacheprovider", "-o", "timeout=0", "--rootdir", str(ROOT), *SELECTION]
+    )
     return code, capsys.readouterr().out
 
 
