@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections import deque
 
 import trio
@@ -10,6 +11,7 @@ import trio
 from .config import UpstreamConfig
 from .errors import UpstreamUnavailable
 from .pool import Connector, UpstreamPool
+from .tls_contexts import upstream_ssl_context
 
 
 class ServerHealth:
@@ -44,10 +46,23 @@ class ServerHealth:
 
 
 class UpstreamGroup:
-    def __init__(self, config: UpstreamConfig, *, connect: Connector | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        connect: Connector | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``ssl_context``: for its https:// servers (built here if it has some and none is
+        given)."""
         self.name = config.name
         self.config = config
-        self.pools = [UpstreamPool(server, config, connect=connect) for server in config.servers]
+        if ssl_context is None and config.tls:
+            ssl_context = upstream_ssl_context(config)
+        self.pools = [
+            UpstreamPool(server, config, connect=connect, ssl_context=ssl_context)
+            for server in config.servers
+        ]
         self.health = [ServerHealth(config) for _ in self.pools]
         self._next = itertools.cycle(range(len(self.pools)))
 
@@ -69,6 +84,12 @@ class UpstreamGroup:
                 if index in candidates:
                     break
         return pools[index], self.health[index]
+
+    def use_tls(self, ssl_context: ssl.SSLContext | None) -> None:
+        """New connections use ``ssl_context`` (a reload read the TLS files again); pooled
+        ones stay as they are."""
+        for pool in self.pools:
+            pool.ssl_context = ssl_context
 
     async def run_reapers(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -26,7 +26,7 @@ from .lifecycle import run as run_proxy
 from .metrics import ProxyMetrics
 from .proxy import Proxy
 from .runtime import tune_gc_for_serving
-from .server.tls import check_certificate
+from .tls_contexts import load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy")
 
@@ -84,7 +84,7 @@ def _load(path: str | None) -> Config:
     if not path:
         raise SystemExit("pooled-proxy: no config file: pass -c FILE or set $POOLED_PROXY_CONFIG")
     config = load_config(path)
-    check_certificate(config)  # a pair that does not load is a config error, before listening
+    load_tls_contexts(config)  # a TLS file that does not load is a config error, before listening
     return config
 
 

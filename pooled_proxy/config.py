@@ -93,6 +93,17 @@ class UpstreamConfig:
     max_fails: int = 3  # passive health: this many failures within fail_window ...
     fail_window: float = 10.0
     fail_timeout: float = 10.0  # ... skip the server this long (only when > 1 server)
+    # TLS to its https:// servers (tls_contexts.py builds the context once per load).
+    tls_ca: Path | None = None  # trust only this CA bundle (default: the system's CAs)
+    tls_server_name: str | None = None  # SNI and the name the certificate must carry
+    tls_verify: bool = True  # false: any certificate is accepted (development only)
+    tls_cert: Path | None = None  # a client certificate (mutual TLS), with tls_key
+    tls_key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Some server of it is ``https://``."""
+        return any(server.tls for server in self.servers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -401,6 +412,17 @@ def _route_host(value: object) -> str:
     return host
 
 
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+
+
+def _server_name(value: object) -> str:
+    name = _string(value)
+    if not _HOSTNAME.fullmatch(name):
+        raise ValueError(f'expected a DNS name such as "api.internal", got "{value}"')
+    return name
+
+
 def _path_prefix(value: object) -> str:
     if not _string(value).startswith("/"):
         raise ValueError(f'must start with "/", got "{value}"')
@@ -420,8 +442,10 @@ _UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "max_idle": _int(0), "idle_timeout": _POSITIVE, "connect_timeout": _POSITIVE,
     "response_header_timeout": _POSITIVE, "read_timeout": _ZERO_OK, "queue_size": _int(0),
     "queue_timeout": _ZERO_OK, "max_requests_per_connection": _int(0), "max_fails": _int(1),
-    "fail_window": _POSITIVE, "fail_timeout": _POSITIVE,
+    "fail_window": _POSITIVE, "fail_timeout": _POSITIVE, "tls_server_name": _server_name,
+    "tls_verify": _bool,
 })  # fmt: skip
+_UPSTREAM_TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
 _ROUTE_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "upstream": _string, "host": _route_host, "path_prefix": _path_prefix, "strip_prefix": _bool,
 })  # fmt: skip
@@ -580,16 +604,38 @@ def _upstreams(c: _Checker, raw: dict[str, Any]) -> dict[str, UpstreamConfig]:
     out: dict[str, UpstreamConfig] = {}
     for name, body in raw.items():
         key: _KeyPath = ("upstreams", name)
-        table = c.table(body, key, [*_UPSTREAM_FIELDS, "servers"])
+        table = c.table(body, key, [*_UPSTREAM_FIELDS, *_UPSTREAM_TLS_FILES, "servers"])
         if table is None or not c.require(table, key, "servers"):
             continue
         kw = c.fields(table, key, _UPSTREAM_FIELDS)
+        for file_key in _UPSTREAM_TLS_FILES:
+            if file_key in table:
+                kw[file_key] = c.readable_file(table[file_key], key + (file_key,))
         servers = c.addresses(table["servers"], key + ("servers",), upstream=True)
         if servers == ():
             c.add(key + ("servers",), "must list at least one server")
         elif servers is not None:
+            _upstream_tls(c, table, key, servers)
             out[name] = UpstreamConfig(name=name, servers=servers, **kw)
     return out
+
+
+def _upstream_tls(
+    c: _Checker, table: dict[str, Any], key: _KeyPath, servers: tuple[ServerAddress, ...]
+) -> None:
+    """The TLS keys of one upstream make sense together and with its servers."""
+    tls_keys = [name for name in ("tls_ca", "tls_server_name", "tls_verify", "tls_cert", "tls_key")
+                if name in table]  # fmt: skip
+    if not any(server.tls for server in servers):
+        for name in tls_keys:
+            c.add(key + (name,), "has no effect: no server of this upstream is https://")
+        return
+    if "tls_cert" in table and "tls_key" not in table:
+        c.add(key + ("tls_cert",), "needs tls_key (the client certificate's private key)")
+    if "tls_key" in table and "tls_cert" not in table:
+        c.add(key + ("tls_key",), "needs tls_cert (the client certificate it belongs to)")
+    if "tls_ca" in table and table.get("tls_verify") is False:
+        c.add(key + ("tls_ca",), "has no effect with tls_verify = false")
 
 
 def _routes(c: _Checker, raw: object, names: Iterable[str]) -> list[RouteConfig]:
@@ -673,6 +719,14 @@ def key_line(path: str | os.PathLike[str], key: tuple[str | int, ...]) -> int:
     except (OSError, UnicodeDecodeError):
         return 1
     return _LineIndex(text).line_of(key)
+
+
+def problem_after_load(config: Config, key: tuple[str | int, ...], message: str) -> ConfigProblem:
+    """A problem with ``config`` found after it was parsed (a TLS file that does not load),
+    located like the parser's own: the file, the line of ``key``, the dotted key."""
+    if config.path is None:
+        return ConfigProblem("<config>", 1, _dotted(key), message)
+    return ConfigProblem(str(config.path), key_line(config.path, key), _dotted(key), message)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

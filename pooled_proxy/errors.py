@@ -90,6 +90,28 @@ class UpstreamConnectError(UpstreamError):
     reason = "upstream refused the connection"
 
 
+class UpstreamTlsError(UpstreamConnectError):
+    """The TLS handshake with the upstream failed (no common version or cipher, not TLS)."""
+
+    proxy_status = "tls_protocol_error"
+    reason = "TLS handshake with the upstream failed"
+
+
+class UpstreamTlsCertificateError(UpstreamTlsError):
+    """The upstream's certificate did not verify: unknown CA, wrong name, expired."""
+
+    proxy_status = "tls_certificate_error"
+    reason = "the upstream's TLS certificate was not accepted"
+
+
+class UpstreamTlsAlert(UpstreamTlsError):
+    """The upstream ended the handshake with a TLS alert (it refused our client certificate,
+    or its absence, say)."""
+
+    proxy_status = "tls_alert_received"
+    reason = "the upstream refused the TLS handshake"
+
+
 class UpstreamProtocolError(UpstreamError):
     proxy_status = "http_protocol_error"
     reason = "upstream sent an invalid response"

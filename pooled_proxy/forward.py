@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import trio
@@ -129,13 +130,19 @@ class Forwarder:
         connect: Connector | None = None,
         observers: tuple[ExchangeObserver, ...] = (),
         upstreams: Mapping[str, UpstreamGroup] | None = None,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
     ) -> None:
+        """``upstreams``: groups carried over from the previous generation; ``tls``: the
+        SSL context of each upstream with https:// servers, for the groups made here."""
         self.config = config
         self.router = Router(config.routes)
         self.upstreams: dict[str, UpstreamGroup] = dict(upstreams or {})
+        tls = tls or {}
         for name, upstream_config in config.upstreams.items():
             if name not in self.upstreams:
-                self.upstreams[name] = UpstreamGroup(upstream_config, connect=connect)
+                self.upstreams[name] = UpstreamGroup(
+                    upstream_config, connect=connect, ssl_context=tls.get(name)
+                )
         self.observers = observers
         self.stale_retries = 0
         self.live = LiveCounts()

@@ -20,7 +20,7 @@ from .proxy import Proxy
 from .reload import Reloader, watch_file
 from .server.http2 import serve_h2
 from .server.listen import serve_listeners
-from .server.tls import serve_tls_listeners, server_ssl_context
+from .server.tls import serve_tls_listeners
 
 LOG = logging.getLogger("pooled_proxy.lifecycle")
 
@@ -102,16 +102,12 @@ async def _listen_h1_h2(
     if tls is None:
         await serve_listeners(proxy, handler_nursery, h2_handler=serve_h2, task_status=task_status)
         return
-    # Loaded before anything listens: a certificate that cannot be used stops the start.
-    context = server_ssl_context(tls)
     async with trio.open_nursery() as listening:
         addresses = await listening.start(
             partial(serve_listeners, proxy, handler_nursery, h2_handler=serve_h2)
         )
         addresses += await listening.start(
-            partial(
-                serve_tls_listeners, proxy, handler_nursery, h2_handler=serve_h2, context=context
-            )
+            partial(serve_tls_listeners, proxy, handler_nursery, h2_handler=serve_h2)
         )
         task_status.started(addresses)
 

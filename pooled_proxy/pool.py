@@ -11,6 +11,7 @@ Invariants (checked by a hypothesis state machine in the tests):
 from __future__ import annotations
 
 import math
+import ssl
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -163,12 +164,12 @@ class UpstreamPool:
         config: UpstreamConfig,
         *,
         connect: Connector | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.server = server
         self.config = config
-        self._connect: Connector = connect or (
-            lambda s: open_connection(s, connect_timeout=config.connect_timeout)
-        )
+        self.ssl_context = ssl_context  # for an https:// server; read at each connect
+        self._connect: Connector = connect or self._open_connection
         self._state: PoolState[UpstreamConnection] = PoolState(
             max_connections=config.max_connections,
             max_idle=config.max_idle,
@@ -190,6 +191,14 @@ class UpstreamPool:
         return (
             f"<UpstreamPool {self.server} in_use={s.in_use} idle={len(s.idle)} "
             f"connecting={s.connecting} waiting={len(s.waiters)}>"
+        )
+
+    async def _open_connection(self, server: ServerAddress) -> UpstreamConnection:
+        return await open_connection(
+            server,
+            connect_timeout=self.config.connect_timeout,
+            ssl_context=self.ssl_context,
+            server_name=self.config.tls_server_name,
         )
 
     def statistics(self) -> PoolStatistics:

@@ -6,6 +6,7 @@ new requests while exchanges in flight finish on the forwarder they started with
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,20 +15,22 @@ from dataclasses import dataclass, replace
 import trio
 
 from .balancer import UpstreamGroup
-from .config import Config, ServerConfig
+from .config import Config, ServerConfig, TlsConfig
 from .forward import ExchangeObserver, Forwarder
 from .pool import Connector
+from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
 
 # A client that connected just before the drain started is about to send its request: its
 # bytes may already be on the way. It gets this long to start, then it counts as idle and is
 # closed (a browser's speculative preconnect must not hold the drain for drain_timeout).
 FIRST_REQUEST_GRACE = 1.0
 
-# Settings a reload cannot apply to a running process: the sockets, the TLS context, the
-# worker processes, the admin listener and the access log are set up once at start.
+# Settings a reload cannot apply to a running process: the sockets, the worker processes, the
+# admin listener and the access log are set up once at start. (The TLS certificate and key
+# are not among them: a reload loads them again for new connections.)
 RESTART_ONLY = (
     "server.listen",
-    "server.tls",
+    "server.tls.listen",
     "server.workers",
     "admin",
     "log.access",
@@ -37,7 +40,15 @@ RESTART_ONLY = (
 
 def _restart_only(config: Config) -> tuple[object, ...]:
     server, log = config.server, config.log
-    return (server.listen, server.tls, server.workers, config.admin, log.access, log.format)
+    tls_listen = server.tls.listen if server.tls is not None else None
+    return (server.listen, tls_listen, server.workers, config.admin, log.access, log.format)
+
+
+def _running_tls(running: TlsConfig | None, new: TlsConfig | None) -> TlsConfig | None:
+    """``[server.tls]`` after a reload: the listeners stay, the certificate files are new."""
+    if running is None or new is None:
+        return running  # TLS turned on or off: needs a restart
+    return replace(new, listen=running.listen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +83,25 @@ class Proxy:
         connect: Connector | None = None,
         observers: tuple[ExchangeObserver, ...] = (),
         launch_config: Config | None = None,
+        tls: TlsContexts | None = None,
     ) -> None:
         self.config = config
+        # The SSL contexts of the config (built here unless the caller already did).
+        self.tls = tls if tls is not None else load_tls_contexts(config)
+        warn_unverified(config)
         # The config as its file said at start (a worker's listen addresses are pinned to
         # the supervisor's ports): reloads compare restart-only settings against it.
         self.launch_config = launch_config or config
         self._connect = connect
         self._observers = observers
-        self.forwarder = Forwarder(config, connect=connect, observers=observers)
+        self.forwarder = Forwarder(
+            config, connect=connect, observers=observers, tls=self.tls.upstreams
+        )
         self.reloads = 0
+        # For the metrics: whether the last reload attempt succeeded, and the wall-clock time
+        # of the last config load that did (the start counts as one).
+        self.last_reload_ok = True
+        self.config_loaded_at = time.time()
         self.draining = False
         self.drain_started = trio.Event()
         self.drain_started_at: float | None = None
@@ -186,14 +207,19 @@ class Proxy:
 
     # -- reload --------------------------------------------------------------------------------
 
-    def reload(self, config: Config) -> ReloadSummary:
+    def reload(self, config: Config, tls: TlsContexts | None = None) -> ReloadSummary:
         """Swap in a new config (already validated) for new requests.
 
         Upstreams whose settings are unchanged keep their pools, idle connections included;
         changed or removed ones get new pools and their old ones drain. Exchanges in flight
         finish on the forwarder they started with. Restart-only settings keep their running
-        values (reported in ``needs_restart``).
+        values (reported in ``needs_restart``). The TLS files are read again (``tls``, built
+        off the event loop by the caller, else here): new connections, to clients and to
+        upstreams, use them; open ones keep the certificates they were made with.
         """
+        if tls is None:
+            tls = load_tls_contexts(config)
+        warn_unverified(config)
         old = self.forwarder
         kept = {
             name: old.upstreams[name]
@@ -206,18 +232,31 @@ class Proxy:
             server=replace(
                 config.server,
                 listen=running.server.listen,
-                tls=running.server.tls,
+                tls=_running_tls(running.server.tls, config.server.tls),
                 workers=running.server.workers,
             ),
             admin=running.admin,
             log=replace(config.log, access=running.log.access, format=running.log.format),
         )
-        new = Forwarder(effective, connect=self._connect, observers=self._observers, upstreams=kept)
+        for name, group in kept.items():
+            group.use_tls(tls.upstreams.get(name))
+        new = Forwarder(
+            effective,
+            connect=self._connect,
+            observers=self._observers,
+            upstreams=kept,
+            tls=tls.upstreams,
+        )
+        # With TLS turned on or off, the listeners keep what they started with until a restart.
+        same_listeners = effective.server.tls is not None and tls.server is not None
+        self.tls = TlsContexts(tls.server if same_listeners else self.tls.server, tls.upstreams)
         new.stale_retries = old.stale_retries  # a counter: it carries on across generations
         new.live = old.live  # shared: exchanges still on the old forwarder count there too
         self.config = effective
         self.forwarder = new
         self.reloads += 1
+        self.last_reload_ok = True
+        self.config_loaded_at = time.time()
         for group in old.upstreams.values():
             if new.upstreams.get(group.name) is not group:
                 self._retire(group)

@@ -1,9 +1,10 @@
 """Config reload: on SIGHUP, or whenever the file changes (``pooled-proxy run --watch``).
 
-A reload reads and validates the whole file first; a bad file is logged problem by problem
+A reload reads and validates the whole file first, and loads the TLS files it names (in a
+thread: the event loop never waits for them); a bad file is logged problem by problem
 (``FILE:LINE: key: message``, as ``check`` prints them) and the running config stays. A good
 one is swapped in by :meth:`Proxy.reload`: new requests see the new routes and upstreams,
-exchanges in flight and open connections are untouched.
+new connections the new certificates, exchanges in flight and open connections are untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import trio
 from .config import Config, load_config, parse_config
 from .errors import ConfigError
 from .proxy import Proxy
+from .tls_contexts import TlsContexts, load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy.reload")
 
@@ -26,15 +28,17 @@ WATCH_INTERVAL = 0.25  # seconds between two looks at the file's stat()
 FileSignature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
 
 
-def read_config(path: str) -> tuple[Config, str]:
-    """The config in ``path`` and the exact text it was parsed from (blocking: run it in a
-    thread). Raises ConfigError, naming an unreadable file as ``check`` does."""
+def read_config(path: str) -> tuple[Config, str, TlsContexts]:
+    """The config in ``path``, the exact text it was parsed from, and its TLS contexts
+    (blocking: run it in a thread). Raises ConfigError, naming an unreadable file or a TLS
+    file that does not load as ``check`` does."""
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError):
         load_config(path)  # raises the ConfigError that names the problem
         raise  # the file became readable in between: report the first failure anyway
-    return parse_config(text, path, base_dir=Path(path).parent), text
+    config = parse_config(text, path, base_dir=Path(path).parent)
+    return config, text, load_tls_contexts(config)
 
 
 def log_problems(error: ConfigError, path: str) -> None:
@@ -59,15 +63,17 @@ class Reloader:
                 LOG.info("not reloading (%s): draining", why)
                 return False
             try:
-                config, _ = await trio.to_thread.run_sync(read_config, self.path)
+                config, _, tls = await trio.to_thread.run_sync(read_config, self.path)
             except ConfigError as exc:
                 log_problems(exc, self.path)
+                self.proxy.last_reload_ok = False
                 return False
             except (OSError, UnicodeDecodeError) as exc:
                 LOG.error("reload failed: cannot read %s: %s; keeping the running config",
                           self.path, exc)  # fmt: skip
+                self.proxy.last_reload_ok = False
                 return False
-            summary = self.proxy.reload(config)
+            summary = self.proxy.reload(config, tls)
             logging.getLogger().setLevel(config.log.level.upper())
             LOG.info("config reloaded (%s) from %s: %s", why, self.path, summary)
             for key in summary.needs_restart:

@@ -38,6 +38,9 @@ from .errors import (
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamProtocolError,
+    UpstreamTlsAlert,
+    UpstreamTlsCertificateError,
+    UpstreamTlsError,
 )
 from .headers import Headers, connection_tokens, keep_alive_timeout
 from .protocol.h1_checks import TOKEN_CHAR, ResponseChecker, Violation
@@ -82,23 +85,53 @@ class ResponseHead:
 
 
 async def open_connection(
-    server: ServerAddress, *, connect_timeout: float, ssl_context: ssl.SSLContext | None = None
+    server: ServerAddress,
+    *,
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> UpstreamConnection:
+    """A new connection to ``server``; an https:// one goes through a TLS handshake with
+    ``ssl_context`` (its upstream's, built once), sending ``server_name`` (default: the
+    server's host) as SNI and checking the certificate against it."""
+    if server.tls and ssl_context is None:
+        raise UpstreamTlsError(f"no TLS context for {server}")
     try:
         with trio.fail_after(connect_timeout or math.inf):
             stream: trio.abc.Stream = await trio.open_tcp_stream(server.host, server.port)
-            if server.tls:
-                context = ssl_context or ssl.create_default_context()
+            if ssl_context is not None and server.tls:
                 tls = trio.SSLStream(
-                    stream, context, server_hostname=server.host, https_compatible=True
+                    stream,
+                    ssl_context,
+                    server_hostname=server_name or server.host,
+                    https_compatible=True,
                 )
-                await tls.do_handshake()
+                try:
+                    await tls.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
                 stream = tls
     except trio.TooSlowError:
         raise ConnectTimeout(f"connect to {server} timed out after {connect_timeout:g}s") from None
-    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-        raise UpstreamConnectError(f"connect to {server} failed: {exc}") from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise _connect_error(server, exc) from None
     return UpstreamConnection(stream, server)
+
+
+def _connect_error(server: ServerAddress, exc: BaseException) -> UpstreamConnectError:
+    """A failed connect or TLS handshake, by its RFC 9209 kind."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return UpstreamTlsCertificateError(
+            f"TLS with {server}: certificate rejected: {cause.verify_message}"
+        )
+    if isinstance(cause, ssl.SSLError):
+        why = cause.reason or str(cause)
+        if "_ALERT_" in why:
+            return UpstreamTlsAlert(f"TLS with {server}: the server sent the alert {why}")
+        return UpstreamTlsError(f"TLS handshake with {server} failed: {why}")
+    return UpstreamConnectError(f"connect to {server} failed: {cause or exc}")
 
 
 def _request_head(method: bytes, target: bytes, headers: Headers) -> bytes:

@@ -195,7 +195,7 @@ class Supervisor:
             if self.stopping:
                 return
             try:
-                config, text = await trio.to_thread.run_sync(read_config, self.path)
+                config, text, _ = await trio.to_thread.run_sync(read_config, self.path)
             except ConfigError as exc:
                 log_problems(exc, self.path)
                 return
@@ -248,7 +248,7 @@ class Supervisor:
 def supervise(config: Config, path: str, *, watch: bool = False) -> int:
     """Run the supervisor for ``config`` (loaded from ``path``) until it is told to stop."""
     try:
-        _, text = read_config(path)
+        _, text, _ = read_config(path)
     except (ConfigError, OSError, UnicodeDecodeError) as exc:
         LOG.error("cannot read %s again: %s", path, exc)
         return EXIT_RUNTIME
