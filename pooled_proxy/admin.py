@@ -9,18 +9,19 @@ listeners and the handler nursery, and is cancelled only when the process is abo
   stops sending new traffic while in-flight exchanges finish.
 - ``/metrics``: the proxy's registry, in the Prometheus text format (or OpenMetrics when the
   scraper's ``Accept`` header asks for it).
+
+With ``workers > 1`` the supervisor serves it, for the whole group (workers.py).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import trio
 
 from ._h11 import h11
 from .config import ServerAddress
-from .metrics import ProxyMetrics
-from .proxy import Proxy
 from .server.listen import bound_address, open_listeners
 
 LOG = logging.getLogger("pooled_proxy.admin")
@@ -41,6 +42,19 @@ _REASONS = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed", 503: b"Se
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
+class Served(Protocol):
+    """What the admin server reports on: a proxy, or the supervisor of its workers."""
+
+    @property
+    def draining(self) -> bool: ...
+
+
+class MetricsSource(Protocol):
+    async def scrape(self, accept: str) -> tuple[bytes, str]:
+        """The scrape body and its content type for a scraper's ``Accept`` header."""
+        ...
+
+
 class _Close(Exception):
     """The client went away, misbehaved or was too slow: close without answering."""
 
@@ -48,7 +62,7 @@ class _Close(Exception):
 class AdminServer:
     """Serves the admin endpoints of one proxy on ``listen``; ``address`` once bound."""
 
-    def __init__(self, proxy: Proxy, metrics: ProxyMetrics, listen: ServerAddress) -> None:
+    def __init__(self, proxy: Served, metrics: MetricsSource, listen: ServerAddress) -> None:
         self.proxy = proxy
         self.metrics = metrics
         self.listen = listen
@@ -67,12 +81,15 @@ class AdminServer:
         task_status.started(self.address)
         await trio.serve_listeners(self._serve_connection, listeners)
 
-    def answer(self, method: bytes, target: bytes, accept: bytes) -> Answer:
-        """Status, headers and body for one admin request (sync: nothing here waits)."""
+    async def answer(self, method: bytes, target: bytes, accept: bytes) -> Answer:
+        """Status, headers and body for one admin request."""
         path = target.split(b"?", 1)[0].decode("latin-1")
-        if path == METRICS_PATH:
-            status, (body, content_type) = 200, self.metrics.exposition(accept.decode("latin-1"))
-            headers = [(b"content-type", content_type.encode())]
+        if path in (METRICS_PATH, HEALTH_PATH, READY_PATH) and method not in (b"GET", b"HEAD"):
+            status, body = 405, b"method not allowed\n"
+            headers = [(b"content-type", TEXT), (b"allow", b"GET, HEAD")]
+        elif path == METRICS_PATH:
+            body, content_type = await self.metrics.scrape(accept.decode("latin-1"))
+            status, headers = 200, [(b"content-type", content_type.encode())]
         elif path == HEALTH_PATH:
             status, body, headers = 200, b"ok\n", [(b"content-type", TEXT)]
         elif path == READY_PATH:
@@ -83,9 +100,6 @@ class AdminServer:
             headers = [(b"content-type", TEXT)]
         else:
             status, body, headers = 404, b"not found\n", [(b"content-type", TEXT)]
-        if status != 404 and method not in (b"GET", b"HEAD"):
-            status, body = 405, b"method not allowed\n"
-            headers = [(b"content-type", TEXT), (b"allow", b"GET, HEAD")]
         headers += [(b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
         return status, headers, body
 
@@ -98,7 +112,7 @@ class AdminServer:
                 if timeout.cancelled_caught or request is None:
                     return
                 headers = dict(request.headers)
-                status, response_headers, body = self.answer(
+                status, response_headers, body = await self.answer(
                     request.method, request.target, headers.get(b"accept", b"")
                 )
                 data = conn.send(

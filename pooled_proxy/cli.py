@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -126,11 +127,14 @@ async def run_with_operations(
     config_path: str | None = None,
     watch: bool = False,
     launch_config: Config | None = None,
+    supervisor_link: socket.socket | None = None,
 ) -> None:
     """The proxy with its access log, and metrics plus the admin listener if ``[admin]`` is set;
-    SIGHUP (and with ``watch`` any change of the file) reloads ``config_path``."""
+    SIGHUP (and with ``watch`` any change of the file) reloads ``config_path``. A worker gets
+    ``supervisor_link``: it keeps metrics and answers the supervisor's requests for them."""
     access_log = AccessLog.from_config(config.log)
-    metrics = ProxyMetrics() if config.admin is not None else None
+    keep_metrics = config.admin is not None or supervisor_link is not None
+    metrics = ProxyMetrics() if keep_metrics else None
     observers: list[ExchangeObserver] = []
     if metrics is not None:
         observers.append(metrics.observe)
@@ -138,9 +142,16 @@ async def run_with_operations(
         observers.append(access_log)
     proxy = Proxy(config, observers=tuple(observers), launch_config=launch_config)
     services: list[Service] = []
-    if metrics is not None and config.admin is not None:
+    if metrics is not None:
         metrics.bind(proxy)
+    if metrics is not None and config.admin is not None:
         services.append(AdminServer(proxy, metrics, config.admin.listen).serve)
+    if metrics is not None and supervisor_link is not None:
+        from .metrics_group import report
+        from .workers import answer_supervisor
+
+        reports = {"metrics": partial(report, metrics.registry)}
+        services.append(partial(answer_supervisor, supervisor_link, reports))
     try:
         await run_proxy(proxy, services=services, config_path=config_path, watch=watch)
     finally:

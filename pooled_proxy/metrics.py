@@ -10,9 +10,14 @@ Two sources, so that serving traffic costs nothing beyond one observer call per 
   lock per value they touch, which cost the proxy several microseconds per exchange.
 - **At scrape time** (:class:`ProxyCollector`): gauges and pool counters read from
   ``UpstreamPool.statistics()`` snapshots and the proxy's live counters, so the pools keep
-  plain integers and nothing is pushed to Prometheus objects on the hot path.
+  plain integers and nothing is pushed to Prometheus objects on the hot path; the build and
+  config-reload gauges; and prometheus_client's process, platform and GC collectors
+  (``process_*``, ``python_*``).
 
-All names start with ``pooled_proxy_``; README.md lists them.
+All names of the proxy's own start with ``pooled_proxy_``; README.md lists them. With
+``workers > 1`` the supervisor sums the workers' registries (metrics_group.py):
+:data:`PER_WORKER_GAUGES` and :data:`MIN_GAUGES` say how the gauges that are not summed
+combine.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import prometheus_client.metrics
 import trio
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -38,6 +48,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from . import __version__
 from .exchange import ExchangeRecord
 
 if TYPE_CHECKING:
@@ -57,6 +68,18 @@ CLOSE_REASONS = (
     "upgraded",  # it carried a WebSocket tunnel (101), which ended
 )
 PROTOCOLS = ("http/1.1", "h2")
+
+# How the supervisor combines gauges of several workers; the others are summed (connections,
+# exchanges, queue lengths add up). These are states of one process, kept one series per
+# worker with a ``worker`` label (as are the process_* and python_* series):
+PER_WORKER_GAUGES = frozenset({"pooled_proxy_draining", "pooled_proxy_upstream_server_healthy"})
+# and these hold for the group only if they hold for every process: a reload failed if it
+# failed anywhere, the group runs a config loaded no earlier than its oldest load.
+MIN_GAUGES = frozenset({
+    "pooled_proxy_build_info",
+    "pooled_proxy_config_last_reload_success",
+    "pooled_proxy_config_last_reload_success_timestamp_seconds",
+})  # fmt: skip
 
 # Whole exchanges: from a millisecond on a warm local upstream to a slow report.
 DURATION_BUCKETS = (
@@ -151,6 +174,44 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if status else "none"
 
 
+class ReloadState(Protocol):
+    """What the reload gauges read: the proxy's, or the supervisor's with workers."""
+
+    @property
+    def last_reload_ok(self) -> bool: ...
+
+    @property
+    def config_loaded_at(self) -> float: ...
+
+
+def runtime_families(state: ReloadState) -> list[Metric]:
+    """``pooled_proxy_build_info`` and the config reload gauges of ``state``."""
+    build = GaugeMetricFamily(
+        "pooled_proxy_build_info", "Always 1; the version of pooled-proxy running.",
+        labels=["version"],
+    )  # fmt: skip
+    build.add_metric([__version__], 1)
+    return [
+        build,
+        GaugeMetricFamily(
+            "pooled_proxy_config_last_reload_success",
+            "1 if the last config reload (SIGHUP, --watch) succeeded or none was tried, else 0.",
+            value=1 if state.last_reload_ok else 0,
+        ),
+        GaugeMetricFamily(
+            "pooled_proxy_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load (the start counts as one).",
+            value=state.config_loaded_at,
+        ),
+    ]
+
+
+def register_process_collectors(registry: CollectorRegistry) -> None:
+    """prometheus_client's default collectors (process_*, python_*), in ``registry``."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+
+
 class ProxyMetrics:
     """The metrics of one proxy: call :meth:`observe` with each finished exchange, and
     :meth:`bind` the proxy once it exists so the scrape-time gauges can read it."""
@@ -210,6 +271,7 @@ class ProxyMetrics:
             self._requests, self._duration, self._ttfb, self._connect, self._header,
             self._bytes_in, self._bytes_out, self._errors, self._retries, self._event_streams,
         )))  # fmt: skip
+        register_process_collectors(self.registry)
         self.collector: ProxyCollector | None = None
 
     def bind(self, proxy: Proxy) -> None:
@@ -253,6 +315,10 @@ class ProxyMetrics:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
+    async def scrape(self, accept: str = "") -> tuple[bytes, str]:
+        """:meth:`exposition`, as the admin server asks for it."""
+        return self.exposition(accept)
+
 
 class ProxyCollector(Collector):
     """Gauges and pool counters, read from the running proxy when Prometheus scrapes."""
@@ -289,6 +355,7 @@ class ProxyCollector(Collector):
             "pooled_proxy_draining", "1 while the proxy drains (readyz answers 503).",
             value=1 if proxy.draining else 0,
         )  # fmt: skip
+        yield from runtime_families(proxy)
 
         labels = ["upstream", "server"]
         connections = GaugeMetricFamily(

@@ -18,6 +18,10 @@ signals on, so each worker sees each signal once.
   ``drain_timeout`` + 5 s (or 1 s after a second signal) are killed;
 - SIGHUP (or a change of the file with ``--watch``): the supervisor checks the file; a bad
   one is logged and nothing changes, a good one is passed on as SIGHUP to every worker.
+
+With ``[admin]``, the supervisor serves the admin listener for the whole group: ``/metrics``
+asks every worker for its registry over a socket pair of its own (a :class:`WorkerLink`; the
+worker end is inherited as ``report_fd``) and sums them (metrics_group.py).
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import trio
 
+from .admin import AdminServer
 from .config import Config, ServerAddress, parse_address, parse_config
 from .errors import ConfigError
+from .metrics_group import GroupMetrics, Report
 from .reload import log_problems, read_config, watch_file
 from .runtime import tune_gc_for_serving
 
@@ -50,6 +57,10 @@ STABLE_AFTER = 10.0  # a worker that lived this long resets the restart backoff
 KILL_MARGIN = 5.0  # after drain_timeout, workers still alive are killed
 STOP_GRACE = 1.0  # after a second signal, workers still alive are killed
 EXIT_OK, EXIT_RUNTIME = 0, 1
+# A worker that does not answer a metrics request in this long is reported with its last
+# answer: a busy worker must not leave a hole in the group's counters (a false reset).
+REPORT_TIMEOUT = 2.0
+MAX_REPORT_HEADER = 64
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class WorkerSpec:
     config_path: str
     listen: list[str]  # the supervisor's reserved addresses, port 0 resolved
     tls_listen: list[str]
+    report_fd: int = -1  # the worker's end of its WorkerLink, if the supervisor has [admin]
 
 
 def _reserve(address: ServerAddress) -> socket.socket:
@@ -89,6 +101,91 @@ def _describe(code: int) -> str:
     return f"exit code {code}"
 
 
+class _LinkClosed(Exception):
+    pass
+
+
+async def _read_exactly(stream: trio.SocketStream, buffer: bytearray, size: int) -> bytes:
+    while len(buffer) < size:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise _LinkClosed
+        buffer += data
+    out = bytes(buffer[:size])
+    del buffer[:size]
+    return out
+
+
+async def _read_line(stream: trio.SocketStream, buffer: bytearray) -> bytes:
+    while (end := buffer.find(b"\n")) < 0:
+        if len(buffer) > MAX_REPORT_HEADER:
+            raise _LinkClosed
+        data = await stream.receive_some(65536)
+        if not data:
+            raise _LinkClosed
+        buffer += data
+    return await _read_exactly(stream, buffer, end + 1)
+
+
+class WorkerLink:
+    """The supervisor's end of a socket pair with one worker: ``SEQ NAME\n`` asks for a
+    report, ``SEQ LENGTH\n`` and the report's bytes answer. Answers that come after their
+    request timed out carry an old SEQ and are skipped."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._buffer = bytearray()
+        self._seq = 0
+        self._lock = trio.Lock()
+        self.closed = False
+        self.last_report: Report | None = None  # its last metrics, kept if it dies
+
+    async def ask(self, name: str) -> bytes | None:
+        """The worker's report ``name``; None if it did not answer within REPORT_TIMEOUT."""
+        async with self._lock:
+            self._seq += 1
+            with trio.move_on_after(REPORT_TIMEOUT):
+                try:
+                    await self._stream.send_all(b"%d %s\n" % (self._seq, name.encode()))
+                    while True:
+                        seq, length = map(
+                            int, (await _read_line(self._stream, self._buffer)).split()
+                        )
+                        data = await _read_exactly(self._stream, self._buffer, length)
+                        if seq == self._seq:
+                            return data
+                except (_LinkClosed, ValueError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        OSError):  # fmt: skip
+                    await self.aclose()
+            return None
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._stream.aclose()
+
+
+async def answer_supervisor(
+    sock: socket.socket,
+    reports: Mapping[str, Callable[[], bytes]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The worker's end of its :class:`WorkerLink`: answer each request with the report of
+    that name (empty if there is none) until the supervisor closes it."""
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    buffer = bytearray()
+    task_status.started()
+    async with stream:
+        try:
+            while True:
+                seq, name = (await _read_line(stream, buffer)).split()
+                make = reports.get(name.decode("ascii", "replace"))
+                data = make() if make is not None else b""
+                await stream.send_all(b"%s %d\n" % (seq, len(data)) + data)
+        except (_LinkClosed, ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
 class Supervisor:
     def __init__(self, config: Config, path: str, text: str, *, watch: bool) -> None:
         self.config = config
@@ -102,6 +199,15 @@ class Supervisor:
         self._reload_lock = trio.Lock()
         self._listen: list[str] = []
         self._tls_listen: list[str] = []
+        # For the reload gauges, as a proxy keeps them: the supervisor's check decides.
+        self.last_reload_ok = True
+        self.config_loaded_at = time.time()
+        self.links: dict[int, WorkerLink] = {}  # by worker index, with [admin] only
+        self.metrics = GroupMetrics(self) if config.admin is not None else None
+
+    @property
+    def draining(self) -> bool:
+        return self.stopping
 
     # -- ports --------------------------------------------------------------------------------
 
@@ -127,14 +233,27 @@ class Supervisor:
     # -- workers ------------------------------------------------------------------------------
 
     async def _spawn(self, index: int) -> trio.Process:
-        spec = WorkerSpec(index, self.path, self._listen, self._tls_listen)
+        ours, theirs = socket.socketpair() if self.metrics is not None else (None, None)
+        report_fd = theirs.fileno() if theirs is not None else -1
+        spec = WorkerSpec(index, self.path, self._listen, self._tls_listen, report_fd)
         env = {**os.environ, WORKER_ENV: json.dumps(asdict(spec))}
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "pooled_proxy.workers"],
-            stdin=subprocess.PIPE,
-            env=env,
-            process_group=0,  # its own group: terminal signals reach the supervisor only
-        )
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "pooled_proxy.workers"],
+                stdin=subprocess.PIPE,
+                env=env,
+                process_group=0,  # its own group: terminal signals reach the supervisor only
+                pass_fds=(report_fd,) if theirs is not None else (),
+            )
+        except BaseException:
+            if ours is not None:
+                ours.close()
+            raise
+        finally:
+            if theirs is not None:
+                theirs.close()
+        if ours is not None:
+            self.links[index] = WorkerLink(ours)
         data = self.text.encode()
         assert process.stdin is not None
         try:
@@ -155,6 +274,7 @@ class Supervisor:
                 process.send_signal(signal.SIGTERM)
             code = await process.wait()
             del self.workers[index]
+            await self._unlink(index)
             if process.stdin is not None:
                 await process.stdin.aclose()
             if self.stopping:
@@ -169,6 +289,38 @@ class Supervisor:
             with trio.move_on_after(backoff):
                 await self._stop_requested.wait()
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    async def _unlink(self, index: int) -> None:
+        link = self.links.pop(index, None)
+        if link is None:
+            return
+        if link.last_report is not None and self.metrics is not None:
+            self.metrics.retire(link.last_report)
+        await link.aclose()
+
+    # -- the admin listener -------------------------------------------------------------------
+
+    async def _report(self, index: int, link: WorkerLink, into: dict[int, Report]) -> None:
+        data = await link.ask("metrics")
+        if data is not None:
+            try:
+                link.last_report = json.loads(data)
+            except ValueError:
+                LOG.warning("worker %d sent a metrics report that is not JSON", index)
+        if link.last_report is not None:
+            into[index] = link.last_report
+
+    async def scrape(self, accept: str) -> tuple[bytes, str]:
+        """``/metrics`` for the group: every worker's report, asked for now, merged."""
+        assert self.metrics is not None
+        reports: dict[int, Report] = {}
+        async with trio.open_nursery() as nursery:
+            for index, link in list(self.links.items()):
+                nursery.start_soon(self._report, index, link, reports)
+        # A worker that exited meanwhile is already counted among the retired.
+        live = [(str(i), reports[i]) for i in sorted(reports) if self.links.get(i) is not None
+                and not self.links[i].closed]  # fmt: skip
+        return self.metrics.exposition(live, accept)
 
     def _broadcast(self, signum: int) -> None:
         for process in list(self.workers.values()):
@@ -198,11 +350,15 @@ class Supervisor:
                 config, text, _ = await trio.to_thread.run_sync(read_config, self.path)
             except ConfigError as exc:
                 log_problems(exc, self.path)
+                self.last_reload_ok = False
                 return
             except (OSError, UnicodeDecodeError) as exc:
                 LOG.error("reload failed: cannot read %s: %s; keeping the running config",
                           self.path, exc)  # fmt: skip
+                self.last_reload_ok = False
                 return
+            self.last_reload_ok = True
+            self.config_loaded_at = time.time()
             if config.server.workers != self.config.server.workers:
                 LOG.warning("server.workers changed in %s: it takes effect after a restart",
                             self.path)  # fmt: skip
@@ -234,6 +390,13 @@ class Supervisor:
                  ", ".join(f"http://{a}" for a in self._listen))  # fmt: skip
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                if self.config.admin is not None and self.metrics is not None:
+                    admin = AdminServer(self, self, self.config.admin.listen)
+                    try:
+                        await nursery.start(admin.serve)
+                    except OSError as exc:
+                        LOG.error("admin: %s", exc)
+                        return EXIT_RUNTIME
                 nursery.start_soon(self._watch_signals, signals, nursery)
                 if self.watch:
                     nursery.start_soon(watch_file, self.path, partial(self._reload, "file changed"))
@@ -278,25 +441,27 @@ async def _drain_when_orphaned() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def _serve_worker(config: Config, launch: Config, path: str) -> None:
+async def _serve_worker(config: Config, launch: Config, path: str, report_fd: int) -> None:
     from .cli import run_with_operations
 
+    link = socket.socket(fileno=report_fd) if report_fd >= 0 else None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drain_when_orphaned)
-        await run_with_operations(config, config_path=path, launch_config=launch)
+        await run_with_operations(
+            config, config_path=path, launch_config=launch, supervisor_link=link
+        )
         nursery.cancel_scope.cancel()
 
 
 def worker_config(spec: WorkerSpec, text: str) -> tuple[Config, Config]:
     """(what this worker runs, what the file said): listen addresses pinned to the
-    supervisor's ports; the admin listener only in worker 0 (one port, one answerer)."""
+    supervisor's ports; no admin listener (the supervisor serves it for the group)."""
     launch = parse_config(text, spec.config_path, base_dir=Path(spec.config_path).parent)
     server = replace(launch.server, listen=tuple(parse_address(a) for a in spec.listen))
     if server.tls is not None:
         tls_listen = tuple(parse_address(a) for a in spec.tls_listen)
         server = replace(server, tls=replace(server.tls, listen=tls_listen))
-    admin = launch.admin if spec.index == 0 else None
-    return replace(launch, server=server, admin=admin), launch
+    return replace(launch, server=server, admin=None), launch
 
 
 def worker_main() -> int:
@@ -309,7 +474,7 @@ def worker_main() -> int:
     configure_logging(config.log.level, tag=f"[worker {spec.index} pid {os.getpid()}]")
     tune_gc_for_serving()
     try:
-        trio.run(_serve_worker, config, launch, spec.config_path)
+        trio.run(_serve_worker, config, launch, spec.config_path, spec.report_fd)
     except OSError as exc:
         LOG.error("%s", exc)
         return EXIT_RUNTIME

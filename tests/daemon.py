@@ -40,12 +40,15 @@ class DaemonConfig:
     drain_timeout: str = "3s"
     workers: int = 1
     server: dict[str, Any] = field(default_factory=dict)  # more [server] keys
+    admin: str | None = None  # [admin] listen
 
     def to_toml(self) -> str:
         server = {"listen": [f"{HOST}:0"], "workers": self.workers,
                   "drain_timeout": self.drain_timeout, **self.server}  # fmt: skip
         lines = ["[server]", *(f"{k} = {_toml(v)}" for k, v in server.items())]
         lines += ["", "[log]", 'access = "off"', 'level = "info"']
+        if self.admin is not None:
+            lines += ["", "[admin]", f"listen = {_toml(self.admin)}"]
         for name, port in self.upstreams.items():
             lines += ["", f"[upstreams.{name}]", f'servers = ["{HOST}:{port}"]']
         for route in self.routes:
@@ -133,7 +136,7 @@ async def running_daemon(
     daemon = Daemon(process, path)
     try:
         nursery.start_soon(daemon.read_stderr)
-        pattern = r"listening on http://127\.0\.0\.1:(\d+)"
+        pattern = r"lifecycle[^:]*: listening on http://127\.0\.0\.1:(\d+)"
         with trio.fail_after(STARTUP_TIMEOUT):
             await daemon.wait_for_count(pattern, config.workers)
         daemon.port = int(daemon.matches(pattern)[0][1])

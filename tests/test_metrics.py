@@ -11,7 +11,14 @@ import prometheus_client
 import trio
 import trio.testing
 
-from pooled_proxy.config import Config, RouteConfig, ServerAddress, ServerConfig, UpstreamConfig
+from pooled_proxy.config import (
+    Config,
+    RouteConfig,
+    ServerAddress,
+    ServerConfig,
+    UpstreamConfig,
+    parse_config,
+)
 from pooled_proxy.metrics import ProxyMetrics
 from tests.helpers import HOST, H11Client, make_config
 from tests.operations import Scrape, start_operated_proxy
@@ -292,3 +299,33 @@ async def test_openmetrics_is_served_when_asked_for(nursery, demo_upstream):
             )
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+async def test_process_build_and_reload_metrics(nursery, demo_upstream, tmp_path):
+    from pooled_proxy import __version__
+    from pooled_proxy.reload import Reloader
+    from tests.daemon import DaemonConfig
+
+    _, port = demo_upstream
+    path = tmp_path / "proxy.toml"
+    path.write_text(DaemonConfig(upstreams={"app": port}).to_toml())
+    proxy = await start_operated_proxy(nursery, parse_config(path.read_text(), str(path)))
+    reloader = Reloader(proxy.running.proxy, str(path))
+    with trio.fail_after(5):
+        started = await proxy.scrape()
+        path.write_text(path.read_text().replace("[upstreams.app]", "[upstreams.app]\nbad = 1"))
+        assert not await reloader.reload("test")
+        failed = await proxy.scrape()
+        path.write_text(path.read_text().replace("bad = 1\n", ""))
+        assert await reloader.reload("test")
+        fixed = await proxy.scrape()
+    assert started.value("process_cpu_seconds_total") > 0
+    assert started.value("process_resident_memory_bytes") > 0
+    assert started.has("python_gc_collections_total")
+    assert started.value("pooled_proxy_build_info", version=__version__) == 1
+    assert started.value("pooled_proxy_config_last_reload_success") == 1
+    loaded = started.value("pooled_proxy_config_last_reload_success_timestamp_seconds")
+    assert failed.value("pooled_proxy_config_last_reload_success") == 0
+    assert failed.value("pooled_proxy_config_last_reload_success_timestamp_seconds") == loaded
+    assert fixed.value("pooled_proxy_config_last_reload_success") == 1
+    assert fixed.value("pooled_proxy_config_last_reload_success_timestamp_seconds") > loaded

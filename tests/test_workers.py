@@ -9,14 +9,21 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import h11
+import httpx
 import pytest
 import trio
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
+from pooled_proxy import __version__
 from pooled_proxy.demo import DemoUpstream
 from tests.daemon import Daemon, DaemonConfig, running_daemon
-from tests.helpers import H11Client
+from tests.helpers import HOST, H11Client
+from tests.operations import Scrape
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
@@ -178,3 +185,67 @@ async def test_reload_reaches_every_worker_restarts_use_the_last_good_config_and
     assert len(daemon.matches(r"reload failed: .* has 1 problem")) == 1
     assert not daemon.matches(r"\]: reload failed")
     assert len(daemon.matches(r"pid \d+\]: drain complete after")) == 2
+
+
+async def scrape(port: int) -> Scrape:
+    """The group's /metrics, in both formats: parsed as Prometheus text, and checked to
+    parse as OpenMetrics with the same request count."""
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://{HOST}:{port}/metrics")
+        openmetrics = await client.get(
+            f"http://{HOST}:{port}/metrics",
+            headers={"accept": "application/openmetrics-text; version=1.0.0"},
+        )
+    assert response.status_code == 200 and openmetrics.status_code == 200
+    scraped = Scrape.parse(response.text)
+    families = {f.name: f for f in openmetrics_families(openmetrics.text)}
+    counted = sum(s.value for s in families["pooled_proxy_requests"].samples
+                  if s.name == "pooled_proxy_requests_total")  # fmt: skip
+    assert counted == scraped.value("pooled_proxy_requests_total")
+    return scraped
+
+
+async def test_metrics_are_the_sum_of_every_worker_and_survive_a_worker_restart(
+    nursery, demo_upstream, tmp_path
+):
+    _, upstream_port = demo_upstream
+    config = DaemonConfig(upstreams={"app": upstream_port}, workers=2, admin=f"{HOST}:0")
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(20):
+            admin = int((await daemon.wait_for_line(r"admin listening on http://[\d.]+:(\d+)"))[1])
+            pids = daemon.worker_pids
+            # 20 requests on 20 connections: the kernel spreads them over both workers.
+            assert await pids_serving(daemon, pids, "/echo", 20) == pids
+            first = await scrape(admin)
+            assert first.value("pooled_proxy_requests_total", status_class="2xx") == 20
+            assert first.value("pooled_proxy_request_duration_seconds_count") == 20
+            assert first.value("pooled_proxy_upstream_connections_opened_total") >= 2
+            # Per process: each worker and the supervisor.
+            for worker in ("0", "1", "supervisor"):
+                assert first.value("process_resident_memory_bytes", worker=worker) > 0
+            assert first.value("pooled_proxy_draining", worker="1") == 0
+            assert first.value("pooled_proxy_build_info", version=__version__) == 1
+            assert first.value("pooled_proxy_config_last_reload_success") == 1
+            loaded = first.value("pooled_proxy_config_last_reload_success_timestamp_seconds")
+            assert abs(loaded - time.time()) < 60
+
+            # A worker dies: its counts stay in the sum while its successor starts from 0.
+            victim = min(pids)
+            mark = len(daemon.lines)
+            os.kill(victim, signal.SIGKILL)
+            started = await daemon.wait_for_line(r"worker \d+ started: pid (\d+)", after=mark)
+            await daemon.wait_for_line(rf"pid {started[1]}\]: listening on", after=mark)
+            assert await pids_serving(daemon, pids - {victim} | {int(started[1])}, "/echo", 2)
+            second = await scrape(admin)
+            assert second.value("pooled_proxy_requests_total") == 22
+
+            # A bad file on SIGHUP: the group reports the failed reload.
+            daemon.config_path.write_text(config.to_toml().replace("[admin]", "[admni]"))
+            mark = len(daemon.lines)
+            daemon.send_signal(signal.SIGHUP)
+            await daemon.wait_for_line("reload failed", after=mark)
+            third = await scrape(admin)
+            assert third.value("pooled_proxy_config_last_reload_success") == 0
+            assert third.value("pooled_proxy_requests_total") == 22
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
