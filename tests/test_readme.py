@@ -109,7 +109,10 @@ def test_every_pip_extra_the_readme_names_exists():
 def test_every_config_example_in_the_readme_loads(tmp_path: Path):
     # The examples name their TLS files relative to the config; the demo pair stands in.
     demo_tls = ROOT / "config" / "tls"
-    for cert, key in (("cert.pem", "key.pem"), ("tls/fullchain.pem", "tls/privkey.pem")):
+    pairs = (("cert.pem", "key.pem"), ("tls/fullchain.pem", "tls/privkey.pem"))
+    # A self-signed certificate loads as a CA bundle too.
+    shutil.copy(demo_tls / "demo-cert.pem", tmp_path / "internal-ca.pem")
+    for cert, key in (*pairs, ("client.pem", "client.key")):
         (tmp_path / cert).parent.mkdir(exist_ok=True)
         shutil.copy(demo_tls / "demo-cert.pem", tmp_path / cert)
         shutil.copy(demo_tls / "demo-key.pem", tmp_path / key)
