@@ -43,7 +43,8 @@ from .errors import (
     UpstreamTlsError,
 )
 from .headers import Headers, connection_tokens, keep_alive_timeout
-from .protocol.h1_checks import TOKEN_CHAR, ResponseChecker, Violation
+from .protocol.abnf import TOKEN_CHAR
+from .protocol.h1_checks import ResponseChecker, Violation
 
 MAX_RECEIVE = 64 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024

@@ -486,9 +486,10 @@ async def test_max_requests_per_connection_ends_h2_with_goaway(nursery, demo_ups
     assert client.goaway is not None and client.goaway.last_stream_id == 3
 
 
-async def test_a_path_an_http1_upstream_cannot_take_is_a_502_not_a_crash(nursery, demo_upstream):
+async def test_a_path_an_http1_upstream_cannot_take_is_a_400_not_a_crash(nursery, demo_upstream):
     # HTTP/2 lets any octets through in :path; h11 refuses to write non-ASCII ones upstream,
-    # and the warning logged for that answer must not trip over the bytes either.
+    # so the request validation refuses them first (the client's mistake, not the upstream's),
+    # and the answer's details must not trip over the bytes either.
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(5):
@@ -508,7 +509,7 @@ async def test_a_path_an_http1_upstream_cannot_take_is_a_502_not_a_crash(nursery
             await client.flush()
             bad = await client.response(stream_id)
             good = await client.get("/status/200")
-    assert bad.status == 502 and good.status == 200
+    assert bad.status == 400 and good.status == 200
 
 
 async def test_a_small_body_goes_up_whole_with_a_length_and_a_slow_one_streams(nursery):

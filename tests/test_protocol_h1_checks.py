@@ -63,6 +63,17 @@ BAD_REQUESTS = [
     ("control_char_in_value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x01c\r\n\r\n", 400),
     ("no_colon", b"GET / HTTP/1.1\r\nHost: a\r\nJustAName\r\n\r\n", 400),
     ("two_hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (
+        "connection_names_cl",
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close, Content-Length\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        ),
+        400,
+    ),
+    ("connection_names_host", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: HOST\r\n\r\n", 400),
+    ("method_not_token", b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("obs_text_in_target", b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     ("te_in_http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (
         "two_te",

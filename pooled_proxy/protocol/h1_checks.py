@@ -17,6 +17,13 @@ its colon, at most one ``Content-Length`` (plain digits) and one ``Transfer-Enco
 chunk sizes of at most 16 hex digits with CRLF exactly where it belongs. Because it tracks
 message boundaries on its own, any bytes it accepts are framed by h11 the same way.
 
+A request's method must be a token and its target visible ASCII, and its ``Connection`` may
+not name ``Content-Length``, ``Transfer-Encoding`` or ``Host``: those frame the request, and
+stripping them as hop-by-hop would forward it framed otherwise. With this the method, the
+target's bytes and every field of a request head it accepts also pass the request validation
+both front ends share (request_checks.py, the same grammar from abnf.py), which then does not
+look at them again.
+
 Sans-IO: bytes in, a :class:`Violation` out (with the status a client should get); no trio.
 """
 
@@ -25,28 +32,27 @@ from __future__ import annotations
 import re
 from enum import Enum, auto
 
+from .abnf import FIELD_CHAR, FIELD_VALUE, TARGET_CHAR, TOKEN
+
 __all__ = ["RequestChecker", "ResponseChecker", "Violation", "check_head"]
 
-# RFC 9110 5.6.2 token: the only bytes a field name may have (so no space before the colon).
-TOKEN_CHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
-_TOKEN = re.compile(TOKEN_CHAR + rb"+")
-# A field value after trimming OWS: VCHAR, obs-text, SP and HTAB; no other control bytes.
-_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+# A field name is a token (so no space before the colon).
+_TOKEN = re.compile(TOKEN)
+_FIELD_VALUE = re.compile(FIELD_VALUE)  # after trimming OWS
 # A whole valid field line: the name, then the value without the OWS around it.
-_FIELD = (
-    rb"(" + TOKEN_CHAR + rb"+):[ \t]*"
-    rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?)[ \t]*"
-)
+_FIELD = rb"(" + TOKEN + rb"):[ \t]*(" + FIELD_VALUE + rb")[ \t]*"
 _FIELD_LINE = re.compile(_FIELD)  # one line, in one match
 _FIELD_LINES = re.compile(rb"(?:" + _FIELD + rb"\r\n)*")  # the whole header block at once
-_START_LINE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]+")
+_START_LINE = re.compile(FIELD_CHAR + rb"+")  # no control bytes
+_TARGET = re.compile(TARGET_CHAR + rb"+")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
-_REQUEST_LINE = re.compile(rb"(\S+) (\S+) HTTP/([0-9]\.[0-9])")
+# The method a token, the target visible ASCII: what the request validation and h11 accept.
+_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") (" + TARGET_CHAR + rb"+) HTTP/([0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: .*)?")
 # A chunk line: size (16 hex digits reach 2**64; more is an overflow attempt), an optional
 # extension without control bytes, trailing whitespace as h11 allows it. h11 allows no
 # whitespace before the ";", and neither do we.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\x00-\x08\x0a-\x1f\x7f]*)?[ \t]*")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(;" + FIELD_CHAR + rb"*)?[ \t]*")
 # A lone CR (followed by anything but LF) or a lone LF: never a line end here.
 _BARE_CR_OR_LF = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
 _OWS = b" \t"
@@ -162,7 +168,7 @@ def check_head(
     if request:
         match = _REQUEST_LINE.fullmatch(lines[0])
         if match is None:
-            raise Violation("malformed request line")
+            raise Violation(_request_line_fault(lines[0]))
         head.method, head.target, head.version = match.groups()
     else:
         match = _STATUS_LINE.fullmatch(lines[0])
@@ -190,6 +196,8 @@ def check_head(
             head.chunked = True
         elif name == b"host":
             hosts += 1
+        elif name == b"connection" and request:
+            _check_connection_options(value)
     if head.chunked and head.content_length is not None:
         raise Violation("both Content-Length and Transfer-Encoding")
     if head.chunked and head.version == b"1.0":
@@ -197,6 +205,30 @@ def check_head(
     if request and hosts > 1:
         raise Violation("more than one Host header")  # RFC 9112 3.2
     return head
+
+
+def _request_line_fault(line: bytes) -> str:
+    method, _, rest = line.partition(b" ")
+    target = rest.rpartition(b" ")[0]
+    if not _TOKEN.fullmatch(method):
+        return f"invalid method {method[:40]!r}"
+    if target and not _TARGET.fullmatch(target):
+        return f"invalid request target {target[:40]!r}"
+    return "malformed request line"
+
+
+# Fields that frame a request (its body, or where it goes): a Connection option naming one
+# would have it stripped as hop-by-hop, and the request forwarded with another framing.
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
+def _check_connection_options(value: bytes) -> None:
+    for option in value.split(b","):
+        option = option.strip(_OWS).lower()
+        if option in _FRAMING_FIELDS:
+            raise Violation(
+                f"Connection names {option.decode()}, which frames the request: not hop-by-hop"
+            )
 
 
 class _State(Enum):

@@ -23,6 +23,7 @@ import h2.utilities
 from ..errors import ClientError
 from ..exchange import RequestHead
 from ..headers import Headers, h2_request_to_h1
+from .request_checks import check_request
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -170,10 +171,11 @@ def request_head(
 ) -> RequestHead:
     """The protocol-neutral request head for one HTTP/2 request.
 
-    h2 has already validated the block (pseudo-headers present and first, lower-case names,
-    no connection-specific fields). Here ``:authority`` becomes the authority (``Host`` only
-    when it is missing), cookie crumbs are joined, and ``scheme`` is how the client reached
-    us, not what it claims.
+    h2 has already validated the block as RFC 9113 asks (pseudo-headers present and first,
+    lower-case names, no connection-specific fields). Here ``:authority`` becomes the
+    authority (``Host`` only when it is missing), cookie crumbs are joined, the request goes
+    through the validation HTTP/1.1 requests go through too, and ``scheme`` is how the client
+    reached us, not what it claims.
     """
     pseudo, fields = h2_request_to_h1(header_block)
     if len(fields) > max_header_count:
@@ -199,9 +201,22 @@ def request_head(
         headers.append((name, value))
     if not authority:
         raise ClientError("request has neither :authority nor Host")
+    if end_stream and content_length:
+        # h2 holds a length against the DATA frames, not against END_STREAM on HEADERS; an
+        # upstream would wait for the body it announces (RFC 9113 8.1.1: malformed).
+        raise ClientError(f"Content-Length {content_length} on a request without a body")
+    target = pseudo.get(b":path", b"/")
+    check_request(
+        method,
+        target,
+        authority,
+        scheme=pseudo.get(b":scheme", scheme),
+        version=b"2",
+        fields=headers,
+    )
     return RequestHead(
         method=method,
-        target=pseudo.get(b":path", b"/"),
+        target=target,
         authority=authority,
         scheme=scheme,
         headers=headers,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -38,6 +37,7 @@ from ..errors import (
 from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
 from ..headers import Headers, comma_tokens
 from ..protocol.h1_checks import Head, RequestChecker, Violation
+from ..protocol.request_checks import check_request
 from ..proxy import Proxy
 from ..tunnel import requested_upgrade
 
@@ -50,8 +50,6 @@ REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 # Requests that may take the fast path (the others, CONNECT included, go through h11).
 _FAST_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"POST", b"PUT", b"PATCH"})
-# A target h11 takes: visible ASCII only (the framing checks let obs-text through).
-_FAST_TARGET = re.compile(rb"/[\x21-\x7e]*")
 # Request headers that need h11's handling: a body's framing, a protocol switch, 100-continue.
 _SLOW_FIELDS = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 
@@ -190,7 +188,7 @@ class HTTP1Connection:
             head.version != b"1.1"
             or head.chunked
             or head.method not in _FAST_METHODS
-            or not _FAST_TARGET.fullmatch(head.target)
+            or head.target[:1] != b"/"  # (the framing checks saw that it is visible ASCII)
         ):
             return None
         authority: bytes | None = None
@@ -485,9 +483,18 @@ class HTTP1Connection:
             raise ClientError("both Content-Length and Transfer-Encoding")
         if request.method == b"CONNECT":
             raise ClientError("CONNECT is not supported by a reverse proxy", status=405)
-        target = request.target
-        if not target.startswith(b"/"):
-            target, authority = _origin_form(target, authority)
+        target, scheme = request.target, self.scheme
+        if not target.startswith(b"/") and target != b"*":
+            scheme, target, authority = _origin_form(target)
+        # The framing checks read the method, the target's bytes and the fields already.
+        check_request(
+            request.method,
+            target,
+            authority,
+            scheme=scheme,
+            version=request.http_version,
+            syntax_checked=True,
+        )
         return RequestHead(
             method=request.method,
             target=target,
@@ -537,6 +544,14 @@ class HTTP1Connection:
                 self._fast_chunked = self._fast_done = False
                 record.method, record.target = head.method, head.target
                 record.protocol = b"HTTP/1.1"
+                check_request(
+                    head.method,
+                    head.target,
+                    head.authority,
+                    scheme=self.scheme,
+                    version=b"1.1",
+                    syntax_checked=True,
+                )
             else:
                 head = self._h11_request_head(request, record)
         except ProxyError as exc:
@@ -754,12 +769,11 @@ def _without_connection(headers: Headers) -> tuple[Headers, bytes]:
     return kept, b", ".join(sorted(tokens))
 
 
-def _origin_form(target: bytes, authority: bytes) -> tuple[bytes, bytes]:
-    """absolute-form (``http://host/path``) -> origin-form; the target's host wins (RFC 9112 3.2.2)."""
+def _origin_form(target: bytes) -> tuple[bytes, bytes, bytes]:
+    """absolute-form (``http://host/path``) -> its scheme, origin-form and authority; the
+    target's host wins over Host (RFC 9112 3.2.2). The request validation judges all three."""
     scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
-        if target == b"*":
-            return target, authority
+    if not sep:
         raise ClientError("request target must be origin-form or absolute-form")
     host, slash, path = rest.partition(b"/")
-    return (b"/" + path if slash else b"/"), (host or authority)
+    return scheme, (b"/" + path if slash else b"/"), host
