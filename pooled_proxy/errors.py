@@ -1,13 +1,23 @@
 """The one exception tree of pooled-proxy.
 
-Every error the proxy can answer a client with is a ``ProxyError`` that knows its HTTP status
-and its RFC 9209 ``Proxy-Status`` error type, so the mapping to a response is one total function
-(:func:`status_for`), not a chain of ``except`` clauses spread through the code.
+Every error the proxy can answer a client with is a ``ProxyError`` that knows its HTTP status,
+its RFC 9209 ``Proxy-Status`` error type and whose fault it is (``blame``), so the mapping to a
+response is one function (:func:`pooled_proxy.answers.error_response`), not a chain of
+``except`` clauses spread through the code.
+
+Blame is one of three sides. ``"client"``: the request (or the client's connection) was at
+fault; answered 4xx, never counted against an upstream. ``"upstream"``: the upstream server
+failed (refused or timed-out connect, reset, invalid response, response-header or read
+timeout); only these feed passive health. ``"proxy"``: the proxy's own limits, state or
+failure (a full pool queue, a drain, an internal error).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Blame = Literal["client", "proxy", "upstream"]
 
 
 class ProxyError(Exception):
@@ -16,6 +26,7 @@ class ProxyError(Exception):
     status: int = 502
     proxy_status: str = "proxy_internal_error"
     reason: str = "proxy error"
+    blame: Blame = "proxy"
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.reason)
@@ -49,6 +60,7 @@ class ClientError(ProxyError):
     status = 400
     proxy_status = "http_request_error"
     reason = "bad request"
+    blame = "client"
 
     def __init__(self, detail: str = "", *, status: int | None = None) -> None:
         super().__init__(detail)
@@ -77,12 +89,24 @@ class NoRoute(ProxyError):
     status = 404
     proxy_status = "destination_not_found"
     reason = "no route for this host and path"
+    blame = "client"
+
+
+class ProxyInternalError(ProxyError):
+    """The proxy failed on its own: e.g. it built an upstream request that its HTTP/1.1
+    writer refuses, although the request passed validation. Answered 500, logged as an
+    error, never counted against the upstream server."""
+
+    status = 500
+    proxy_status = "proxy_internal_error"
+    reason = "proxy internal error"
 
 
 class UpstreamError(ProxyError):
-    """Something went wrong between us and the upstream server."""
+    """The upstream server failed: passive health counts it (see forward.py)."""
 
     status = 502
+    blame = "upstream"
 
 
 class UpstreamConnectError(UpstreamError):
@@ -187,3 +211,4 @@ class ClientDisconnected(ProxyError):
     status = 499
     proxy_status = "client_disconnected"
     reason = "client disconnected"
+    blame = "client"

@@ -20,6 +20,7 @@ from .errors import (
     ConnectTimeout,
     NoRoute,
     ProxyError,
+    ProxyInternalError,
     ReadTimeout,
     ResponseHeaderTimeout,
     UpstreamClosed,
@@ -176,8 +177,11 @@ class Forwarder:
         self, sink: ResponseSink, record: ExchangeRecord, exc: ProxyError
     ) -> None:
         record.error = exc.proxy_status
-        if isinstance(exc, UpstreamError):
-            LOG.warning(
+        if isinstance(exc, (UpstreamError, ProxyInternalError)):
+            # A client's mistake is its answer and its access log line; an upstream's failure
+            # and the proxy's own are logged.
+            LOG.log(
+                logging.WARNING if exc.blame == "upstream" else logging.ERROR,
                 "%s %s: %s",
                 record.method.decode("latin-1"),
                 record.target.decode("latin-1"),

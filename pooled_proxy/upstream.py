@@ -35,6 +35,7 @@ from ._h11 import h11
 from .config import ServerAddress
 from .errors import (
     ConnectTimeout,
+    ProxyInternalError,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -320,9 +321,14 @@ class UpstreamConnection:
             if end:
                 data += self._h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
-            self.close()
-            raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
+            raise self._unwritable(exc) from None
         await self._send(data)
+
+    def _unwritable(self, exc: h11.LocalProtocolError) -> ProxyInternalError:
+        """h11 refuses to write what we asked it to. Never the upstream's fault: the request
+        validation (protocol/request_checks.py) should have refused the request first."""
+        self.close()
+        return ProxyInternalError(f"cannot write the request to {self.server}: {exc}")
 
     def _start_fast(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> None:
         self._fast = True
@@ -335,10 +341,17 @@ class UpstreamConnection:
         self._keep_alive = True
 
     async def send_body(self, chunk: bytes) -> None:
-        await self._send(self._h11.send(h11.Data(data=chunk)))
+        try:
+            data = self._h11.send(h11.Data(data=chunk))
+        except h11.LocalProtocolError as exc:
+            raise self._unwritable(exc) from None
+        await self._send(data)
 
     async def end_body(self) -> None:
-        data = self._h11.send(h11.EndOfMessage())
+        try:
+            data = self._h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise self._unwritable(exc) from None
         # After a Content-Length body there is nothing to send, and no checkpoint either: the
         # upload counts as done in the same step as its last byte went out, even when the
         # upstream's whole answer is already back and the exchange is being wound up.
@@ -460,8 +473,7 @@ class UpstreamConnection:
                 self._h11.send(h11.Data(data=body))
             self._h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:  # the fast checks are stricter than h11's
-            self.close()
-            raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
+            raise self._unwritable(exc) from None
         data = b"".join(self._received)
         self._received = []
         if data:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import trio
 
 from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
 from tests.h2client import H2Client, H2Reply
 from tests.helpers import H11Client, make_config, raw_exchange
 from tests.operations import OperatedProxy, start_operated_proxy
@@ -125,3 +126,64 @@ async def test_bad_requests_never_take_servers_out_of_rotation(nursery):
         for name, labels, value in scrape.samples
         if name == "pooled_proxy_error_responses_total" and value and labels["server"]
     ]
+
+
+class _Sink:
+    """A client that keeps the answer it gets (the forwarder's ResponseSink)."""
+
+    def __init__(self) -> None:
+        self.head_sent = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        raise AssertionError("no 1xx expected")
+
+    async def send_head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        body: bytes = b"",
+        end: bool = False,
+    ) -> None:
+        self.head_sent = True
+        self.status, self.headers = status, headers
+
+    async def send_data(self, data: bytes) -> None:
+        pass
+
+    async def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        pass
+
+    async def reset(self) -> None:
+        raise AssertionError("no reset expected")
+
+
+async def test_a_request_the_upstream_writer_refuses_is_the_proxys_fault(nursery):
+    # A request that slipped past validation (built here by hand, as a front end never
+    # would) and that h11 will not write: the proxy's own failure, answered 500, and the
+    # servers it was meant for stay in the rotation.
+    proxy, upstreams = await _two_servers(nursery)
+    forwarder = proxy.running.proxy.forwarder
+    with trio.fail_after(5):
+        for _ in range(4):
+            sink = _Sink()
+            head = RequestHead(
+                method=b"GET",
+                target=b"/echo",
+                authority=b"a",
+                scheme=b"http",
+                headers=[(b"x(y", b"1")],
+                http_version=b"1.1",
+                client_ip=b"127.0.0.1",
+                has_body=False,
+            )
+            record = ExchangeRecord(start=trio.current_time(), wall_start=0.0)
+            await forwarder.forward(Exchange(head=head, body=NO_BODY, sink=sink, record=record))
+            assert sink.status == 500
+            proxy_status = dict(sink.headers)[b"proxy-status"]
+            assert proxy_status.startswith(b"pooled-proxy; error=proxy_internal_error")
+    now = trio.current_time()
+    assert all(health.is_up(now) for health in forwarder.upstreams["app"].health)
+    assert [upstream.stats.requests for upstream in upstreams] == [0, 0]
