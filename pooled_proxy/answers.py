@@ -6,7 +6,7 @@ import math
 from http import HTTPStatus
 
 from .errors import PoolTimeout, ProxyError
-from .headers import Headers
+from .headers import Headers, http_date
 
 PROXY_NAME = b"pooled-proxy"
 
@@ -26,9 +26,10 @@ def error_response(exc: ProxyError, *, retry_after: float = 1.0) -> tuple[int, H
         phrase = "Error"
     body = f"{status} {phrase}: {exc.reason}\n".encode()
     proxy_status = PROXY_NAME + b"; error=" + exc.proxy_status.encode("ascii")
-    if exc.detail and exc.detail != exc.reason:
-        proxy_status += b"; details=" + _sf_string(exc.detail)
+    if exc.client_detail and exc.client_detail != exc.reason:
+        proxy_status += b"; details=" + _sf_string(exc.client_detail)
     headers: Headers = [
+        (b"date", http_date()),
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
         (b"proxy-status", proxy_status),

@@ -27,10 +27,18 @@ class ProxyError(Exception):
     proxy_status: str = "proxy_internal_error"
     reason: str = "proxy error"
     blame: Blame = "proxy"
+    # The detail goes in the answer's Proxy-Status (RFC 9209 ``details``); not when it names
+    # what a client has no business knowing (an upstream's address): the logs have it.
+    public_detail: bool = True
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", *, client_detail: str | None = None) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail or self.reason
+        # What the answer's details say: ``detail``, or where that is not public, only what
+        # the raiser gives here without the address (a TLS verification failure's cause).
+        if client_detail is None:
+            client_detail = self.detail if self.public_detail else ""
+        self.client_detail = client_detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +108,7 @@ class ProxyInternalError(ProxyError):
     status = 500
     proxy_status = "proxy_internal_error"
     reason = "proxy internal error"
+    public_detail = False
 
 
 class UpstreamError(ProxyError):
@@ -107,6 +116,7 @@ class UpstreamError(ProxyError):
 
     status = 502
     blame = "upstream"
+    public_detail = False  # the details name the server's address
 
 
 class UpstreamConnectError(UpstreamError):
@@ -187,6 +197,7 @@ class PoolTimeout(ProxyError):
     status = 503
     proxy_status = "connection_limit_reached"
     reason = "upstream connection pool exhausted"
+    public_detail = False  # the details name the server's address
 
 
 class TooManyConnections(ProxyError):

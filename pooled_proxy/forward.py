@@ -28,7 +28,13 @@ from .errors import (
     UpstreamError,
 )
 from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, ResponseSink
-from .headers import Headers, client_response_headers, is_event_stream, upstream_request_headers
+from .headers import (
+    Headers,
+    client_response_headers,
+    http_date,
+    is_event_stream,
+    upstream_request_headers,
+)
 from .pool import Connector, UpstreamPool
 from .routing import Router, rewrite_target
 from .tunnel import (
@@ -179,7 +185,7 @@ class Forwarder:
         record.error = exc.proxy_status
         if isinstance(exc, (UpstreamError, ProxyInternalError)):
             # A client's mistake is its answer and its access log line; an upstream's failure
-            # and the proxy's own are logged.
+            # (with its address, which the answer leaves out) and the proxy's own are logged.
             LOG.log(
                 logging.WARNING if exc.blame == "upstream" else logging.ERROR,
                 "%s %s: %s",
@@ -420,7 +426,9 @@ class Forwarder:
             sent_at = upload.sent_at  # else the upstream answered before the body was all sent
         if sent_at is not None:
             record.upstream_header_time = now - sent_at
-        response_headers = client_response_headers(response.headers, protocol=b"1.1")
+        response_headers = client_response_headers(
+            response.headers, protocol=b"1.1", date=http_date
+        )
         record.event_stream = is_event_stream(response_headers)
         if record.event_stream:
             self.live.event_streams += 1  # until forward() finishes the exchange

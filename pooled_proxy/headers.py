@@ -1,12 +1,14 @@
-"""Pure header rewriting: hop-by-hop stripping, X-Forwarded-*, Via, and h2 <-> h1 translation.
+"""Header rewriting: hop-by-hop stripping, X-Forwarded-*, Via, Date, and h2 <-> h1 translation.
 
 Headers are ``list[tuple[bytes, bytes]]`` with lower-case names at every boundary. Each
-function makes one pass over the list, because this runs for every request.
+function makes one pass over the list, because this runs for every request. All are pure but
+:data:`http_date`, which reads the clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -83,18 +85,70 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(headers: Headers, *, protocol: bytes) -> Headers:
-    """The headers to send the client for an upstream response; ``protocol`` is the upstream's."""
+_DAY_NAMES = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTH_NAMES = (
+    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
+)  # fmt: skip
+
+
+def format_http_date(second: int) -> bytes:
+    """A Unix time as an HTTP ``Date`` value (RFC 9110 5.6.7 IMF-fixdate). Not with
+    email.utils, which loads the socket module into what protocol/ imports (sans-IO)."""
+    t = time.gmtime(second)
+    return b"%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        _DAY_NAMES[t.tm_wday],
+        t.tm_mday,
+        _MONTH_NAMES[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+class _HttpDate:
+    """The current time as a ``Date`` value, formatted once per second: it goes on responses."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._value = format_http_date(second)
+            self._second = second
+        return self._value
+
+
+http_date = _HttpDate()
+
+
+def client_response_headers(
+    headers: Headers, *, protocol: bytes, date: Callable[[], bytes] | None = None
+) -> Headers:
+    """The headers to send the client for an upstream response; ``protocol`` is the upstream's.
+
+    ``date``: a final response without ``Date`` gets one from it (RFC 9110 6.6.1: a recipient
+    with a clock must add it).
+    """
     drop = _drop_set(headers)
     out: Headers = []
     via = b""
+    dated = False
     for name, value in headers:
         if name in drop:
             continue
         if name == b"via":
             via = via + b", " + value if via else value
         else:
+            if name == b"date":
+                dated = True
             out.append((name, value))
+    if date is not None and not dated:
+        out.append((b"date", date()))
     hop = protocol + b" " + VIA_TOKEN
     out.append((b"via", via + b", " + hop if via else hop))
     return out

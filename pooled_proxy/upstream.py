@@ -124,15 +124,24 @@ async def open_connection(
 def _connect_error(server: ServerAddress, exc: BaseException) -> UpstreamConnectError:
     """A failed connect or TLS handshake, by its RFC 9209 kind."""
     cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    # The answer's details say why TLS failed, not with whom: "IP address mismatch,
+    # certificate is not valid for '10.0.0.7'" goes on the wire as "IP address mismatch".
     if isinstance(cause, ssl.SSLCertVerificationError):
+        why = str(cause.verify_message)
         return UpstreamTlsCertificateError(
-            f"TLS with {server}: certificate rejected: {cause.verify_message}"
+            f"TLS with {server}: certificate rejected: {why}",
+            client_detail=f"certificate rejected: {why.split(',')[0]}",
         )
     if isinstance(cause, ssl.SSLError):
         why = cause.reason or str(cause)
         if "_ALERT_" in why:
-            return UpstreamTlsAlert(f"TLS with {server}: the server sent the alert {why}")
-        return UpstreamTlsError(f"TLS handshake with {server} failed: {why}")
+            return UpstreamTlsAlert(
+                f"TLS with {server}: the server sent the alert {why}",
+                client_detail=f"the server sent the alert {why}",
+            )
+        return UpstreamTlsError(
+            f"TLS handshake with {server} failed: {why}", client_detail=f"handshake failed: {why}"
+        )
     return UpstreamConnectError(f"connect to {server} failed: {cause or exc}")
 
 

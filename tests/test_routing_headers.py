@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pooled_proxy.config import RouteConfig
 from pooled_proxy.headers import (
     client_response_headers,
+    format_http_date,
     h1_response_to_h2,
     h2_request_to_h1,
     keep_alive_timeout,
@@ -82,6 +86,18 @@ def test_response_headers_strip_hop_by_hop_and_append_via():
         protocol=b"1.1",
     )
     assert out == [(b"x", b"1"), (b"via", b"1.1 pooled-proxy")]
+
+
+def test_a_response_without_date_gets_one_from_the_clock_given():
+    out = client_response_headers([(b"x", b"1")], protocol=b"1.1", date=lambda: b"D")
+    assert out == [(b"x", b"1"), (b"date", b"D"), (b"via", b"1.1 pooled-proxy")]
+    dated = [(b"date", b"Sun, 06 Nov 1994 08:49:37 GMT")]
+    assert client_response_headers(dated, protocol=b"1.1", date=lambda: b"D")[:1] == dated
+
+
+def test_http_dates_are_imf_fixdate():
+    for second in (0, 784111777, 951782400, 1700000000, 4102444799, int(time.time())):
+        assert format_http_date(second) == email.utils.formatdate(second, usegmt=True).encode()
 
 
 def test_keep_alive_timeout_parsing():
