@@ -147,15 +147,26 @@ def combined_line(record: ExchangeRecord) -> str:
     )
 
 
+def _open(path: str) -> TextIO:
+    # The log owns the file for its lifetime and closes it in close() or reopen().
+    return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+
 class AccessLog:
     """Writes one line per exchange to ``stream``; call it as an ``ExchangeRecord`` observer."""
 
     def __init__(
-        self, stream: TextIO, log_format: str = "json", *, close_stream: bool = False
+        self,
+        stream: TextIO,
+        log_format: str = "json",
+        *,
+        close_stream: bool = False,
+        path: str | None = None,
     ) -> None:
         self.stream = stream
         self.format = json_line if log_format == "json" else combined_line
         self._close_stream = close_stream
+        self.path = path  # the file, reopened by name on SIGUSR1; None for stdout
         self.lines_written = 0
         self.lines_dropped = 0
 
@@ -170,9 +181,25 @@ class AccessLog:
             return None
         if config.access == "stdout":
             return cls(sys.stdout, config.format)
-        # The log owns the file for its lifetime and closes it in close().
-        stream = open(config.access, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        return cls(stream, config.format, close_stream=True)
+        return cls(_open(config.access), config.format, close_stream=True, path=config.access)
+
+    def reopen(self) -> None:
+        """Open the file by its name again (logrotate moved the old one away; SIGUSR1) and
+        write the following lines there. Nothing is lost: every line already went through
+        to the old file, and the swap happens between two lines. If the new file cannot be
+        opened, lines keep going to the old one."""
+        if self.path is None:
+            LOG.info("access log goes to stdout: nothing to reopen")
+            return
+        try:
+            stream = _open(self.path)
+        except OSError as exc:
+            LOG.error("cannot reopen the access log %s: %s; still writing to the old file",
+                      self.path, exc)  # fmt: skip
+            return
+        old, self.stream = self.stream, stream
+        old.close()
+        LOG.info("access log reopened: %s", self.path)
 
     def __call__(self, record: ExchangeRecord) -> None:
         try:

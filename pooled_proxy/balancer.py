@@ -57,6 +57,7 @@ class UpstreamGroup:
         given)."""
         self.name = config.name
         self.config = config
+        self.host_header = config.host_header.encode() if config.host_header else None
         if ssl_context is None and config.tls:
             ssl_context = upstream_ssl_context(config)
         self.pools = [

@@ -1,4 +1,4 @@
-"""The ``pooled-proxy`` command: run, check, dev, demo.
+"""The ``pooled-proxy`` command: run, check, dev, demo, healthcheck.
 
 Exit codes: 0 clean (a completed drain included), 2 bad config or usage, 1 runtime failure.
 """
@@ -22,16 +22,43 @@ from .admin import AdminServer
 from .config import Config, dev_config, load_config, parse_address
 from .errors import ConfigError
 from .forward import ExchangeObserver
+from .healthcheck import check as check_health
 from .lifecycle import Service
 from .lifecycle import run as run_proxy
 from .metrics import ProxyMetrics
 from .proxy import Proxy
 from .runtime import tune_gc_for_serving
+from .sdnotify import Notifier
 from .tls_contexts import load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+_CONFIG_HELP = "config file (default: $POOLED_PROXY_CONFIG)"
+
+
+def _subcommand(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _config_arguments(command: argparse.ArgumentParser) -> None:
+    """``-c FILE``, or ``FILE`` alone, or ``$POOLED_PROXY_CONFIG``."""
+    command.add_argument("file", nargs="?", metavar="FILE", help="config file (same as -c FILE)")
+    command.add_argument("-c", "--config", help=_CONFIG_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,33 +69,90 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pooled-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the proxy from a TOML config file")
-    run.add_argument(
-        "-c",
-        "--config",
-        default=os.environ.get("POOLED_PROXY_CONFIG"),
-        help="config file (default: $POOLED_PROXY_CONFIG)",
-    )
+    run = _subcommand(
+        commands, "run", "run the proxy from a TOML config file",
+        "Run the proxy from a TOML config file, checked as `check` does before anything\n"
+        "listens. SIGTERM/SIGINT drain (a second one stops at once), SIGHUP reloads the\n"
+        "file, SIGUSR1 reopens the access log file.",
+        "  pooled-proxy run -c /etc/pooled-proxy/pooled-proxy.toml\n"
+        "  pooled-proxy run --watch config/dev.toml     # reload on every save",
+    )  # fmt: skip
+    _config_arguments(run)
     run.add_argument(
         "--watch",
         action="store_true",
         help="reload the config whenever the file changes (as SIGHUP does)",
     )
 
-    check = commands.add_parser("check", help="validate a config file and exit")
-    check.add_argument(
-        "-c",
-        "--config",
-        default=os.environ.get("POOLED_PROXY_CONFIG"),
-        help="config file (default: $POOLED_PROXY_CONFIG)",
+    check = _subcommand(
+        commands, "check", "validate a config file and exit",
+        "Validate a config file without listening: every problem at once, as FILE:LINE:\n"
+        "key: message (exit 2), or a one-line summary (exit 0). `run` refuses the same\n"
+        "problems before it listens.",
+        "  pooled-proxy check config/production.toml\n"
+        "  pooled-proxy check -c /etc/pooled-proxy/pooled-proxy.toml",
+    )  # fmt: skip
+    _config_arguments(check)
+
+    dev = _subcommand(
+        commands, "dev", "a local dev proxy in front of your app, no config file",
+        "A local proxy in front of the app(s) you develop, with config/dev.toml's settings:\n"
+        "loopback only, combined access log, no read timeout (debuggers, SSE), and a 2s\n"
+        "drain so that Ctrl-C does not keep you waiting. UPSTREAM is a URL, host:port, or a\n"
+        "local port (:3000 or 3000, meaning localhost:3000).",
+        "  pooled-proxy dev 3000\n"
+        "  pooled-proxy dev :3000 --listen 8000\n"
+        "  pooled-proxy dev 3000 --route /api=http://127.0.0.1:3001   # two apps\n"
+        "  pooled-proxy dev https://staging.example.com --change-host-header\n"
+        "  pooled-proxy dev 3000 --access-log /tmp/access.log",
+    )  # fmt: skip
+    dev.add_argument("url", nargs="?", metavar="UPSTREAM", help="the app for every path")
+    dev.add_argument("--to", metavar="UPSTREAM", help="the same as UPSTREAM (Caddy's spelling)")
+    dev.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="ADDRESS",
+        help="host:port, or a port alone for 127.0.0.1 (default: 127.0.0.1:8080)",
+    )
+    dev.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="PREFIX=UPSTREAM",
+        help="send paths under PREFIX (kept in the path) to another upstream; repeatable",
+    )
+    dev.add_argument(
+        "--change-host-header",
+        action="store_true",
+        help="send the upstream's own host:port as Host, not the client's (remote apps)",
+    )
+    dev.add_argument(
+        "--access-log",
+        default="stdout",
+        metavar="FILE",
+        help='where the access log goes: a file, "stdout" (default) or "off"',
     )
 
-    dev = commands.add_parser("dev", help="proxy to one upstream URL with defaults, no config file")
-    dev.add_argument("url", help="the upstream, e.g. http://127.0.0.1:3000")
-    dev.add_argument("--listen", default="127.0.0.1:8080", help="address to listen on")
-
-    demo = commands.add_parser("demo", help="the proxy in front of the built-in demo upstream")
+    demo = _subcommand(
+        commands, "demo", "the proxy in front of the built-in demo upstream",
+        "The proxy in front of a built-in demo upstream (a page with a live SSE stream,\n"
+        "/echo, /events, /slow), to see it work without an app of your own.",
+        "  pooled-proxy demo\n"
+        "  pooled-proxy demo --listen 127.0.0.1:9000",
+    )  # fmt: skip
     demo.add_argument("--listen", default="127.0.0.1:8080", help="address to listen on")
+
+    health = _subcommand(
+        commands, "healthcheck", "probe the running proxy its config describes (exit 0/1)",
+        "Probe the proxy that a config file describes, from the same host or container:\n"
+        "GET /readyz on its [admin] listener, or without [admin] a TCP connect to its first\n"
+        "listen address. Prints one line and exits 0 (healthy) or 1 (anything else, a bad\n"
+        "config included), as a Docker HEALTHCHECK expects.",
+        "  pooled-proxy healthcheck -c /etc/pooled-proxy/pooled-proxy.toml\n"
+        "  POOLED_PROXY_CONFIG=/etc/pooled-proxy/pooled-proxy.toml pooled-proxy healthcheck",
+    )  # fmt: skip
+    _config_arguments(health)
+    health.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="default: 2")
     return parser
 
 
@@ -81,16 +165,59 @@ def configure_logging(level: str, *, tag: str = "") -> None:
     )
 
 
-def _load(path: str | None) -> Config:
+def _config_path(args: argparse.Namespace) -> str:
+    """The config file named by FILE, ``-c FILE`` or ``$POOLED_PROXY_CONFIG``."""
+    if args.file and args.config and args.file != args.config:
+        raise SystemExit(f"pooled-proxy: two config files: {args.file} and -c {args.config}")
+    path: str | None = args.file or args.config or os.environ.get("POOLED_PROXY_CONFIG")
     if not path:
         raise SystemExit("pooled-proxy: no config file: pass -c FILE or set $POOLED_PROXY_CONFIG")
+    return path
+
+
+def _load(path: str) -> Config:
+    """Everything that can be checked without binding: ``check`` and ``run`` both call this."""
     config = load_config(path)
     load_tls_contexts(config)  # a TLS file that does not load is a config error, before listening
     return config
 
 
-def _serve(config: Config, path: str | None = None, *, watch: bool = False) -> int:
+def describe(config: Config, mode: str, path: str | None) -> list[str]:
+    """What this process is about to do, line by line, for the log at start."""
+    source = f"config {os.path.abspath(path)}" if path else "no config file"
+    lines = [f"pooled-proxy {__version__} ({mode}, pid {os.getpid()}): {source}"]
+    server = config.server
+    listeners = [f"http://{address}" for address in server.listen]
+    if server.tls is not None:
+        listeners += [f"https://{address}" for address in server.tls.listen]
+    workers = f", {server.workers} workers" if server.workers > 1 else ""
+    lines.append(f"listen: {', '.join(listeners)}{workers}")
+    for route in config.routes:
+        upstream = config.upstreams[route.upstream]
+        servers = ", ".join(
+            f"{'https' if server.tls else 'http'}://{server}" for server in upstream.servers
+        )
+        extra = " (prefix stripped)" if route.strip_prefix and route.path_prefix != "/" else ""
+        host = f" Host: {upstream.host_header}" if upstream.host_header else ""
+        lines.append(
+            f"route {route.host or '*'}{route.path_prefix}{extra} -> upstream {upstream.name}: "
+            f"{servers}{host}"
+        )
+    admin = config.admin
+    lines.append(f"admin: http://{admin.listen}" if admin is not None else "admin: off")
+    log = config.log
+    lines.append(f"access log: {log.access}" + ("" if log.access == "off" else f" ({log.format})"))
+    return lines
+
+
+def _log_start(config: Config, mode: str, path: str | None = None) -> None:
+    for line in describe(config, mode, path):
+        LOG.info("%s", line)
+
+
+def _serve(config: Config, mode: str, path: str | None = None, *, watch: bool = False) -> int:
     configure_logging(config.log.level)
+    _log_start(config, mode, path)
     if path is not None and config.server.workers > 1:
         from .workers import supervise
 
@@ -130,7 +257,8 @@ async def run_with_operations(
     supervisor_link: socket.socket | None = None,
 ) -> None:
     """The proxy with its access log, and metrics plus the admin listener if ``[admin]`` is set;
-    SIGHUP (and with ``watch`` any change of the file) reloads ``config_path``. A worker gets
+    SIGHUP (and with ``watch`` any change of the file) reloads ``config_path``, SIGUSR1 reopens
+    the access log file; systemd hears of it all if ``$NOTIFY_SOCKET`` is set. A worker gets
     ``supervisor_link``: it keeps metrics and answers the supervisor's requests for them."""
     access_log = AccessLog.from_config(config.log)
     keep_metrics = config.admin is not None or supervisor_link is not None
@@ -153,7 +281,14 @@ async def run_with_operations(
         reports = {"metrics": partial(report, metrics.registry)}
         services.append(partial(answer_supervisor, supervisor_link, reports))
     try:
-        await run_proxy(proxy, services=services, config_path=config_path, watch=watch)
+        await run_proxy(
+            proxy,
+            services=services,
+            config_path=config_path,
+            watch=watch,
+            reopen_logs=access_log.reopen if access_log is not None else None,
+            notifier=Notifier.from_environment(),
+        )
     finally:
         if access_log is not None:
             access_log.close()
@@ -166,6 +301,7 @@ async def _demo(listen: str) -> None:
         upstream_port = await nursery.start(DemoUpstream().serve, "127.0.0.1", 0)
         config = dev_config(f"http://127.0.0.1:{upstream_port}", listen)
         config = replace(config, server=replace(config.server, drain_timeout=5.0))
+        _log_start(config, "demo")
         LOG.info(
             "demo upstream on http://127.0.0.1:%d; try http://%s/ , /echo, /events, /slow",
             upstream_port,
@@ -175,19 +311,57 @@ async def _demo(listen: str) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _dev(args: argparse.Namespace) -> int:
+    if args.url is not None and args.to is not None:
+        raise ValueError("give the upstream once: as UPSTREAM or as --to")
+    routes = []
+    for value in args.route:
+        prefix, equals, url = value.partition("=")
+        if not equals or not url:
+            raise ValueError(f'--route "{value}": expected PREFIX=UPSTREAM, e.g. /api=3001')
+        routes.append((prefix, url))
+    config = dev_config(
+        args.url if args.url is not None else args.to,
+        args.listen,
+        routes=routes,
+        change_host_header=args.change_host_header,
+        access=args.access_log,
+    )
+    return _serve(config, "dev")
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 or 1 only: Docker reserves 2, so a config error is unhealthy too."""
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        print(f"unhealthy: bad config: {exc.problems[0]}")
+        return EXIT_RUNTIME
+    except SystemExit as exc:
+        print(f"unhealthy: {exc.code}")
+        return EXIT_RUNTIME
+    health = check_health(config, timeout=args.timeout)
+    print(health.reason)
+    return EXIT_OK if health.healthy else EXIT_RUNTIME
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "healthcheck":
+        return _healthcheck(args)
     try:
         if args.command == "check":
-            config = _load(args.config)
+            path = _config_path(args)
+            config = _load(path)
             print(
-                f"{args.config}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))"
+                f"{path}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))"
             )
             return EXIT_OK
         if args.command == "run":
-            return _serve(_load(args.config), args.config, watch=args.watch)
+            path = _config_path(args)
+            return _serve(_load(path), "run", path, watch=args.watch)
         if args.command == "dev":
-            return _serve(dev_config(args.url, args.listen))
+            return _dev(args)
         if args.command == "demo":
             parse_address(args.listen)
             configure_logging("info")

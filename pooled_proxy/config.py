@@ -4,7 +4,8 @@ Why this shape: the config is read before anything listens (and again on SIGHUP)
 must fail completely and precisely: every problem at once, each as ``FILE:LINE: dotted.key:
 message``, so an operator fixes the whole file in one pass. tomllib gives values but no
 positions, hence the small ``_LineIndex``. This module is pure (no trio); its only I/O is reading
-the file and checking that the TLS files can be opened.
+the file, checking that the TLS files can be opened and that the access log can be written:
+what ``run`` would trip over after listening is found here, where ``check`` sees it too.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ from typing import Any
 from .errors import ConfigError, ConfigProblem
 
 DEFAULT_LISTEN = ("127.0.0.1:8080",)
+ANY_HOST = "*"  # a listen host: every interface, IPv4 and IPv6
 
 
 @dataclass(frozen=True, slots=True)
 class ServerAddress:
-    """One upstream server or one listen address; ``tls`` is set by an ``https://`` prefix."""
+    """One upstream server or one listen address; ``tls`` is set by an ``https://`` prefix.
+
+    A listen address's empty ``host`` (written ``*``) is every interface of every address
+    family the system has: IPv4, and IPv6 where there is IPv6.
+    """
 
     host: str
     port: int
     tls: bool = False
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.host}]" if ":" in self.host else self.host or ANY_HOST
         return f"{host}:{self.port}"
 
 
@@ -93,6 +99,7 @@ class UpstreamConfig:
     max_fails: int = 3  # passive health: this many failures within fail_window ...
     fail_window: float = 10.0
     fail_timeout: float = 10.0  # ... skip the server this long (only when > 1 server)
+    host_header: str | None = None  # sent as Host instead of the client's
     # TLS to its https:// servers (tls_contexts.py builds the context once per load).
     tls_ca: Path | None = None  # trust only this CA bundle (default: the system's CAs)
     tls_server_name: str | None = None  # SNI and the name the certificate must carry
@@ -146,7 +153,8 @@ _SCHEMES = {"http://": (False, 80), "https://": (True, 443)}
 
 
 def parse_address(value: str, *, default_port: int | None = None) -> ServerAddress:
-    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"http://h:p"``, ``"https://h"`` -> address.
+    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"*:8080"``, ``"http://h:p"``, ``"https://h"``
+    -> address (``*`` gives the empty host: every interface).
 
     A scheme sets ``tls`` and the default port (80/443); without one the port is required
     unless ``default_port`` is given. Port 0 is accepted (tests listen on it); callers that
@@ -180,6 +188,8 @@ def parse_address(value: str, *, default_port: int | None = None) -> ServerAddre
         port_text = port_text if colon else None
     if not host:
         raise bad("missing host")
+    if host == ANY_HOST:
+        host = ""
     if port_text is None:
         if default_port is None:
             raise bad("missing port")
@@ -423,6 +433,15 @@ def _server_name(value: object) -> str:
     return name
 
 
+_AUTHORITY = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+")
+
+
+def _host_header(value: object) -> str:
+    if not _AUTHORITY.fullmatch(_string(value)):
+        raise ValueError(f'expected a host name, with an optional ":port"; got "{value}"')
+    return str(value)
+
+
 def _path_prefix(value: object) -> str:
     if not _string(value).startswith("/"):
         raise ValueError(f'must start with "/", got "{value}"')
@@ -443,7 +462,7 @@ _UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "response_header_timeout": _POSITIVE, "read_timeout": _ZERO_OK, "queue_size": _int(0),
     "queue_timeout": _ZERO_OK, "max_requests_per_connection": _int(0), "max_fails": _int(1),
     "fail_window": _POSITIVE, "fail_timeout": _POSITIVE, "tls_server_name": _server_name,
-    "tls_verify": _bool,
+    "tls_verify": _bool, "host_header": _host_header,
 })  # fmt: skip
 _UPSTREAM_TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
 _ROUTE_FIELDS: Mapping[str, _Conv] = MappingProxyType({
@@ -479,7 +498,31 @@ def _address(value: object, *, upstream: bool) -> ServerAddress:
     address = parse_address(text)
     if upstream and address.port == 0:
         raise ValueError(f'bad address "{text}": the port must be from 1 to 65535')
+    if upstream and not address.host:
+        raise ValueError(f'bad address "{text}": "{ANY_HOST}" is for listen addresses only')
     return address
+
+
+_WILDCARDS = {"": None, "0.0.0.0": "v4", "::": "v6"}  # host -> the family it covers (None: all)
+
+
+def _family(host: str) -> str:
+    return "v6" if ":" in host else "v4"
+
+
+def listen_overlap(a: ServerAddress, b: ServerAddress) -> bool:
+    """Whether binding ``a`` and then ``b`` fails with "address in use": the same port (not
+    0, which the kernel picks), and the same host or a wildcard that covers the other.
+    Host names are compared as written (resolving them is left to the bind)."""
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.host == b.host:
+        return True
+    for wild, other in ((a.host, b.host), (b.host, a.host)):
+        if wild in _WILDCARDS:
+            covered = _WILDCARDS[wild]
+            return covered is None or other == "" or covered == _family(other)
+    return False
 
 
 class _Checker:
@@ -550,6 +593,26 @@ class _Checker:
         result: Path | None = self.convert(value, key, conv)
         return result
 
+    def writable_file(self, path: str, key: _KeyPath) -> None:
+        """A file the proxy will append to: it exists and is writable, or its folder does and
+        is; checked now because opening it happens only when ``run`` starts."""
+        why = _not_writable(path)
+        if why is not None:
+            self.add(key, why)
+
+
+def _not_writable(path: str) -> str | None:
+    if os.path.isdir(path):
+        return f'"{path}" is a directory'
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else f'cannot write to "{path}": permission denied'
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f'cannot create "{path}": folder "{folder}" does not exist'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'cannot create "{path}": folder "{folder}" is not writable'
+    return None
+
 
 def _server(c: _Checker, raw: object) -> ServerConfig:
     key: _KeyPath = ("server",)
@@ -597,7 +660,28 @@ def _log(c: _Checker, raw: object) -> LogConfig:
     kw = {} if table is None else c.fields(table, ("log",), _LOG_FIELDS)
     if kw.get("access", "stdout") not in ("stdout", "off"):
         kw["access"] = str(_resolve(c.base_dir, kw["access"]))
+        c.writable_file(kw["access"], ("log", "access"))
     return LogConfig(**kw)
+
+
+def _check_listen_overlap(c: _Checker, server: ServerConfig, admin: AdminConfig | None) -> None:
+    """Two listeners on one address: the second bind would fail once ``run`` starts. Skipped
+    when a listen address was already reported (its default would stand in for it)."""
+    if any(p.key.startswith(("server.listen", "server.tls", "admin")) for p in c.problems):
+        return
+    listeners: list[tuple[_KeyPath, ServerAddress]] = [
+        (("server", "listen", i), address) for i, address in enumerate(server.listen)
+    ]
+    if server.tls is not None:
+        listeners += [(("server", "tls", "listen", i), a) for i, a in enumerate(server.tls.listen)]
+    if admin is not None:
+        listeners.append((("admin", "listen"), admin.listen))
+    for i, (key, address) in enumerate(listeners):
+        for earlier_key, earlier in listeners[:i]:
+            if listen_overlap(earlier, address):
+                taken = f'is already taken by {_dotted(earlier_key)} ("{earlier}")'
+                c.add(key, f'"{address}" {taken}')
+                break
 
 
 def _upstreams(c: _Checker, raw: dict[str, Any]) -> dict[str, UpstreamConfig]:
@@ -664,6 +748,7 @@ def _build(c: _Checker, data: dict[str, Any], source: Path | None) -> Config | N
     server = _server(c, data["server"]) if "server" in data else ServerConfig()
     admin = _admin(c, data["admin"]) if "admin" in data else None
     log = _log(c, data["log"]) if "log" in data else LogConfig()
+    _check_listen_overlap(c, server, admin)
     raw_upstreams = c.table(data.get("upstreams", {}), ("upstreams",), data.get("upstreams", {}))
     names = list(raw_upstreams or {})
     upstreams = _upstreams(c, raw_upstreams or {})
@@ -744,13 +829,88 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(text, shown, base_dir=Path(shown).parent)
 
 
-def dev_config(upstream_url: str, listen: str = "127.0.0.1:8080") -> Config:
-    """A ready config for ``pooled-proxy dev URL``: one upstream "dev", one route "/" to it,
-    defaults elsewhere, combined logs for humans. Raises ValueError on a bad URL or address."""
-    server = _address(upstream_url, upstream=True)
+def dev_upstream(text: str) -> ServerAddress:
+    """An upstream as ``pooled-proxy dev`` takes it: ``http://host:port``, ``https://host``,
+    ``host:port``, or Caddy's shorthand for a local port, ``:3000`` or ``3000``. A local port
+    means ``localhost``, which is tried over IPv6 and IPv4: dev servers that listen on
+    ``localhost`` often bind ``::1`` only."""
+    port = text.removeprefix(":")
+    if port.isascii() and port.isdigit():
+        text = f"localhost:{port}"
+    return _address(text, upstream=True)
+
+
+def dev_listen(text: str) -> ServerAddress:
+    """A ``dev --listen`` address: ``host:port``, or ``8080`` / ``:8080`` for 127.0.0.1:8080
+    (loopback: a dev proxy is not for the network unless asked, e.g. ``0.0.0.0:8080``)."""
+    port = text.removeprefix(":")
+    if port.isascii() and port.isdigit():
+        text = f"127.0.0.1:{port}"
+    return _address(text, upstream=False)
+
+
+def _authority(address: ServerAddress) -> str:
+    """``host[:port]`` as a Host header names ``address`` (the scheme's port left out)."""
+    default = 443 if address.tls else 80
+    return address.host if address.port == default else str(address)
+
+
+def _dev_name(prefix: str, taken: Iterable[str]) -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", prefix.strip("/")) or "app"
+    taken, candidate, n = set(taken), name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}{n}"
+    return candidate
+
+
+def dev_config(
+    upstream_url: str | None,
+    listen: str = "127.0.0.1:8080",
+    *,
+    routes: Iterable[tuple[str, str]] = (),
+    change_host_header: bool = False,
+    access: str = "stdout",
+) -> Config:
+    """A ready config for ``pooled-proxy dev``, with config/dev.toml's settings: the upstream
+    ``upstream_url`` (named "app") for every path, and each ``(path_prefix, url)`` of
+    ``routes`` in front of it (longest prefix first; the prefix is kept in the path); combined
+    logs for humans to ``access``. ``change_host_header`` sends each upstream its own name as
+    Host instead of the client's (a remote or virtual-hosted app). Raises ValueError on a bad
+    URL, address or prefix."""
+    pairs = [(_path_prefix(prefix), url) for prefix, url in routes]
+    if upstream_url is not None:
+        pairs.append(("/", upstream_url))
+    if not pairs:
+        raise ValueError("no upstream: give a URL or at least one --route PREFIX=URL")
+    upstreams: dict[str, UpstreamConfig] = {}
+    route_list: list[RouteConfig] = []
+    for prefix, url in sorted(pairs, key=lambda pair: -len(pair[0])):
+        if any(route.path_prefix == prefix for route in route_list):
+            raise ValueError(f'the path prefix "{prefix}" is given twice')
+        server = dev_upstream(url)
+        name = _dev_name(prefix, upstreams)
+        upstreams[name] = UpstreamConfig(
+            name=name,
+            servers=(server,),
+            max_connections=16,
+            max_idle=4,
+            idle_timeout=30.0,
+            connect_timeout=1.0,
+            response_header_timeout=300.0,
+            read_timeout=0.0,
+            queue_timeout=30.0,
+            host_header=_authority(server) if change_host_header else None,
+        )
+        route_list.append(RouteConfig(upstream=name, path_prefix=prefix))
+    if access not in ("stdout", "off"):
+        access = os.path.abspath(access)
+        why = _not_writable(access)
+        if why is not None:
+            raise ValueError(f"--access-log: {why}")
     return Config(
-        server=ServerConfig(listen=(_address(listen, upstream=False),)),
-        log=LogConfig(format="combined"),
-        upstreams=MappingProxyType({"dev": UpstreamConfig(name="dev", servers=(server,))}),
-        routes=(RouteConfig(upstream="dev"),),
+        server=ServerConfig(listen=(dev_listen(listen),), header_timeout=30.0, drain_timeout=2.0),
+        log=LogConfig(access=access, format="combined"),
+        upstreams=MappingProxyType(upstreams),
+        routes=tuple(route_list),
     )

@@ -225,6 +225,7 @@ class Forwarder:
             client_ip=head.client_ip,
             scheme=head.scheme,
             protocol=head.http_version,
+            upstream_host=group.host_header,
         )
         upgrade = requested_upgrade(head.headers) if exchange.upgrade is not None else None
         if upgrade is not None:

@@ -57,13 +57,16 @@ def upstream_request_headers(
     client_ip: bytes,
     scheme: bytes,
     protocol: bytes,
+    upstream_host: bytes | None = None,
 ) -> Headers:
     """The headers to send upstream for a client request.
 
     ``protocol`` is the client's HTTP version as it goes into ``Via`` (``b"1.1"`` or ``b"2"``).
+    ``upstream_host`` (an upstream's ``host_header``) replaces the client's Host, which
+    still goes up as ``X-Forwarded-Host``.
     """
     drop = _drop_set(headers)
-    out: Headers = [(b"host", host)]
+    out: Headers = [(b"host", upstream_host or host)]
     forwarded_for = b""
     via = b""
     for name, value in headers:

@@ -1,5 +1,9 @@
 """running -> draining -> stopped; signals; reload.
 
+Signals: SIGTERM/SIGINT drain (a second one stops at once), SIGHUP reloads the config,
+SIGUSR1 reopens the access log file (after logrotate moved it), SIGUSR2 is logged and
+ignored: no signal the proxy does not use may kill it with its connections in flight.
+
 Two nurseries, as hypercorn does it: the accept loops stop at once when a drain starts (the
 listeners close, so new connections are refused), while client connections live in the
 handler nursery, which gets ``drain_timeout`` to finish what is in flight before the rest is
@@ -18,6 +22,7 @@ import trio
 from .config import ServerAddress
 from .proxy import Proxy
 from .reload import Reloader, watch_file
+from .sdnotify import Notifier
 from .server.http2 import serve_h2
 from .server.listen import serve_listeners
 from .server.tls import serve_tls_listeners
@@ -26,6 +31,9 @@ LOG = logging.getLogger("pooled_proxy.lifecycle")
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNAL = signal.SIGHUP
+REOPEN_SIGNAL = signal.SIGUSR1
+IGNORED_SIGNALS = (signal.SIGUSR2,)  # their default action would kill the process
+HANDLED_SIGNALS = (*DRAIN_SIGNALS, RELOAD_SIGNAL, REOPEN_SIGNAL, *IGNORED_SIGNALS)
 
 # A long-lived service (the admin server) started with ``nursery.start`` in the root nursery
 # once the listeners are bound: it outlives the drain and stops when serving ends.
@@ -150,6 +158,7 @@ async def _watch_signals(
     stop: trio.CancelScope,
     nursery: trio.Nursery,
     reloader: Reloader | None,
+    reopen_logs: Callable[[], object] | None,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -160,6 +169,13 @@ async def _watch_signals(
                 LOG.info("%s: draining, not reloading", name)
             else:
                 nursery.start_soon(reloader.reload, name)
+        elif signum == REOPEN_SIGNAL:
+            if reopen_logs is None:
+                LOG.info("%s: no log file to reopen", name)
+            else:
+                reopen_logs()
+        elif signum in IGNORED_SIGNALS:
+            LOG.info("%s: ignored (SIGHUP reloads, SIGUSR1 reopens the log files)", name)
         elif not proxy.draining:
             LOG.info("%s: draining", name)
             proxy.begin_drain()
@@ -170,25 +186,54 @@ async def _watch_signals(
             stop.cancel()
 
 
+async def _serve_then_stop(
+    proxy: Proxy,
+    services: Sequence[Service],
+    listen: Listen,
+    stop: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(proxy, services=services, listen=listen, task_status=task_status)
+    stop.cancel()
+
+
+async def _notify_stopping(proxy: Proxy, notifier: Notifier) -> None:
+    await proxy.drain_started.wait()
+    notifier.stopping()
+
+
 async def run(
     proxy: Proxy,
     *,
     services: Sequence[Service] = (),
     config_path: str | None = None,
     watch: bool = False,
+    reopen_logs: Callable[[], object] | None = None,
+    notifier: Notifier | None = None,
     listen: Listen = _listen_h1_h2,
     task_status: trio.TaskStatus[list[ServerAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``serve`` plus signals: the first SIGTERM/SIGINT drains, a second one stops at once;
-    SIGHUP (and, with ``watch``, every change of the file) reloads ``config_path``."""
-    reloader = Reloader(proxy, config_path) if config_path is not None else None
-    with trio.open_signal_receiver(*DRAIN_SIGNALS, RELOAD_SIGNAL) as signals:
+    SIGHUP (and, with ``watch``, every change of the file) reloads ``config_path``; SIGUSR1
+    calls ``reopen_logs``. ``notifier`` (systemd's ``NOTIFY_SOCKET``) hears READY=1 once
+    every listener and service is up, RELOADING=1/READY=1 around reloads, STOPPING=1 when
+    the drain starts."""
+    notifier = notifier or Notifier(None)
+    reloader = Reloader(proxy, config_path, notifier) if config_path is not None else None
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                _watch_signals, proxy, signals, nursery.cancel_scope, nursery, reloader
-            )
+                _watch_signals, proxy, signals, nursery.cancel_scope, nursery, reloader,
+                reopen_logs,
+            )  # fmt: skip
             if watch and reloader is not None:
                 on_change = partial(reloader.reload, "file changed")
                 nursery.start_soon(watch_file, reloader.path, on_change)
-            await serve(proxy, services=services, listen=listen, task_status=task_status)
-            nursery.cancel_scope.cancel()
+            addresses = await nursery.start(
+                _serve_then_stop, proxy, services, listen, nursery.cancel_scope
+            )
+            status = ", ".join(f"{'https' if a.tls else 'http'}://{a}" for a in addresses)
+            notifier.ready(f"serving on {status}")
+            nursery.start_soon(_notify_stopping, proxy, notifier)
+            task_status.started(addresses)

@@ -19,6 +19,7 @@ import trio
 from .config import Config, load_config, parse_config
 from .errors import ConfigError
 from .proxy import Proxy
+from .sdnotify import Notifier
 from .tls_contexts import TlsContexts, load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy.reload")
@@ -51,9 +52,10 @@ def log_problems(error: ConfigError, path: str) -> None:
 class Reloader:
     """Reloads one proxy from its config file; reloads run one at a time."""
 
-    def __init__(self, proxy: Proxy, path: str) -> None:
+    def __init__(self, proxy: Proxy, path: str, notifier: Notifier | None = None) -> None:
         self.proxy = proxy
         self.path = path
+        self.notifier = notifier or Notifier(None)
         self._lock = trio.Lock()
 
     async def reload(self, why: str) -> bool:
@@ -62,23 +64,31 @@ class Reloader:
             if self.proxy.draining:
                 LOG.info("not reloading (%s): draining", why)
                 return False
+            # systemd waits for READY=1 after RELOADING=1, whether the reload worked or not.
+            self.notifier.reloading()
             try:
-                config, _, tls = await trio.to_thread.run_sync(read_config, self.path)
-            except ConfigError as exc:
-                log_problems(exc, self.path)
-                self.proxy.last_reload_ok = False
-                return False
-            except (OSError, UnicodeDecodeError) as exc:
-                LOG.error("reload failed: cannot read %s: %s; keeping the running config",
-                          self.path, exc)  # fmt: skip
-                self.proxy.last_reload_ok = False
-                return False
-            summary = self.proxy.reload(config, tls)
-            logging.getLogger().setLevel(config.log.level.upper())
-            LOG.info("config reloaded (%s) from %s: %s", why, self.path, summary)
-            for key in summary.needs_restart:
-                LOG.warning("%s changed in %s: it takes effect after a restart", key, self.path)
-            return True
+                return await self._reload(why)
+            finally:
+                self.notifier.ready()
+
+    async def _reload(self, why: str) -> bool:
+        try:
+            config, _, tls = await trio.to_thread.run_sync(read_config, self.path)
+        except ConfigError as exc:
+            log_problems(exc, self.path)
+            self.proxy.last_reload_ok = False
+            return False
+        except (OSError, UnicodeDecodeError) as exc:
+            LOG.error("reload failed: cannot read %s: %s; keeping the running config",
+                      self.path, exc)  # fmt: skip
+            self.proxy.last_reload_ok = False
+            return False
+        summary = self.proxy.reload(config, tls)
+        logging.getLogger().setLevel(config.log.level.upper())
+        LOG.info("config reloaded (%s) from %s: %s", why, self.path, summary)
+        for key in summary.needs_restart:
+            LOG.warning("%s changed in %s: it takes effect after a restart", key, self.path)
+        return True
 
 
 def _signature(path: str) -> FileSignature | None:

@@ -17,7 +17,10 @@ signals on, so each worker sees each signal once.
   cleanly. A second signal is passed on (workers stop at once); workers still alive after
   ``drain_timeout`` + 5 s (or 1 s after a second signal) are killed;
 - SIGHUP (or a change of the file with ``--watch``): the supervisor checks the file; a bad
-  one is logged and nothing changes, a good one is passed on as SIGHUP to every worker.
+  one is logged and nothing changes, a good one is passed on as SIGHUP to every worker;
+- SIGUSR1 is passed on (each worker reopens its access log file); SIGUSR2 is ignored;
+- under systemd (``$NOTIFY_SOCKET``), the workers report to a socket of the supervisor's,
+  which tells systemd READY=1 once every worker listens.
 
 With ``[admin]``, the supervisor serves the admin listener for the whole group: ``/metrics``
 asks every worker for its registry over a socket pair of its own (a :class:`WorkerLink`; the
@@ -26,13 +29,16 @@ worker end is inherited as ``report_fd``) and sums them (metrics_group.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -44,9 +50,12 @@ import trio
 from .admin import AdminServer
 from .config import Config, ServerAddress, parse_address, parse_config
 from .errors import ConfigError
+from .lifecycle import HANDLED_SIGNALS, IGNORED_SIGNALS, REOPEN_SIGNAL
 from .metrics_group import GroupMetrics, Report
 from .reload import log_problems, read_config, watch_file
 from .runtime import tune_gc_for_serving
+from .sdnotify import ENV as NOTIFY_ENV
+from .sdnotify import Notifier
 
 LOG = logging.getLogger("pooled_proxy.workers")
 
@@ -74,22 +83,33 @@ class WorkerSpec:
     report_fd: int = -1  # the worker's end of its WorkerLink, if the supervisor has [admin]
 
 
-def _reserve(address: ServerAddress) -> socket.socket:
-    """Bind (no listen) with SO_REUSEPORT: workers can bind the same port, nobody else can."""
-    family, type_, proto, _, sockaddr = socket.getaddrinfo(
+def _reserve(address: ServerAddress) -> list[socket.socket]:
+    """Bind (no listen) with SO_REUSEPORT every address ``address`` stands for (both
+    families for ``*``, one missing on this system skipped): workers can bind the same
+    ports, nobody else can."""
+    infos = socket.getaddrinfo(
         address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, type_, proto)
+    )
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
+        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-    return sock
+    return sockets
 
 
 def _describe(code: int) -> str:
@@ -204,6 +224,8 @@ class Supervisor:
         self.config_loaded_at = time.time()
         self.links: dict[int, WorkerLink] = {}  # by worker index, with [admin] only
         self.metrics = GroupMetrics(self) if config.admin is not None else None
+        self.notifier = Notifier.from_environment()
+        self._worker_notify: str | None = None  # NOTIFY_SOCKET for the workers, if any
 
     @property
     def draining(self) -> bool:
@@ -221,9 +243,10 @@ class Supervisor:
                 (tls.listen if tls is not None else (), self._tls_listen),
             ):
                 for address in addresses:
-                    sock = _reserve(address)
-                    sockets.append(sock)
-                    into.append(str(replace(address, port=sock.getsockname()[1])))
+                    for sock in _reserve(address):
+                        sockets.append(sock)
+                        host, port = sock.getsockname()[:2]
+                        into.append(str(ServerAddress(host, port)))
         except BaseException:
             for sock in sockets:
                 sock.close()
@@ -237,6 +260,9 @@ class Supervisor:
         report_fd = theirs.fileno() if theirs is not None else -1
         spec = WorkerSpec(index, self.path, self._listen, self._tls_listen, report_fd)
         env = {**os.environ, WORKER_ENV: json.dumps(asdict(spec))}
+        env.pop(NOTIFY_ENV, None)  # systemd hears the supervisor, not each worker
+        if self._worker_notify is not None:
+            env[NOTIFY_ENV] = self._worker_notify
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "pooled_proxy.workers"],
@@ -340,42 +366,81 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    async def _ready_when_workers_are(
+        self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Receive the workers' sd_notify messages on ``path``; tell systemd READY=1 once each
+        worker sent its own. The sender is known from its credentials (SO_PASSCRED), so a
+        worker that reloads (and says READY=1 again) is not counted twice. Later messages
+        (a reload, a restarted worker) are read and dropped: the supervisor speaks for them."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(path)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            task_status.started()
+            ready: set[int] = set()
+            ucred = struct.calcsize("3i")  # pid, uid, gid
+            while True:
+                data, ancillary, _, _ = await sock.recvmsg(4096, socket.CMSG_SPACE(ucred))
+                if len(ready) >= self.config.server.workers or b"READY=1" not in data.split():
+                    continue
+                for level, kind, value in ancillary:
+                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                        ready.add(struct.unpack("3i", value[:ucred])[0])
+                if len(ready) == self.config.server.workers:
+                    listen = ", ".join(f"http://{address}" for address in self._listen)
+                    self.notifier.ready(f"{len(ready)} workers serving on {listen}")
+                    LOG.info("every worker is serving: READY=1 sent to systemd")
+
     # -- signals and reload -------------------------------------------------------------------
 
     async def _reload(self, why: str) -> None:
         async with self._reload_lock:
             if self.stopping:
                 return
+            self.notifier.reloading()
             try:
-                config, text, _ = await trio.to_thread.run_sync(read_config, self.path)
-            except ConfigError as exc:
-                log_problems(exc, self.path)
-                self.last_reload_ok = False
-                return
-            except (OSError, UnicodeDecodeError) as exc:
-                LOG.error("reload failed: cannot read %s: %s; keeping the running config",
-                          self.path, exc)  # fmt: skip
-                self.last_reload_ok = False
-                return
-            self.last_reload_ok = True
-            self.config_loaded_at = time.time()
-            if config.server.workers != self.config.server.workers:
-                LOG.warning("server.workers changed in %s: it takes effect after a restart",
-                            self.path)  # fmt: skip
-            workers = self.config.server.workers
-            self.config = replace(config, server=replace(config.server, workers=workers))
-            self.text = text
-            LOG.info("%s: %s checked, reloading %d worker(s)", why, self.path, len(self.workers))
-            self._broadcast(signal.SIGHUP)
+                await self._check_and_pass_on(why)
+            finally:
+                self.notifier.ready()
+
+    async def _check_and_pass_on(self, why: str) -> None:
+        try:
+            config, text, _ = await trio.to_thread.run_sync(read_config, self.path)
+        except ConfigError as exc:
+            log_problems(exc, self.path)
+            self.last_reload_ok = False
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            LOG.error("reload failed: cannot read %s: %s; keeping the running config",
+                      self.path, exc)  # fmt: skip
+            self.last_reload_ok = False
+            return
+        self.last_reload_ok = True
+        self.config_loaded_at = time.time()
+        if config.server.workers != self.config.server.workers:
+            LOG.warning("server.workers changed in %s: it takes effect after a restart",
+                        self.path)  # fmt: skip
+        workers = self.config.server.workers
+        self.config = replace(config, server=replace(config.server, workers=workers))
+        self.text = text
+        LOG.info("%s: %s checked, reloading %d worker(s)", why, self.path, len(self.workers))
+        self._broadcast(signal.SIGHUP)
 
     async def _watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 nursery.start_soon(self._reload, name)
+            elif signum == REOPEN_SIGNAL:
+                LOG.info("%s: passed on to %d worker(s)", name, len(self.workers))
+                self._broadcast(signum)
+            elif signum in IGNORED_SIGNALS:
+                LOG.info("%s: ignored (SIGHUP reloads, SIGUSR1 reopens the log files)", name)
             elif not self.stopping:
                 self.stopping = True
                 self._stop_requested.set()
+                self.notifier.stopping()
                 LOG.info("%s: draining %d worker(s)", name, len(self.workers))
                 self._broadcast(signal.SIGTERM)
                 nursery.start_soon(self._kill_after, self.config.server.drain_timeout + KILL_MARGIN)
@@ -388,7 +453,10 @@ class Supervisor:
         count = self.config.server.workers
         LOG.info("supervisor pid %d: %d workers on %s", os.getpid(), count,
                  ", ".join(f"http://{a}" for a in self._listen))  # fmt: skip
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with (
+            trio.open_signal_receiver(*HANDLED_SIGNALS) as signals,
+            tempfile.TemporaryDirectory(prefix="pooled-proxy-") as private,
+        ):
             async with trio.open_nursery() as nursery:
                 if self.config.admin is not None and self.metrics is not None:
                     admin = AdminServer(self, self, self.config.admin.listen)
@@ -398,6 +466,9 @@ class Supervisor:
                         LOG.error("admin: %s", exc)
                         return EXIT_RUNTIME
                 nursery.start_soon(self._watch_signals, signals, nursery)
+                if self.notifier.enabled:
+                    self._worker_notify = os.path.join(private, "notify")
+                    await nursery.start(self._ready_when_workers_are, self._worker_notify)
                 if self.watch:
                     nursery.start_soon(watch_file, self.path, partial(self._reload, "file changed"))
                 async with trio.open_nursery() as slots:

@@ -41,12 +41,14 @@ class DaemonConfig:
     workers: int = 1
     server: dict[str, Any] = field(default_factory=dict)  # more [server] keys
     admin: str | None = None  # [admin] listen
+    log: dict[str, Any] = field(default_factory=dict)  # [log] keys over access = "off"
 
     def to_toml(self) -> str:
         server = {"listen": [f"{HOST}:0"], "workers": self.workers,
                   "drain_timeout": self.drain_timeout, **self.server}  # fmt: skip
         lines = ["[server]", *(f"{k} = {_toml(v)}" for k, v in server.items())]
-        lines += ["", "[log]", 'access = "off"', 'level = "info"']
+        log = {"access": "off", "level": "info", **self.log}
+        lines += ["", "[log]", *(f"{k} = {_toml(v)}" for k, v in log.items())]
         if self.admin is not None:
             lines += ["", "[admin]", f"listen = {_toml(self.admin)}"]
         for name, port in self.upstreams.items():
@@ -121,10 +123,14 @@ class Daemon:
 
 @asynccontextmanager
 async def running_daemon(
-    nursery: trio.Nursery, tmp_path: Path, config: DaemonConfig, *args: str
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    config: DaemonConfig,
+    *args: str,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Daemon]:
-    """Write the config, start ``pooled_proxy run``, wait until every worker listens; on the
-    way out, kill whatever is still running."""
+    """Write the config, start ``pooled_proxy run`` (with ``env`` added to the environment),
+    wait until every worker listens; on the way out, kill whatever is still running."""
     path = tmp_path / "proxy.toml"
     path.write_text(config.to_toml())
     process = await trio.lowlevel.open_process(
@@ -132,6 +138,7 @@ async def running_daemon(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     daemon = Daemon(process, path)
     try:

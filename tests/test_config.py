@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -22,6 +23,8 @@ from pooled_proxy.config import (
     TlsConfig,
     UpstreamConfig,
     dev_config,
+    dev_listen,
+    dev_upstream,
     load_config,
     parse_address,
     parse_config,
@@ -119,6 +122,7 @@ def test_design_example_loads_cleanly(in_tmp: Path) -> None:
 
 
 def test_full_config_round_trips(in_tmp: Path) -> None:
+    Path("logs").mkdir()
     config = load(
         """\
         [server]
@@ -279,6 +283,112 @@ def test_relative_paths_resolve_against_the_config_folder(in_tmp: Path) -> None:
     assert config.server.tls.key == in_tmp / "key.pem"
     assert config.log.access == str(sub / "access.log")
     assert config.path == sub / "proxy.toml"
+
+
+@pytest.mark.parametrize(
+    ("server", "admin"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("*:8080", "[::1]:8080"),
+        ("[::]:8080", "[::1]:8080"),
+    ],
+)
+def test_admin_and_server_on_one_address_is_a_problem(
+    in_tmp: Path, server: str, admin: str
+) -> None:
+    assert problems(f'{MINIMAL}[server]\nlisten = ["{server}"]\n[admin]\nlisten = "{admin}"\n') == [
+        f'proxy.toml:6: admin.listen: "{admin}" is already taken by server.listen[0] ("{server}")'
+    ]
+
+
+def test_tls_and_admin_on_one_address_is_a_problem(in_tmp: Path) -> None:
+    assert problems(
+        MINIMAL + '[server.tls]\nlisten = ["127.0.0.1:9901"]\ncert = "cert.pem"\nkey = "key.pem"\n'
+        '[admin]\nlisten = "0.0.0.0:9901"\n'
+    ) == [
+        (
+            'proxy.toml:8: admin.listen: "0.0.0.0:9901" is already taken by '
+            'server.tls.listen[0] ("127.0.0.1:9901")'
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("server", "admin"),
+    [
+        ('"127.0.0.1:8080"', '"127.0.0.1:9901"'),
+        ('"127.0.0.1:0"', '"127.0.0.1:0"'),  # the kernel picks two ports
+        ('"0.0.0.0:8080"', '"[::1]:8080"'),  # IPv6 listeners are IPv6-only
+        ('"127.0.0.1:8080"', '"127.0.0.2:8080"'),
+    ],
+)
+def test_listeners_on_different_addresses_are_fine(in_tmp: Path, server: str, admin: str) -> None:
+    load(f"{MINIMAL}[server]\nlisten = [{server}]\n[admin]\nlisten = {admin}\n")
+
+
+def test_the_access_log_folder_must_exist(in_tmp: Path) -> None:
+    assert problems(MINIMAL + '[log]\naccess = "nowhere/access.log"\n') == [
+        (
+            f'proxy.toml:4: log.access: cannot create "{in_tmp}/nowhere/access.log": '
+            f'folder "{in_tmp}/nowhere" does not exist'
+        )
+    ]
+    (in_tmp / "logs").mkdir()
+    assert problems(MINIMAL + '[log]\naccess = "logs"\n') == [
+        f'proxy.toml:4: log.access: "{in_tmp}/logs" is a directory'
+    ]
+    assert load(MINIMAL + '[log]\naccess = "logs/access.log"\n').log.access == str(
+        in_tmp / "logs" / "access.log"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_the_access_log_must_be_writable(in_tmp: Path) -> None:
+    (in_tmp / "logs").mkdir(mode=0o500)
+    (in_tmp / "access.log").touch(mode=0o400)
+    assert problems(MINIMAL + '[log]\naccess = "logs/access.log"\n') == [
+        (
+            f'proxy.toml:4: log.access: cannot create "{in_tmp}/logs/access.log": '
+            f'folder "{in_tmp}/logs" is not writable'
+        )
+    ]
+    assert problems(MINIMAL + '[log]\naccess = "access.log"\n') == [
+        f'proxy.toml:4: log.access: cannot write to "{in_tmp}/access.log": permission denied'
+    ]
+
+
+@pytest.mark.skipif(os.access("/proc/sys", os.W_OK), reason="needs a folder root cannot write")
+def test_an_unwritable_access_log_folder_is_reported(in_tmp: Path) -> None:
+    assert problems(MINIMAL + '[log]\naccess = "/proc/sys/access.log"\n') == [
+        (
+            'proxy.toml:4: log.access: cannot create "/proc/sys/access.log": '
+            'folder "/proc/sys" is not writable'
+        )
+    ]
+
+
+def test_a_star_listens_on_every_interface_and_is_not_an_upstream(in_tmp: Path) -> None:
+    config = load(MINIMAL + '[server]\nlisten = ["*:8080"]\n')
+    assert config.server.listen == (ServerAddress("", 8080),)
+    assert str(config.server.listen[0]) == "*:8080"
+    assert problems('[upstreams.app]\nservers = ["*:9000"]\n') == [
+        (
+            'proxy.toml:2: upstreams.app.servers[0]: bad address "*:9000": '
+            '"*" is for listen addresses only'
+        )
+    ]
+
+
+def test_host_header_is_a_host_name(in_tmp: Path) -> None:
+    config = load('[upstreams.app]\nservers = ["127.0.0.1:9000"]\nhost_header = "app.test:8443"\n')
+    assert config.upstreams["app"].host_header == "app.test:8443"
+    assert problems('[upstreams.app]\nservers = ["127.0.0.1:9000"]\nhost_header = "a b"\n') == [
+        (
+            'proxy.toml:3: upstreams.app.host_header: expected a host name, with an optional ":port"; '
+            'got "a b"'
+        )
+    ]
 
 
 def test_parse_config_from_text(tmp_path: Path) -> None:
@@ -672,18 +782,76 @@ def test_server_address_str() -> None:
 
 def test_dev_config() -> None:
     config = dev_config("http://localhost:9000", listen="0.0.0.0:8000")
-    assert config == Config(
-        server=ServerConfig(listen=(ServerAddress("0.0.0.0", 8000),)),
-        log=LogConfig(format="combined"),
-        upstreams={"dev": UpstreamConfig(name="dev", servers=(ServerAddress("localhost", 9000),))},
-        routes=(RouteConfig(upstream="dev"),),
-    )
-    assert dev_config("https://example.com").upstreams["dev"].servers == (
+    assert config.server.listen == (ServerAddress("0.0.0.0", 8000),)
+    assert config.log == LogConfig(format="combined")
+    assert config.routes == (RouteConfig(upstream="app"),)
+    assert config.upstreams["app"].servers == (ServerAddress("localhost", 9000),)
+    assert config.upstreams["app"].host_header is None
+    assert dev_config("https://example.com").upstreams["app"].servers == (
         ServerAddress("example.com", 443, tls=True),
     )
     assert dev_config("127.0.0.1:1").server.listen == (ServerAddress("127.0.0.1", 8080),)
     with pytest.raises(ValueError, match="missing port"):
         dev_config("localhost")
+
+
+def test_dev_config_has_the_settings_of_config_dev_toml() -> None:
+    """``pooled-proxy dev`` is what config/dev.toml says it is (its drain_timeout included)."""
+    dev_toml = load_config(Path(__file__).parent.parent / "config" / "dev.toml")
+    config = dev_config("127.0.0.1:3000")
+    assert config.server == dev_toml.server
+    assert config.server.drain_timeout == 2.0
+    assert config.upstreams["app"] == dev_toml.upstreams["app"]
+    assert config.routes == dev_toml.routes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3000", ServerAddress("localhost", 3000)),
+        (":3000", ServerAddress("localhost", 3000)),
+        ("127.0.0.1:3000", ServerAddress("127.0.0.1", 3000)),
+        ("https://remote.example", ServerAddress("remote.example", 443, tls=True)),
+    ],
+)
+def test_dev_upstream_takes_caddys_shorthand(text: str, expected: ServerAddress) -> None:
+    assert dev_upstream(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8080", ServerAddress("127.0.0.1", 8080)),
+        (":8080", ServerAddress("127.0.0.1", 8080)),
+        ("0.0.0.0:8080", ServerAddress("0.0.0.0", 8080)),
+        ("*:8080", ServerAddress("", 8080)),
+    ],
+)
+def test_dev_listen_takes_a_port_alone(text: str, expected: ServerAddress) -> None:
+    assert dev_listen(text) == expected
+
+
+def test_dev_config_routes_two_apps_longest_prefix_first() -> None:
+    config = dev_config(
+        "3000",
+        routes=[("/api", "3001"), ("/api/admin", "http://127.0.0.1:3002")],
+        change_host_header=True,
+    )
+    assert [(r.path_prefix, r.upstream) for r in config.routes] == [
+        ("/api/admin", "api_admin"), ("/api", "api"), ("/", "app"),
+    ]  # fmt: skip
+    assert config.upstreams["api"].servers == (ServerAddress("localhost", 3001),)
+    assert config.upstreams["api"].host_header == "localhost:3001"
+    assert (
+        dev_config("https://remote.example", change_host_header=True).upstreams["app"].host_header
+        == "remote.example"
+    )  # the scheme's port is left out, as browsers do
+    with pytest.raises(ValueError, match='must start with "/"'):
+        dev_config("3000", routes=[("api", "3001")])
+    with pytest.raises(ValueError, match="given twice"):
+        dev_config("3000", routes=[("/", "3001")])
+    with pytest.raises(ValueError, match="no upstream"):
+        dev_config(None)
 
 
 # ---------------------------------------------------------------------------------- layering

@@ -129,7 +129,12 @@ async def open_reuse_port_listeners(address: ServerAddress) -> list[trio.SocketL
     socks: list[trio.socket.SocketType] = []
     try:
         for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
-            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # "*" on a system without IPv6
+                raise
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -153,7 +158,8 @@ async def open_listeners(
             if reuse_port:
                 listeners += await open_reuse_port_listeners(address)
             else:
-                listeners += await trio.open_tcp_listeners(address.port, host=address.host)
+                # host None (from "*"): every family the system has, as trio does it
+                listeners += await trio.open_tcp_listeners(address.port, host=address.host or None)
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
