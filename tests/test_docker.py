@@ -6,6 +6,7 @@ is run against a live admin listener."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -19,8 +20,9 @@ import yaml
 from pooled_proxy.admin import HEALTH_PATH, METRICS_PATH, READY_PATH
 from pooled_proxy.cli import _parser
 from pooled_proxy.config import Config, load_config, parse_config
-from tests.helpers import make_config
+from tests.helpers import make_config, start_proxy
 from tests.operations import start_operated_proxy
+from tests.test_cli import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -136,47 +138,91 @@ def test_command_config_ports_and_health_agree_with_the_code():
 
     config = load_config(source)  # what `pooled-proxy check` checks
     assert config.admin is not None
-    # Reachable from outside the container: every interface, on the exposed ports.
-    assert {address.host for address in config.server.listen} == {"0.0.0.0"}
-    assert config.admin.listen.host == "0.0.0.0"
+    # Reachable from outside the container: every interface ("*"), on the exposed ports.
+    assert {address.host for address in config.server.listen} == {""}
+    assert config.admin.listen.host == ""
     exposed = {int(port.split("/")[0]) for e in final["EXPOSE"] for port in e.arguments.split()}
     assert exposed == {*(a.port for a in config.server.listen), config.admin.listen.port}
 
+    # The healthcheck reads the config the image runs (from the environment) and probes it.
     (healthcheck,) = final["HEALTHCHECK"]
-    command = healthcheck.arguments.split("CMD ", 1)[1]
-    assert f"http://127.0.0.1:{config.admin.listen.port}{HEALTH_PATH}" in command
+    program, *args = json.loads(healthcheck.arguments.split("CMD ", 1)[1])
+    assert program == "pooled-proxy"
+    parsed = _parser().parse_args(args)
+    assert parsed.command == "healthcheck" and parsed.config is None and parsed.file is None
 
 
-def _healthcheck_command(admin_port: int) -> list[str]:
-    """The HEALTHCHECK command, aimed at a test admin listener instead of the image's port."""
-    config = load_config(image_config_path()[0])
-    assert config.admin is not None
+def _healthcheck_command() -> list[str]:
+    """The image's HEALTHCHECK command, run from the checkout."""
     (healthcheck,) = final_stage()["HEALTHCHECK"]
-    argv = json.loads(healthcheck.arguments.split("CMD ", 1)[1])
-    assert argv[0] == "python"
-    image_url = f"127.0.0.1:{config.admin.listen.port}/"
-    return [sys.executable, *(a.replace(image_url, f"127.0.0.1:{admin_port}/") for a in argv[1:])]
+    _, *args = json.loads(healthcheck.arguments.split("CMD ", 1)[1])
+    return [sys.executable, "-m", "pooled_proxy", *args]
 
 
-async def test_the_healthcheck_command_passes_on_a_live_proxy_and_fails_without_one(
-    nursery, demo_upstream
+async def healthcheck(config: Path) -> tuple[int, str]:
+    """Run the image's HEALTHCHECK command with ``config`` as the image's config."""
+    result = await trio.run_process(
+        _healthcheck_command(),
+        check=False,
+        capture_stdout=True,
+        env={**os.environ, "POOLED_PROXY_CONFIG": str(config)},
+    )
+    return result.returncode, result.stdout.decode()
+
+
+async def test_the_healthcheck_asks_readyz_on_the_admin_listener_of_the_config(
+    nursery, demo_upstream, tmp_path
 ):
     _, port = demo_upstream
     proxy = await start_operated_proxy(nursery, make_config(port))
     assert proxy.admin.address is not None
     admin_port = proxy.admin.address.port
+    config = tmp_path / "proxy.toml"
+    # The config the proxy runs: a wildcard admin address is probed on the loopback.
+    config.write_text(
+        f'[admin]\nlisten = "*:{admin_port}"\n[upstreams.app]\nservers = ["127.0.0.1:{port}"]\n'
+    )
+    url = f"http://127.0.0.1:{admin_port}{READY_PATH}"
     with trio.fail_after(20):
-        healthy = await trio.run_process(_healthcheck_command(admin_port), check=False)
-        assert healthy.returncode == 0
-        proxy.running.proxy.begin_drain()  # liveness holds during a drain
-        draining = await trio.run_process(_healthcheck_command(admin_port), check=False)
-        assert draining.returncode == 0
-        from tests.test_cli import free_port
-
-        nobody = await trio.run_process(
-            _healthcheck_command(free_port()), check=False, capture_stderr=True
+        assert await healthcheck(config) == (0, f"healthy: {url} answered 200 ready\n")
+        proxy.running.proxy.begin_drain()  # readiness ends with the drain
+        assert await healthcheck(config) == (1, f"unhealthy: {url} answered 503 draining\n")
+        nobody = free_port()
+        config.write_text(
+            f'[admin]\nlisten = "127.0.0.1:{nobody}"\n[upstreams.app]\nservers = ["127.0.0.1:{port}"]\n'
         )
-        assert nobody.returncode != 0
+        code, said = await healthcheck(config)
+        assert code == 1 and said.startswith(f"unhealthy: http://127.0.0.1:{nobody}{READY_PATH}: ")
+        assert "refused" in said
+
+
+async def test_the_healthcheck_connects_to_the_listener_of_a_config_without_admin(
+    nursery, demo_upstream, tmp_path
+):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\nlisten = ["0.0.0.0:{proxy.port}"]\n'
+        f'[upstreams.app]\nservers = ["127.0.0.1:{port}"]\n'
+    )
+    with trio.fail_after(20):
+        code, said = await healthcheck(config)
+        assert (code, said) == (
+            0, f"healthy: http://127.0.0.1:{proxy.port} accepts connections (no [admin] to ask /readyz)\n"
+        )  # fmt: skip
+        free = free_port()
+        config.write_text(
+            f'[server]\nlisten = ["127.0.0.1:{free}"]\n[upstreams.app]\nservers = ["127.0.0.1:{port}"]\n'
+        )
+        code, said = await healthcheck(config)
+        assert code == 1 and said.startswith(
+            f"unhealthy: cannot connect to http://127.0.0.1:{free}: "
+        )
+        # A broken config is unhealthy too, with exit 1: Docker reserves exit code 2.
+        config.write_text("[server\n")
+        code, said = await healthcheck(config)
+        assert code == 1 and said.startswith(f"unhealthy: bad config: {config}:1: (syntax)")
 
 
 def _manifests() -> dict[str, dict]:  # type: ignore[type-arg]
@@ -203,6 +249,11 @@ def test_kubernetes_probes_ports_and_grace_period_agree_with_the_code():
     assert f"{mount['mountPath']}/{config_key}" == installed
     parsed = _parser().parse_args(container.get("args", final_stage()["CMD"][0].exec_form()))
     assert (parsed.command, parsed.config) == ("run", installed)
+    # ConfigMap edits reach the proxy: the kubelet swaps the mounted folder (never a subPath
+    # mount) and --watch reloads it.
+    assert parsed.watch and "subPath" not in mount
+    # Every interface of every family the pod has: IPv6 too in a dual-stack cluster.
+    assert {address.host for address in config.server.listen} == {""}
 
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert config.admin is not None
@@ -235,6 +286,8 @@ def test_kubernetes_probes_ports_and_grace_period_agree_with_the_code():
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert str(spec["securityContext"]["runAsUser"]) == user.arguments.split(":")[0]
     assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]
+    # No API token in a pod that never calls the API.
+    assert spec["automountServiceAccountToken"] is False
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
