@@ -149,7 +149,7 @@ def combined_line(record: ExchangeRecord) -> str:
 
 def _open(path: str) -> TextIO:
     # The log owns the file for its lifetime and closes it in close() or reopen().
-    return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    return open(path, "a", encoding="utf-8", buffering=1)
 
 
 class AccessLog:
