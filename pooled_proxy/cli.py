@@ -311,7 +311,8 @@ async def _demo(listen: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _dev(args: argparse.Namespace) -> int:
+def dev_config_from_args(args: argparse.Namespace) -> Config:
+    """The config ``pooled-proxy dev`` runs for its parsed arguments; ValueError if bad."""
     if args.url is not None and args.to is not None:
         raise ValueError("give the upstream once: as UPSTREAM or as --to")
     routes = []
@@ -320,14 +321,17 @@ def _dev(args: argparse.Namespace) -> int:
         if not equals or not url:
             raise ValueError(f'--route "{value}": expected PREFIX=UPSTREAM, e.g. /api=3001')
         routes.append((prefix, url))
-    config = dev_config(
+    return dev_config(
         args.url if args.url is not None else args.to,
         args.listen,
         routes=routes,
         change_host_header=args.change_host_header,
         access=args.access_log,
     )
-    return _serve(config, "dev")
+
+
+def _dev(args: argparse.Namespace) -> int:
+    return _serve(dev_config_from_args(args), "dev")
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
