@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from pooled_proxy import errors
-from pooled_proxy.cli import _parser, main
+from pooled_proxy.cli import _parser, dev_config_from_args, main
 from pooled_proxy.config import dev_config
 from pooled_proxy.demo import DemoUpstream
 from tests.helpers import H11Client, start_proxy
@@ -85,14 +85,16 @@ def test_every_make_target_the_docs_name_exists():
 
 def test_every_pooled_proxy_command_in_the_readme_parses():
     commands = [c for c in shell_commands(README) if c[0] == "pooled-proxy"]
-    assert {c[1] for c in commands if c[1] != "--version"} == {"dev", "run", "check", "demo"}
+    assert {c[1] for c in commands if c[1] != "--version"} == {
+        "dev", "run", "check", "demo", "healthcheck"
+    }  # fmt: skip
     for command in commands:
         if command[1] == "--version":
             continue
         args = _parser().parse_args(command[1:])
         if args.command == "dev":
-            dev_config(args.url, args.listen)  # the URL and address are valid
-        config = getattr(args, "config", None)
+            dev_config_from_args(args)  # the URLs, routes and address are valid
+        config = getattr(args, "file", None) or getattr(args, "config", None)
         if config is not None and config.startswith("config/"):
             assert main(["check", "-c", str(ROOT / config)]) == 0
 
