@@ -1,4 +1,4 @@
-"""The admin listener: ``GET /metrics`` (Prometheus), ``/healthz`` and ``/readyz``.
+"""The admin listener: metrics, health, and the live status of the proxy.
 
 A tiny trio + h11 HTTP/1.1 server, separate from the proxy's front ends so that it answers
 while the proxy drains: it runs in the lifecycle's root nursery, which outlives the
@@ -9,13 +9,20 @@ listeners and the handler nursery, and is cancelled only when the process is abo
   stops sending new traffic while in-flight exchanges finish.
 - ``/metrics``: the proxy's registry, in the Prometheus text format (or OpenMetrics when the
   scraper's ``Accept`` header asks for it).
+- ``/upstreams``, ``/config``, ``/status`` (JSON) and ``/events`` (the status as
+  Server-Sent Events, one a sample): see status.py.
+- ``/``: the status page, one self-contained HTML file (status_page.html) that follows
+  ``/events``.
 
 With ``workers > 1`` the supervisor serves it, for the whole group (workers.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from functools import cache
+from importlib import resources
 from typing import Protocol
 
 import trio
@@ -23,23 +30,60 @@ import trio
 from ._h11 import h11
 from .config import ServerAddress
 from .server.listen import bound_address, open_listeners
+from .status import StatusSource, json_body
 
 LOG = logging.getLogger("pooled_proxy.admin")
 
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
+PAGE_PATH = "/"
+UPSTREAMS_PATH = "/upstreams"
+CONFIG_PATH = "/config"
+STATUS_PATH = "/status"
+EVENTS_PATH = "/events"
+STATUS_PATHS = (PAGE_PATH, UPSTREAMS_PATH, CONFIG_PATH, STATUS_PATH, EVENTS_PATH)
 
 MAX_RECEIVE = 16 * 1024
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024  # admin requests carry no body; a larger one closes the connection
 REQUEST_TIMEOUT = 30.0  # to receive a whole request, keep-alive idle time included
 CLOSE_TIMEOUT = 2.0
+MAX_EVENT_STREAMS = 32  # open /events streams (status pages) at once; more get a 503
+EVENTS_RETRY_MS = 2000  # how soon a page reconnects after the process restarted
 
 TEXT = b"text/plain; charset=utf-8"
-_REASONS = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed", 503: b"Service Unavailable"}
+JSON = b"application/json"
+# The page loads nothing from anywhere (no CDN, no font, no image file): the policy says so
+# to the browser too, and it may only connect back to this admin port for its events.
+PAGE_HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (
+        b"content-security-policy",
+        (
+            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            b"connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"
+        ),
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+EVENTS_HEADERS = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]
+_REASONS = {
+    200: b"OK",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+# Status, headers and body; a body of None is an event stream that follows the head.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes | None]
+
+
+@cache
+def status_page() -> bytes:
+    return resources.files(__package__).joinpath("status_page.html").read_bytes()
 
 
 class Served(Protocol):
@@ -62,11 +106,24 @@ class _Close(Exception):
 class AdminServer:
     """Serves the admin endpoints of one proxy on ``listen``; ``address`` once bound."""
 
-    def __init__(self, proxy: Served, metrics: MetricsSource, listen: ServerAddress) -> None:
+    def __init__(
+        self,
+        proxy: Served,
+        metrics: MetricsSource,
+        listen: ServerAddress,
+        *,
+        status: StatusSource | None = None,
+    ) -> None:
+        """``status`` (whose owner runs its sampler) serves /upstreams, /config, /status,
+        /events and the page; without it they are not found."""
         self.proxy = proxy
         self.metrics = metrics
         self.listen = listen
         self.address: ServerAddress | None = None
+        self.status = status
+        self.event_streams = 0
+        self._event: tuple[int, bytes] = (-1, b"")
+        self.max_event_streams = MAX_EVENT_STREAMS
 
     async def serve(
         self, *, task_status: trio.TaskStatus[ServerAddress] = trio.TASK_STATUS_IGNORED
@@ -84,10 +141,25 @@ class AdminServer:
     async def answer(self, method: bytes, target: bytes, accept: bytes) -> Answer:
         """Status, headers and body for one admin request."""
         path = target.split(b"?", 1)[0].decode("latin-1")
-        if path in (METRICS_PATH, HEALTH_PATH, READY_PATH) and method not in (b"GET", b"HEAD"):
+        body: bytes | None
+        try:
+            status, headers, body = await self._route(path, accept)
+        except (TypeError, ValueError):
+            # A status that cannot be rendered is a bug to log, not a reason to stop serving.
+            LOG.exception("admin: %s failed", path)
+            status, headers, body = 500, [(b"content-type", TEXT)], b"internal error\n"
+        if status != 404 and method not in (b"GET", b"HEAD"):
             status, body = 405, b"method not allowed\n"
             headers = [(b"content-type", TEXT), (b"allow", b"GET, HEAD")]
-        elif path == METRICS_PATH:
+        if body is not None:
+            headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"cache-control", b"no-store"))
+        return status, headers, body
+
+    async def _route(self, path: str, accept: bytes) -> Answer:
+        body: bytes | None
+        source = self.status
+        if path == METRICS_PATH:
             body, content_type = await self.metrics.scrape(accept.decode("latin-1"))
             status, headers = 200, [(b"content-type", content_type.encode())]
         elif path == HEALTH_PATH:
@@ -98,9 +170,25 @@ class AdminServer:
             else:
                 status, body = 200, b"ready\n"
             headers = [(b"content-type", TEXT)]
-        else:
+        elif source is None or path not in STATUS_PATHS:
             status, body, headers = 404, b"not found\n", [(b"content-type", TEXT)]
-        headers += [(b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
+        elif path == PAGE_PATH:
+            status, body, headers = 200, status_page(), list(PAGE_HEADERS)
+        elif path == EVENTS_PATH:
+            if self.event_streams >= self.max_event_streams:
+                status, body = 503, b"too many event streams\n"
+                headers = [(b"content-type", TEXT)]
+            else:
+                status, body, headers = 200, None, list(EVENTS_HEADERS)
+        else:
+            if path == UPSTREAMS_PATH:
+                snapshot = await source.status()
+                answer = {"process": snapshot["process"], "upstreams": snapshot["upstreams"]}
+            elif path == CONFIG_PATH:
+                answer = await source.config()
+            else:
+                answer = await source.status()
+            status, body, headers = 200, json_body(answer), [(b"content-type", JSON)]
         return status, headers, body
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
@@ -120,7 +208,13 @@ class AdminServer:
                         status_code=status, headers=response_headers, reason=_REASONS[status]
                     )
                 )
-                if request.method != b"HEAD":
+                if request.method == b"HEAD":
+                    pass
+                elif body is None:
+                    await stream.send_all(data)
+                    await self._send_events(conn, stream)
+                    return
+                else:
                     data += conn.send(h11.Data(data=body))
                 data += conn.send(h11.EndOfMessage())
                 await stream.send_all(data)
@@ -138,6 +232,33 @@ class AdminServer:
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await stream.aclose()
+
+    async def _send_events(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+        """The status now, then once per sample, until the client goes away (or the process
+        exits); the stream never ends on its own."""
+        source = self.status
+        assert source is not None
+        self.event_streams += 1
+        try:
+            data = b"retry: %d\n\n" % EVENTS_RETRY_MS + await self._event_data(source)
+            while True:
+                # A viewer that stops reading is let go, not waited for.
+                with trio.move_on_after(REQUEST_TIMEOUT) as timeout:
+                    await stream.send_all(conn.send(h11.Data(data=data)))
+                if timeout.cancelled_caught:
+                    return
+                await source.next_tick()
+                data = await self._event_data(source)
+        finally:
+            self.event_streams -= 1
+
+    async def _event_data(self, source: StatusSource) -> bytes:
+        """The status as one Server-Sent Event, built once per sample for every viewer."""
+        ticks = source.ticks
+        if self._event[0] != ticks:
+            status = json.dumps(await source.status(), separators=(",", ":"))
+            self._event = (ticks, b"data: " + status.encode() + b"\n\n")
+        return self._event[1]
 
 
 async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:

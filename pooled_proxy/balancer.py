@@ -9,7 +9,7 @@ from collections import deque
 import trio
 
 from .config import UpstreamConfig
-from .errors import UpstreamUnavailable
+from .errors import ProxyError, UpstreamUnavailable
 from .pool import Connector, UpstreamPool
 from .tls_contexts import upstream_ssl_context
 
@@ -18,15 +18,18 @@ class ServerHealth:
     """Passive health: ``max_fails`` failures within ``fail_window`` mark a server down for
     ``fail_timeout``. Only consulted when the upstream has more than one server."""
 
-    __slots__ = ("_config", "_failures", "down_until")
+    __slots__ = ("_config", "_failures", "down_until", "last_failure")
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
         self._failures: deque[float] = deque()
         self.down_until = 0.0
+        # (when, Proxy-Status error, detail) of the latest failure: the admin's "why".
+        self.last_failure: tuple[float, str, str] | None = None
 
-    def record_failure(self, now: float) -> bool:
+    def record_failure(self, now: float, error: ProxyError) -> bool:
         """Count a failure; True if it just marked the server down."""
+        self.last_failure = (now, error.proxy_status, error.detail)
         window_start = now - self._config.fail_window
         failures = self._failures
         failures.append(now)
@@ -43,6 +46,11 @@ class ServerHealth:
 
     def is_up(self, now: float) -> bool:
         return now >= self.down_until
+
+    def recent_failures(self, now: float) -> int:
+        """Failures within ``fail_window`` that have not (yet) marked the server down."""
+        window_start = now - self._config.fail_window
+        return sum(1 for failed_at in self._failures if failed_at >= window_start)
 
 
 class UpstreamGroup:

@@ -29,6 +29,7 @@ from .metrics import ProxyMetrics
 from .proxy import Proxy
 from .runtime import tune_gc_for_serving
 from .sdnotify import Notifier
+from .status import StatusBoard
 from .tls_contexts import load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy")
@@ -273,7 +274,9 @@ async def run_with_operations(
     if metrics is not None:
         metrics.bind(proxy)
     if metrics is not None and config.admin is not None:
-        services.append(AdminServer(proxy, metrics, config.admin.listen).serve)
+        board = StatusBoard(proxy, metrics)
+        services.append(board.run_sampler)
+        services.append(AdminServer(proxy, metrics, config.admin.listen, status=board).serve)
     if metrics is not None and supervisor_link is not None:
         from .metrics_group import report
         from .workers import answer_supervisor

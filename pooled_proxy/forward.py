@@ -121,10 +121,11 @@ class LiveCounts:
     """Gauges of exchanges in progress, shared by every forwarder generation (a reload hands
     it on), so an SSE stream that started before a reload counts until it ends."""
 
-    __slots__ = ("event_streams",)
+    __slots__ = ("event_streams", "tunnels")
 
     def __init__(self) -> None:
         self.event_streams = 0  # SSE responses whose head was sent and that are not over
+        self.tunnels = 0  # WebSocket (upgraded) connections being relayed
 
 
 class Forwarder:
@@ -246,8 +247,8 @@ class Forwarder:
             record.upstream_server = str(pool.server)
             try:
                 connection, reused = await pool.acquire(exchange.on_wait)
-            except (UpstreamConnectError, ConnectTimeout):
-                health.record_failure(trio.current_time())
+            except (UpstreamConnectError, ConnectTimeout) as exc:
+                health.record_failure(trio.current_time(), exc)
                 if attempt == 0 and len(group.pools) > 1:
                     exclude = pool
                     continue
@@ -269,7 +270,7 @@ class Forwarder:
                     upgrade=exchange.upgrade if upgrade is not None else None,
                     whole_body=whole_body,
                 )
-            except UpstreamClosed:
+            except UpstreamClosed as exc:
                 pool.release(connection, reusable=False)
                 if (
                     attempt == 0
@@ -285,13 +286,13 @@ class Forwarder:
                     record.retried = True
                     LOG.debug("stale connection to %s, retrying on a new one", pool.server)
                     continue
-                health.record_failure(trio.current_time())
+                health.record_failure(trio.current_time(), exc)
                 raise
-            except UpstreamError:
+            except UpstreamError as exc:
                 # An invalid response or a timeout is the server failing too (passive health),
                 # not only a refused or reset connection.
                 pool.release(connection, reusable=False)
-                health.record_failure(trio.current_time())
+                health.record_failure(trio.current_time(), exc)
                 raise
             except BaseException:
                 pool.release(connection, reusable=False)
@@ -475,6 +476,7 @@ class Forwarder:
             switched_response_headers(response.headers)
         )
         stats = TunnelStats()
+        self.live.tunnels += 1
         try:
             await run_tunnel(
                 client_stream,
@@ -485,6 +487,7 @@ class Forwarder:
                 stats=stats,
             )
         finally:  # cancelled too (drain deadline): the access log still gets the figures
+            self.live.tunnels -= 1
             record.bytes_in += stats.bytes_up
             record.bytes_out += stats.bytes_down
             record.extra["tunnel_closed_by"] = stats.closed_by

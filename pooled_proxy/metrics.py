@@ -310,6 +310,34 @@ class ProxyMetrics:
         if record.retried:
             self._retries.inc((record.route_upstream, record.upstream_server))
 
+    # Read by the admin's status endpoints: once a second, and per admin request.
+
+    def request_totals(self) -> tuple[float, float]:
+        """Exchanges finished so far, and how many of them were answered with a 5xx."""
+        total = server_errors = 0.0
+        for (_, _, status), count in self._requests.values.items():
+            total += count
+            if status == "5xx":
+                server_errors += count
+        return total, server_errors
+
+    def requests_by_upstream(self) -> dict[str, dict[str, float]]:
+        """upstream -> status class -> exchanges finished."""
+        counts: dict[str, dict[str, float]] = {}
+        for (_, upstream, status), count in self._requests.values.items():
+            by_status = counts.setdefault(upstream, {})
+            by_status[status] = by_status.get(status, 0.0) + count
+        return counts
+
+    def errors_by_server(self) -> dict[tuple[str, str], dict[str, float]]:
+        """(upstream, server) -> Proxy-Status error -> exchanges that ended with it; the
+        server is "" for an error before one was chosen."""
+        counts: dict[tuple[str, str], dict[str, float]] = {}
+        for (upstream, server, _, error), count in self._errors.values.items():
+            by_error = counts.setdefault((upstream, server), {})
+            by_error[error] = by_error.get(error, 0.0) + count
+        return counts
+
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape body and its content type (Prometheus text, or OpenMetrics if asked)."""
         encoder, content_type = choose_encoder(accept)

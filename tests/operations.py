@@ -16,6 +16,7 @@ from pooled_proxy.accesslog import AccessLog
 from pooled_proxy.admin import AdminServer
 from pooled_proxy.config import Config, ServerAddress
 from pooled_proxy.metrics import ProxyMetrics
+from pooled_proxy.status import SAMPLE_INTERVAL, StatusBoard
 from tests.helpers import HOST, RunningProxy, start_proxy
 
 
@@ -48,7 +49,11 @@ class OperatedProxy:
 
 
 async def start_operated_proxy(
-    nursery: trio.Nursery, config: Config, *, log_format: str = "json"
+    nursery: trio.Nursery,
+    config: Config,
+    *,
+    log_format: str = "json",
+    sample_interval: float = SAMPLE_INTERVAL,
 ) -> OperatedProxy:
     """The proxy as ``pooled-proxy run`` assembles it, with the access log in memory."""
     metrics = ProxyMetrics()
@@ -56,7 +61,9 @@ async def start_operated_proxy(
     access_log = AccessLog(log, log_format)
     running = await start_proxy(nursery, config, observers=(metrics.observe, access_log))
     metrics.bind(running.proxy)
-    admin = AdminServer(running.proxy, metrics, ServerAddress(HOST, 0))
+    board = StatusBoard(running.proxy, metrics, interval=sample_interval)
+    await nursery.start(board.run_sampler)
+    admin = AdminServer(running.proxy, metrics, ServerAddress(HOST, 0), status=board)
     await nursery.start(admin.serve)
     return OperatedProxy(running, metrics, admin, log, access_log)
 

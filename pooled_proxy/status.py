@@ -1,0 +1,325 @@
+"""What the admin's status endpoints show, read from the running proxy's own state.
+
+- ``/upstreams``: each upstream and each of its servers: passive health (and why a server is
+  skipped), pool occupancy and wait queue, requests and errors by kind.
+- ``/config``: the running config, with its generation and file.
+- ``/status`` (and ``/events``, one every sample): all of that for the status page, plus the
+  client connections, live event streams and tunnels, the drain state and the request rates
+  of the last minutes.
+
+Nothing here runs per request: pools, passive health and metric counters are read when an
+admin request asks, and the rate history is one reading of two counters per sample
+(:meth:`StatusBoard.run_sampler`, once a second) kept in a bounded ring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import trio
+
+from . import __version__
+from .balancer import ServerHealth, UpstreamGroup
+from .config import Config, ServerAddress
+from .metrics import ProxyMetrics
+from .pool import UpstreamPool
+from .proxy import Proxy
+
+SAMPLE_INTERVAL = 1.0  # seconds between two samples of the request counters
+HISTORY_SAMPLES = 300  # five minutes at one sample a second
+
+JsonObject = dict[str, Any]
+
+
+class StatusSource(Protocol):
+    """What the admin's status endpoints read: one proxy's :class:`StatusBoard`, or the
+    supervisor's view of its workers. ``ticks`` counts samples; ``next_tick`` waits for one."""
+
+    @property
+    def ticks(self) -> int: ...
+
+    async def next_tick(self) -> None: ...
+
+    async def status(self) -> JsonObject: ...
+
+    async def config(self) -> JsonObject: ...
+
+
+class Sample(NamedTuple):
+    at: float  # wall clock (time.time()), for the chart's time axis
+    clock: float  # trio's clock, for the rate (the wall clock may jump)
+    requests: float  # exchanges finished so far
+    server_errors: float  # of which answered 5xx
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _counts(values: Mapping[str, float]) -> dict[str, int]:
+    return {key: int(value) for key, value in sorted(values.items())}
+
+
+def _failures(count: int) -> str:
+    return f"{count} failure" if count == 1 else f"{count} failures"
+
+
+def config_json(value: object) -> Any:
+    """A config (or any part of it) as JSON values: durations in seconds, addresses as
+    ``host:port`` (``https://`` when TLS), file paths as strings. Only file paths are ever
+    held in the config, never what the files contain (a TLS key stays on disk)."""
+    if isinstance(value, ServerAddress):
+        return f"https://{value}" if value.tls else str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return {field.name: config_json(getattr(value, field.name)) for field in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(key): config_json(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [config_json(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"{type(value).__name__} in the config has no JSON form")
+
+
+def server_health(group: UpstreamGroup, health: ServerHealth, now: float) -> JsonObject:
+    """A server's passive health: whether the balancer picks it, and why not."""
+    config = group.config
+    # As UpstreamGroup.choose: the only server is never skipped; max_fails = 0 marks none down.
+    checked = len(group.pools) > 1 and config.max_fails > 0
+    down = checked and not health.is_up(now)
+    recent = health.recent_failures(now)
+    reason: str | None = None
+    if down:
+        reason = (
+            f"{_failures(config.max_fails)} within {config.fail_window:g}s (max_fails): "
+            f"skipped for {health.down_until - now:.1f}s more (fail_timeout {config.fail_timeout:g}s)"
+        )
+    elif recent:
+        reason = f"{_failures(recent)} within {config.fail_window:g}s"
+        if checked:
+            reason += f", down at {config.max_fails} (max_fails)"
+        elif config.max_fails == 0:
+            reason += "; never skipped (passive health is off: max_fails = 0)"
+        else:
+            reason += "; never skipped (the upstream's only server)"
+    last = health.last_failure
+    return {
+        "healthy": not down,
+        "state": "down" if down else "up",
+        "reason": reason,
+        "passive_health": checked,
+        "recent_failures": recent,
+        "down_for": round(health.down_until - now, 3) if down else None,
+        "down_until": _iso(time.time() + health.down_until - now) if down else None,
+        "last_failure": None
+        if last is None
+        else {"error": last[1], "detail": last[2], "seconds_ago": round(now - last[0], 3)},
+    }
+
+
+def _server(
+    group: UpstreamGroup,
+    pool: UpstreamPool,
+    health: ServerHealth,
+    errors: Mapping[str, float],
+    now: float,
+) -> JsonObject:
+    stats = pool.statistics()
+    config = group.config
+    return {
+        "address": str(pool.server),
+        "tls": pool.server.tls,
+        "health": server_health(group, health, now),
+        "pool": {
+            "in_use": stats.in_use,
+            "idle": stats.idle,
+            "connecting": stats.connecting,
+            "queued": stats.waiting,
+            "max_connections": config.max_connections,
+            "max_idle": config.max_idle,
+            "queue_size": config.queue_size,
+        },
+        # Every exchange takes a connection from the pool, a new one or a reused one.
+        "requests": stats.opened + stats.reused,
+        "connections": {
+            "opened": stats.opened,
+            "reused": stats.reused,
+            "closed": _counts(stats.closed),
+        },
+        "queue": {
+            "rejected_full": stats.queue_rejected,
+            "timed_out": stats.queue_timeouts,
+            "waited": stats.queue_waits,
+            "wait_seconds": round(stats.queue_wait_seconds, 3),
+        },
+        "errors": _counts(errors),
+    }
+
+
+class StatusBoard:
+    """The status of one proxy (the process that answers), and its request-rate history."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        metrics: ProxyMetrics,
+        *,
+        interval: float = SAMPLE_INTERVAL,
+        history: int = HISTORY_SAMPLES,
+    ) -> None:
+        self.proxy = proxy
+        self.metrics = metrics
+        self.interval = interval
+        self.started_at = time.time()
+        # One more sample than rates: each rate is the difference of two.
+        self.samples: deque[Sample] = deque(maxlen=history + 1)
+        self.ticks = 0
+        self._ticked = trio.Event()
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sample(self) -> None:
+        requests, server_errors = self.metrics.request_totals()
+        self.samples.append(Sample(time.time(), trio.current_time(), requests, server_errors))
+
+    async def run_sampler(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Sample the counters every ``interval`` until cancelled; wake ``next_tick`` waiters."""
+        next_at = trio.current_time()
+        while True:
+            self.sample()
+            self.ticks += 1
+            self._ticked.set()
+            self._ticked = trio.Event()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            next_at += self.interval
+            await trio.sleep_until(max(next_at, trio.current_time()))
+
+    async def next_tick(self) -> None:
+        await self._ticked.wait()
+
+    def rates(self) -> list[list[float]]:
+        """``[at, requests/s, 5xx/s]`` between each two consecutive samples, oldest first."""
+        points: list[list[float]] = []
+        previous: Sample | None = None
+        for sample in self.samples:
+            if previous is not None:
+                elapsed = sample.clock - previous.clock
+                if elapsed > 0:
+                    points.append([
+                        round(sample.at, 3),
+                        round((sample.requests - previous.requests) / elapsed, 3),
+                        round((sample.server_errors - previous.server_errors) / elapsed, 3),
+                    ])  # fmt: skip
+            previous = sample
+        return points
+
+    # -- what the endpoints answer ---------------------------------------------------------
+
+    async def status(self) -> JsonObject:
+        return self.snapshot()
+
+    async def config(self) -> JsonObject:
+        config: Config = self.proxy.config
+        return {
+            "generation": self.proxy.reloads + 1,
+            "file": str(config.path) if config.path is not None else None,
+            "loaded_at": _iso(self.proxy.config_loaded_at),
+            "config": config_json(config),
+        }
+
+    def upstreams(self) -> list[JsonObject]:
+        now = trio.current_time()
+        requests = self.metrics.requests_by_upstream()
+        errors = self.metrics.errors_by_server()
+        routes = self.proxy.config.routes
+        answer = []
+        for name, group in self.proxy.forwarder.upstreams.items():
+            upstream_errors: dict[str, float] = {}
+            for (upstream, _), by_error in errors.items():
+                if upstream == name:
+                    for error, count in by_error.items():
+                        upstream_errors[error] = upstream_errors.get(error, 0.0) + count
+            by_status = requests.get(name, {})
+            answer.append({
+                "name": name,
+                "balance": group.config.balance,
+                "routes": [
+                    (route.host or "*") + route.path_prefix
+                    for route in routes
+                    if route.upstream == name
+                ],
+                "requests": {
+                    "total": int(sum(by_status.values())),
+                    "by_status": _counts(by_status),
+                },
+                "errors": _counts(upstream_errors),
+                "servers": [
+                    _server(group, pool, health, errors.get((name, str(pool.server)), {}), now)
+                    for pool, health in zip(group.pools, group.health)
+                ],
+            })  # fmt: skip
+        return answer
+
+    def snapshot(self) -> JsonObject:
+        """Everything /status shows, now."""
+        proxy = self.proxy
+        config = proxy.config
+        draining: JsonObject | None = None
+        if proxy.drain_started_at is not None:
+            draining = {
+                "seconds": round(trio.current_time() - proxy.drain_started_at, 3),
+                "drain_timeout": config.server.drain_timeout,
+            }
+        requests, server_errors = self.metrics.request_totals()
+        return {
+            "process": self._process(),
+            "generation": proxy.reloads + 1,
+            "config_file": str(config.path) if config.path is not None else None,
+            "config_loaded_at": _iso(proxy.config_loaded_at),
+            "draining": draining,
+            "clients": {
+                "total": proxy.client_connections,
+                "by_protocol": {
+                    protocol: count
+                    for protocol, count in sorted(proxy.connections_by_protocol.items())
+                },
+            },
+            "exchanges_in_flight": proxy.active_exchanges,
+            "event_streams": proxy.forwarder.live.event_streams,
+            "websocket_tunnels": proxy.forwarder.live.tunnels,
+            "requests": {"total": int(requests), "server_errors": int(server_errors)},
+            "history": {
+                "interval": self.interval,
+                "columns": ["at", "requests_per_second", "server_errors_per_second"],
+                "points": self.rates(),
+            },
+            "upstreams": self.upstreams(),
+        }
+
+    def _process(self) -> JsonObject:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            # With several workers, each has its own pools and counters: this is one of them.
+            "workers": self.proxy.config.server.workers,
+            "started_at": _iso(self.started_at),
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+
+
+def json_body(value: object) -> bytes:
+    body = json.dumps(value, indent=2, allow_nan=False)
+    return body.encode() + b"\n"
