@@ -16,6 +16,7 @@ import pytest
 import trio
 import trustme
 
+from pooled_proxy.balancer import ServerHealth
 from pooled_proxy.config import (
     Config,
     RouteConfig,
@@ -24,6 +25,7 @@ from pooled_proxy.config import (
     UpstreamConfig,
     load_config,
 )
+from pooled_proxy.errors import UpstreamConnectError
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.metrics import ProxyMetrics
 from pooled_proxy.proxy import Proxy
@@ -350,6 +352,7 @@ async def test_page_is_self_contained_html(nursery, demo_upstream):
             head = await client.head(proxy.admin_url + "/")
     assert page.status_code == 200 and head.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["x-content-type-options"] == "nosniff"
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
     html = page.text
@@ -381,3 +384,14 @@ async def test_rate_history_is_one_sample_per_interval_in_a_bounded_ring(autojum
     assert len(points) == 5 == len(board.samples) - 1  # the last five seconds only
     assert [p[1] for p in points] == [3 + 1, 4, 5 + 1, 6, 7 + 1]
     assert [p[2] for p in points] == [1, 0, 1, 0, 1]
+
+
+def test_recent_failures_are_those_within_fail_window():
+    config = UpstreamConfig(
+        name="app", servers=(ServerAddress(HOST, 1),), max_fails=3, fail_window=10.0
+    )
+    health = ServerHealth(config)
+    health.record_failure(100.0, UpstreamConnectError("refused"))
+    health.record_failure(105.0, UpstreamConnectError("refused again"))
+    assert [health.recent_failures(now) for now in (105.0, 110.0, 114.0, 116.0)] == [2, 2, 1, 0]
+    assert health.last_failure == (105.0, "connection_refused", "refused again")
