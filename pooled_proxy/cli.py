@@ -273,15 +273,19 @@ async def run_with_operations(
     services: list[Service] = []
     if metrics is not None:
         metrics.bind(proxy)
-    if metrics is not None and config.admin is not None:
-        board = StatusBoard(proxy, metrics)
+    board = StatusBoard(proxy, metrics) if metrics is not None else None
+    if board is not None:
         services.append(board.run_sampler)
+    if metrics is not None and config.admin is not None:
         services.append(AdminServer(proxy, metrics, config.admin.listen, status=board).serve)
-    if metrics is not None and supervisor_link is not None:
+    if metrics is not None and board is not None and supervisor_link is not None:
         from .metrics_group import report
         from .workers import answer_supervisor
 
-        reports = {"metrics": partial(report, metrics.registry)}
+        reports: dict[str, Callable[[], bytes]] = {
+            "metrics": partial(report, metrics.registry),
+            "status": board.report,
+        }
         services.append(partial(answer_supervisor, supervisor_link, reports))
     try:
         await run_proxy(

@@ -309,6 +309,10 @@ class StatusBoard:
             "upstreams": self.upstreams(),
         }
 
+    def report(self) -> bytes:
+        """The snapshot a worker sends the supervisor (GroupStatus) when asked."""
+        return json.dumps(self.snapshot(), separators=(",", ":")).encode()
+
     def _process(self) -> JsonObject:
         return {
             "version": __version__,
@@ -323,3 +327,177 @@ class StatusBoard:
 def json_body(value: object) -> bytes:
     body = json.dumps(value, indent=2, allow_nan=False)
     return body.encode() + b"\n"
+
+
+# -- a group of workers (server.workers > 1) ---------------------------------------------------
+
+
+class WorkerGroup(Protocol):
+    """What :class:`GroupStatus` needs of the supervisor."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def config_loaded_at(self) -> float: ...
+
+    async def worker_statuses(self) -> list[tuple[int, JsonObject]]:
+        """(worker index, its :meth:`StatusBoard.snapshot`) of each worker that answered."""
+        ...
+
+
+def _add(into: dict[str, Any], values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            _add(into.setdefault(key, {}), value)
+        else:
+            into[key] = into.get(key, 0) + value
+
+
+def _merged_health(healths: list[tuple[int, JsonObject]]) -> JsonObject:
+    """One server's health over the workers: each keeps its own passive health."""
+    down = [index for index, health in healths if not health["healthy"]]
+    failures = [
+        (health["last_failure"], index) for index, health in healths if health["last_failure"]
+    ]
+    last = min(failures, key=lambda pair: pair[0]["seconds_ago"], default=None)
+    reasons = [
+        f"worker {index}: {health['reason']}" for index, health in healths if health["reason"]
+    ]
+    down_for = [health["down_for"] for _, health in healths if health["down_for"] is not None]
+    down_until = [health["down_until"] for _, health in healths if health["down_until"]]
+    return {
+        "healthy": not down,
+        "state": "up" if not down else "down" if len(down) == len(healths) else "partly_down",
+        "reason": "; ".join(reasons) or None,
+        "down_in": down,  # worker indices
+        "passive_health": any(health["passive_health"] for _, health in healths),
+        "recent_failures": sum(health["recent_failures"] for _, health in healths),
+        "down_for": max(down_for, default=None),
+        "down_until": max(down_until, default=None),
+        "last_failure": None if last is None else {**last[0], "worker": last[1]},
+    }
+
+
+def _merged_upstreams(reports: list[tuple[int, JsonObject]]) -> list[JsonObject]:
+    upstreams: dict[str, JsonObject] = {}
+    healths: dict[tuple[str, str], list[tuple[int, JsonObject]]] = {}
+    for index, report in reports:
+        for upstream in report["upstreams"]:
+            merged = upstreams.setdefault(
+                upstream["name"],
+                {**upstream, "requests": {}, "errors": {}, "servers": []},
+            )
+            _add(merged["requests"], upstream["requests"])
+            _add(merged["errors"], upstream["errors"])
+            servers = {server["address"]: server for server in merged["servers"]}
+            for server in upstream["servers"]:
+                into = servers.get(server["address"])
+                if into is None:
+                    into = {"address": server["address"], "tls": server["tls"], "health": None}
+                    merged["servers"].append(into)
+                _add(
+                    into, {k: v for k, v in server.items() if k not in ("address", "tls", "health")}
+                )
+                healths.setdefault((upstream["name"], server["address"]), []).append(
+                    (index, server["health"])
+                )
+    for name, upstream in upstreams.items():
+        for server in upstream["servers"]:
+            server["health"] = _merged_health(healths[name, server["address"]])
+    return list(upstreams.values())
+
+
+def _merged_history(reports: list[tuple[int, JsonObject]]) -> JsonObject:
+    """The workers' rates summed, newest with newest: each samples once a second on its own."""
+    histories = [report["history"] for _, report in reports]
+    longest = max((len(history["points"]) for history in histories), default=0)
+    points: list[list[float]] = []
+    for back in range(longest, 0, -1):
+        at, requests, errors = 0.0, 0.0, 0.0
+        for history in histories:
+            if len(history["points"]) >= back:
+                point = history["points"][-back]
+                at = max(at, point[0])
+                requests += point[1]
+                errors += point[2]
+        points.append([at, round(requests, 3), round(errors, 3)])
+    first = histories[0] if histories else {"interval": SAMPLE_INTERVAL, "columns": []}
+    return {"interval": first["interval"], "columns": first["columns"], "points": points}
+
+
+def merge_statuses(reports: list[tuple[int, JsonObject]]) -> JsonObject:
+    """The workers' statuses as one: counts and pools summed, health per worker."""
+    clients: dict[str, Any] = {"total": 0, "by_protocol": {}}
+    requests: dict[str, Any] = {}
+    drains = [report["draining"] for _, report in reports if report["draining"]]
+    for _, report in reports:
+        _add(clients, report["clients"])
+        _add(requests, report["requests"])
+    return {
+        "draining": max(drains, key=lambda drain: drain["seconds"], default=None),
+        "clients": clients,
+        "exchanges_in_flight": sum(report["exchanges_in_flight"] for _, report in reports),
+        "event_streams": sum(report["event_streams"] for _, report in reports),
+        "websocket_tunnels": sum(report["websocket_tunnels"] for _, report in reports),
+        "requests": requests or {"total": 0, "server_errors": 0},
+        "history": _merged_history(reports),
+        "upstreams": _merged_upstreams(reports),
+    }
+
+
+class GroupStatus:
+    """The supervisor's status: every worker's, asked for when someone looks (once per
+    sample for all /events viewers) and merged. Each worker samples its own rates."""
+
+    def __init__(self, group: WorkerGroup, *, interval: float = SAMPLE_INTERVAL) -> None:
+        self.group = group
+        self.interval = interval
+        self.started_at = time.time()
+        self.ticks = 0
+        self._ticked = trio.Event()
+
+    async def run_sampler(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Only a clock for the /events viewers: the workers keep the history."""
+        task_status.started()
+        while True:
+            self.ticks += 1
+            self._ticked.set()
+            self._ticked = trio.Event()
+            await trio.sleep(self.interval)
+
+    async def next_tick(self) -> None:
+        await self._ticked.wait()
+
+    async def status(self) -> JsonObject:
+        reports = await self.group.worker_statuses()
+        group = self.group
+        config = group.config
+        return {
+            "process": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "workers": config.server.workers,
+                "worker_pids": {str(i): report["process"]["pid"] for i, report in reports},
+                "started_at": _iso(self.started_at),
+                "uptime": round(time.time() - self.started_at, 3),
+            },
+            "generation": group.generation,
+            "config_file": str(config.path) if config.path is not None else None,
+            "config_loaded_at": _iso(group.config_loaded_at),
+            **merge_statuses(reports),
+        }
+
+    async def config(self) -> JsonObject:
+        config = self.group.config
+        return {
+            "generation": self.group.generation,
+            "file": str(config.path) if config.path is not None else None,
+            "loaded_at": _iso(self.group.config_loaded_at),
+            "config": config_json(config),
+        }

@@ -56,6 +56,7 @@ from .reload import log_problems, read_config, watch_file
 from .runtime import tune_gc_for_serving
 from .sdnotify import ENV as NOTIFY_ENV
 from .sdnotify import Notifier
+from .status import GroupStatus, JsonObject
 
 LOG = logging.getLogger("pooled_proxy.workers")
 
@@ -222,6 +223,7 @@ class Supervisor:
         # For the reload gauges, as a proxy keeps them: the supervisor's check decides.
         self.last_reload_ok = True
         self.config_loaded_at = time.time()
+        self.generation = 1  # configs accepted: the start, then each good reload
         self.links: dict[int, WorkerLink] = {}  # by worker index, with [admin] only
         self.metrics = GroupMetrics(self) if config.admin is not None else None
         self.notifier = Notifier.from_environment()
@@ -348,6 +350,23 @@ class Supervisor:
                 and not self.links[i].closed]  # fmt: skip
         return self.metrics.exposition(live, accept)
 
+    async def _status(self, index: int, link: WorkerLink, into: dict[int, JsonObject]) -> None:
+        data = await link.ask("status")
+        if not data:
+            return  # it did not answer in time, or it is gone
+        try:
+            into[index] = json.loads(data)
+        except ValueError:
+            LOG.warning("worker %d sent a status that is not JSON", index)
+
+    async def worker_statuses(self) -> list[tuple[int, JsonObject]]:
+        """The status page's view of each worker that answers now (status.GroupStatus)."""
+        statuses: dict[int, JsonObject] = {}
+        async with trio.open_nursery() as nursery:
+            for index, link in list(self.links.items()):
+                nursery.start_soon(self._status, index, link, statuses)
+        return sorted(statuses.items())
+
     def _broadcast(self, signum: int) -> None:
         for process in list(self.workers.values()):
             try:
@@ -418,6 +437,7 @@ class Supervisor:
             return
         self.last_reload_ok = True
         self.config_loaded_at = time.time()
+        self.generation += 1
         if config.server.workers != self.config.server.workers:
             LOG.warning("server.workers changed in %s: it takes effect after a restart",
                         self.path)  # fmt: skip
@@ -459,7 +479,9 @@ class Supervisor:
         ):
             async with trio.open_nursery() as nursery:
                 if self.config.admin is not None and self.metrics is not None:
-                    admin = AdminServer(self, self, self.config.admin.listen)
+                    status = GroupStatus(self)
+                    await nursery.start(status.run_sampler)
+                    admin = AdminServer(self, self, self.config.admin.listen, status=status)
                     try:
                         await nursery.start(admin.serve)
                     except OSError as exc:

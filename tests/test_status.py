@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,14 @@ from pooled_proxy.errors import UpstreamConnectError
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.metrics import ProxyMetrics
 from pooled_proxy.proxy import Proxy
-from pooled_proxy.status import StatusBoard, config_json
+from pooled_proxy.status import StatusBoard, config_json, merge_statuses
+from tests.daemon import DaemonConfig, running_daemon
 from tests.faulty_upstream import refused_port
 from tests.h2client import H2Client
 from tests.helpers import HOST, H11Client, make_config
 from tests.operations import OperatedProxy, start_operated_proxy
 from tests.test_websocket import WSClient, WSEchoUpstream
+from tests.test_workers import pids_serving
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 
@@ -395,3 +399,58 @@ def test_recent_failures_are_those_within_fail_window():
     health.record_failure(105.0, UpstreamConnectError("refused again"))
     assert [health.recent_failures(now) for now in (105.0, 110.0, 114.0, 116.0)] == [2, 2, 1, 0]
     assert health.last_failure == (105.0, "connection_refused", "refused again")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
+async def test_workers_group_status_is_the_sum_of_every_worker(nursery, demo_upstream, tmp_path):
+    _, upstream_port = demo_upstream
+    config = DaemonConfig(upstreams={"app": upstream_port}, workers=2, admin=f"{HOST}:0")
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(20):
+            line = await daemon.wait_for_line(r"admin listening on http://[\d.]+:(\d+)")
+            admin = f"http://{HOST}:{line[1]}"
+            pids = daemon.worker_pids
+            # 20 requests on 20 connections: the kernel spreads them over both workers.
+            assert await pids_serving(daemon, pids, "/echo", 20) == pids
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(admin + "/status")).json()
+                upstreams = (await client.get(admin + "/upstreams")).json()
+                running = (await client.get(admin + "/config")).json()
+                page = await client.get(admin + "/")
+            events, _ = await EventReader.open(int(line[1]))
+            first_event = await events.next()
+            await events.client.aclose()
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+
+    assert status["requests"] == {"total": 20, "server_errors": 0}
+    assert status["process"]["workers"] == 2
+    assert set(status["process"]["worker_pids"].values()) == pids
+    [app] = status["upstreams"]
+    assert app["requests"] == {"total": 20, "by_status": {"2xx": 20}}
+    [server] = app["servers"]
+    assert server["requests"] == 20
+    assert server["pool"]["max_connections"] == 200  # two pools of 100
+    assert server["health"]["state"] == "up" and server["health"]["down_in"] == []
+    assert upstreams["upstreams"] == status["upstreams"]
+    assert first_event["requests"]["total"] == 20
+    assert running["generation"] == 1 and running["file"] == str(daemon.config_path)
+    assert running["config"]["server"]["workers"] == 2
+    assert page.status_code == 200 and "EventSource" in page.text
+
+
+async def test_a_server_down_in_one_worker_is_partly_down_in_the_group():
+    boards = []
+    for _ in range(2):
+        config = make_config(1, 2, max_fails=1, fail_timeout=30.0)
+        boards.append(StatusBoard(Proxy(config), ProxyMetrics()))
+    failing = boards[1].proxy.forwarder.upstreams["app"].health[0]
+    failing.record_failure(trio.current_time(), UpstreamConnectError("refused"))
+    merged = merge_statuses([(0, boards[0].snapshot()), (1, boards[1].snapshot())])
+    [app] = merged["upstreams"]
+    health = app["servers"][0]["health"]
+    assert (health["state"], health["healthy"], health["down_in"]) == ("partly_down", False, [1])
+    assert health["reason"].startswith("worker 1: 1 failure within 10s (max_fails)")
+    assert health["last_failure"]["worker"] == 1
+    assert app["servers"][1]["health"]["state"] == "up"
+    assert app["servers"][0]["pool"]["max_connections"] == 200
