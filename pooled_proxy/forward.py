@@ -241,12 +241,17 @@ class Forwarder:
         if whole_body is not None:
             record.bytes_in += len(whole_body)
         upload = _Upload(exchange.body, record) if head.has_body and whole_body is None else None
+        # Can the request be sent again if the server closes the connection under it? Only
+        # if no body byte went up, or the whole body is held here (one read of at most
+        # 64 KiB, see Exchange.whole_body) and the method is idempotent. A streamed body
+        # starts going up with the head, so it counts as sent.
+        replayable = upload is None and (whole_body is None or head.idempotent)
         exclude: UpstreamPool | None = None
         for attempt in (0, 1):
             pool, health = group.choose(exclude=exclude)
             record.upstream_server = str(pool.server)
             try:
-                connection, reused = await pool.acquire(exchange.on_wait)
+                connection, reused = await pool.acquire(exchange.on_wait, replayable=replayable)
             except (UpstreamConnectError, ConnectTimeout) as exc:
                 health.record_failure(trio.current_time(), exc)
                 if attempt == 0 and len(group.pools) > 1:
@@ -271,17 +276,21 @@ class Forwarder:
                     whole_body=whole_body,
                 )
             except UpstreamClosed as exc:
+                if reused and connection.received_bytes == 0 and not exchange.sink.head_sent:
+                    # The keep-alive race: the upstream closed this idle connection just as
+                    # we reused it (the pool learns the server's idle timeout from it).
+                    pool.closed_under_us(connection)
+                    race = True
+                else:
+                    race = False
                 pool.release(connection, reusable=False)
                 if (
-                    attempt == 0
-                    and reused
-                    and connection.received_bytes == 0
-                    and not exchange.sink.head_sent
-                    and (upload is None or not upload.started)
-                    and whole_body is None  # a body that went up is not sent twice
+                    race
+                    and attempt == 0
+                    and (replayable or (upload is not None and not upload.started))
                 ):
-                    # The keep-alive race: the upstream closed this idle connection just as
-                    # we reused it. Nothing reached it, so a fresh connection is safe.
+                    # Nothing of the body went up, or it is held and idempotent: sending
+                    # the request again on a fresh connection is safe.
                     self.stale_retries += 1
                     record.retried = True
                     LOG.debug("stale connection to %s, retrying on a new one", pool.server)

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 CLOSE_REASONS = (
     "idle_timeout",
     "keepalive_timeout",
+    "learned_timeout",  # retired before the server's unannounced idle timeout, as learned
     "error",
     "max_requests",
     "max_idle",

@@ -6,6 +6,10 @@ closes connections, deciding everything through ``PoolState`` first and doing th
 
 Invariants (checked by a hypothesis state machine in the tests):
 ``in_use + connecting + len(idle) <= max_connections`` and ``len(idle) <= max_idle``.
+
+Each pool also learns its server's unannounced idle timeout (:mod:`.idle_close`): it sees
+the idle connections the server closes, at checkout and by probing them while they sit
+idle, and retires the rest before that age.
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ import trio
 
 from .config import ServerAddress, UpstreamConfig
 from .errors import Draining, PoolTimeout
+from .idle_close import IdleCloseLearner
 from .upstream import UpstreamConnection, open_connection
 
 
 class PooledConnection(Protocol):
     requests_sent: int
     keepalive_expiry: float | None
+    keepalive_advertised: float | None
+    idle_since: float  # set when it goes idle
+    idle_age: float  # how long it had been idle when last checked out (0: new)
+    probe_at: float  # when the reaper next checks that the server has not closed it
 
     def close(self) -> None: ...
 
@@ -57,7 +66,7 @@ class PoolStatistics:
     reused: int
     closed: Mapping[
         str, int
-    ]  # by reason: idle_timeout, keepalive_timeout, error, max_requests, max_idle, stale, drain, upgraded, upstream_close
+    ]  # by reason: idle_timeout, keepalive_timeout, learned_timeout, error, max_requests, max_idle, stale, drain, upgraded, upstream_close
     queue_rejected: int  # queue full
     queue_timeouts: int
     queue_waits: int
@@ -75,6 +84,7 @@ class PoolState(Generic[C]):
         self.in_use = 0
         self.connecting = 0
         self.waiters: deque[Waiter[C]] = deque()
+        self.learner = IdleCloseLearner()
 
     @property
     def total(self) -> int:
@@ -84,21 +94,49 @@ class PoolState(Generic[C]):
         return self.total < self.max_connections
 
     def expiry(self, connection: C, now: float) -> float:
-        expires = now + self.idle_timeout
+        expires = now + min(self.idle_timeout, self.learner.retire_age(now))
         if connection.keepalive_expiry is not None:
             expires = min(expires, connection.keepalive_expiry)
         return expires
 
-    def take_idle(self, now: float) -> tuple[C | None, list[tuple[C, str]]]:
-        """The most recently used live idle connection (LIFO keeps the hot ones warm)."""
+    def _expiry_reason(self, connection: C, expires_at: float) -> str:
+        if connection.keepalive_expiry is not None and expires_at >= connection.keepalive_expiry:
+            return "keepalive_timeout"
+        if expires_at < connection.idle_since + self.idle_timeout:
+            return "learned_timeout"
+        return "idle_timeout"
+
+    def take_idle(
+        self, now: float, *, replayable: bool = True
+    ) -> tuple[C | None, list[tuple[C, str]]]:
+        """The most recently used live idle connection (LIFO keeps the hot ones warm).
+
+        A request that cannot be replayed (its body goes up and is not held) gets none
+        while the server's idle timeout is unknown and the newest idle connection is older
+        than the learner trusts (``IdleCloseLearner.unreplayable_limit``), so that the
+        caller opens a fresh one, capacity permitting.
+        """
         dead: list[tuple[C, str]] = []
-        while self.idle:
-            connection, expires_at = self.idle.pop()
+        idle = self.idle
+        while idle:
+            connection, expires_at = idle.pop()
             if expires_at <= now:
-                dead.append((connection, _expiry_reason(connection, expires_at)))
+                dead.append((connection, self._expiry_reason(connection, expires_at)))
             elif connection.is_readable():
                 dead.append((connection, "stale"))
+                self.learn_close(connection.idle_since, now)
             else:
+                age = now - connection.idle_since
+                if (
+                    not replayable
+                    and connection.keepalive_advertised is None
+                    and age > self.learner.unreplayable_limit(now)
+                    # room for a fresh one with this one still idle (it is popped)
+                    and self.total + 1 < self.max_connections
+                ):
+                    idle.append((connection, expires_at))
+                    return None, dead
+                connection.idle_age = age
                 self.in_use += 1
                 return connection, dead
         return None, dead
@@ -109,6 +147,9 @@ class PoolState(Generic[C]):
         Returns the waiter it went to, or a close reason if it must be closed instead.
         The caller has already taken it out of ``in_use``.
         """
+        if connection.idle_age and self.learner.record_alive(connection.idle_age):
+            self._relearned(now)
+        connection.idle_age = 0.0
         if self.waiters:
             waiter = self.waiters.popleft()
             waiter.connection = connection
@@ -116,9 +157,14 @@ class PoolState(Generic[C]):
             return waiter, None
         if len(self.idle) >= self.max_idle:
             return None, "max_idle"
+        connection.idle_since = now
         expires_at = self.expiry(connection, now)
         if expires_at <= now:
-            return None, _expiry_reason(connection, expires_at)
+            return None, self._expiry_reason(connection, expires_at)
+        if connection.keepalive_advertised is None and self.learner.timeout is None:
+            connection.probe_at = now + PROBE_FIRST
+        else:
+            connection.probe_at = math.inf
         self.idle.append((connection, expires_at))
         return None, None
 
@@ -136,7 +182,7 @@ class PoolState(Generic[C]):
         dead: list[tuple[C, str]] = []
         for connection, expires_at in self.idle:
             if expires_at <= now:
-                dead.append((connection, _expiry_reason(connection, expires_at)))
+                dead.append((connection, self._expiry_reason(connection, expires_at)))
             else:
                 keep.append((connection, expires_at))
         self.idle = keep
@@ -145,11 +191,62 @@ class PoolState(Generic[C]):
     def next_expiry(self) -> float:
         return min((expires_at for _, expires_at in self.idle), default=math.inf)
 
+    # -- learning the server's idle timeout ------------------------------------------------
 
-def _expiry_reason(connection: PooledConnection, expires_at: float) -> str:
-    if connection.keepalive_expiry is not None and expires_at >= connection.keepalive_expiry:
-        return "keepalive_timeout"
-    return "idle_timeout"
+    def learn_close(self, idle_since: float, now: float) -> None:
+        """The server closed a connection idle since ``idle_since``."""
+        if self.learner.record_close(now - idle_since, now):
+            self._relearned(now)
+
+    def _relearned(self, now: float) -> None:
+        """The learned timeout changed: the idle connections' expiry moves with it."""
+        retire = self.learner.retire_age(now)
+        probing = self.learner.timeout is None
+        entries = list(self.idle)
+        self.idle.clear()
+        for connection, _ in entries:
+            expires_at = connection.idle_since + min(self.idle_timeout, retire)
+            if connection.keepalive_expiry is not None:
+                expires_at = min(expires_at, connection.keepalive_expiry)
+            if not probing:
+                connection.probe_at = math.inf
+            elif connection.keepalive_advertised is None and connection.probe_at == math.inf:
+                connection.probe_at = now
+            self.idle.append((connection, expires_at))
+
+    def probe(self, now: float) -> list[tuple[C, str]]:
+        """Check the idle connections whose probe is due: those the server closed are dead
+        (and teach the learner its timeout), the others proved alive at their age."""
+        dead: list[tuple[C, str]] = []
+        keep: list[tuple[C, float]] = []
+        learner = self.learner
+        changed = False
+        for connection, expires_at in self.idle:
+            if connection.probe_at <= now:
+                age = now - connection.idle_since
+                if connection.is_readable():
+                    dead.append((connection, "stale"))
+                    changed = learner.record_close(age, now) or changed
+                    continue
+                changed = learner.record_alive(age) or changed
+                connection.probe_at = now + max(PROBE_FIRST, age * PROBE_STEP)
+            keep.append((connection, expires_at))
+        if dead or changed:
+            self.idle.clear()
+            self.idle.extend(keep)
+        if changed:
+            self._relearned(now)
+        return dead
+
+    def next_probe(self) -> float:
+        return min((connection.probe_at for connection, _ in self.idle), default=math.inf)
+
+
+# An idle connection of a server whose timeout is unknown is checked (one select) when it has
+# been idle this long, then each time its age has grown by a tenth: the close is seen within
+# ~10% of the age it happened at, in a few dozen checks over a long idle life.
+PROBE_FIRST = 0.05
+PROBE_STEP = 0.1
 
 
 Connector = Callable[[ServerAddress], Awaitable[UpstreamConnection]]
@@ -227,20 +324,24 @@ class UpstreamPool:
         self._closed_by[reason] += 1
 
     async def acquire(
-        self, on_wait: Callable[[], None] | None = None
+        self, on_wait: Callable[[], None] | None = None, *, replayable: bool = True
     ) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it is a reused one.
 
         Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
         ``queue_timeout``, and the connect errors of :func:`open_connection`.
         ``on_wait`` is called first when there is no idle connection to hand out at once.
+        ``replayable`` is False for a request that could not be sent again if the server
+        closed the connection under it (see ``PoolState.take_idle``).
         """
         if self._closing:
             raise Draining("upstream pool is closing")
         state = self._state
-        connection, dead = state.take_idle(trio.current_time())
-        for stale, reason in dead:
-            self._close(stale, reason)
+        connection, dead = state.take_idle(trio.current_time(), replayable=replayable)
+        if dead:
+            for stale, reason in dead:
+                self._close(stale, reason)
+            self._reaper_wakeup.set()  # a stale one may have taught a shorter timeout
         if connection is not None:
             self._reused += 1
             # No checkpoint on this path on purpose: it is the hot path, and the exchange
@@ -321,6 +422,19 @@ class UpstreamPool:
         if waiter is not None:
             waiter.event.set()
 
+    def closed_under_us(self, connection: UpstreamConnection) -> None:
+        """The keep-alive race: the server closed this reused connection as we sent on it,
+        after it had been idle ``connection.idle_age``. The caller still releases it."""
+        if connection.idle_age:
+            now = trio.current_time()
+            self._state.learn_close(now - connection.idle_age, now)
+            self._reaper_wakeup.set()
+
+    @property
+    def learned_idle_timeout(self) -> float | None:
+        """The server's idle timeout as learned from the closes the pool saw, if any."""
+        return self._state.learner.timeout
+
     def release(
         self, connection: UpstreamConnection, *, reusable: bool, close_reason: str = "error"
     ) -> None:
@@ -344,8 +458,7 @@ class UpstreamPool:
                     waiter.event.set()
                     return
                 if reason is None:
-                    expires_at = state.idle[-1][1]
-                    if expires_at < self._reaper_target:
+                    if min(state.idle[-1][1], connection.probe_at) < self._reaper_target:
                         self._reaper_wakeup.set()
                     return
         elif self._closing:
@@ -357,14 +470,16 @@ class UpstreamPool:
         self._grant_capacity()
 
     async def run_reaper(self) -> None:
-        """Close idle connections as they expire, so none outlives ``idle_timeout``."""
+        """Close idle connections as they expire, so none outlives ``idle_timeout``, and
+        probe those of a server whose idle timeout is not known yet."""
+        state = self._state
         while True:
             self._reaper_wakeup = trio.Event()
-            self._reaper_target = self._state.next_expiry()
+            self._reaper_target = min(state.next_expiry(), state.next_probe())
             with trio.move_on_at(self._reaper_target):
                 await self._reaper_wakeup.wait()
             now = trio.current_time()
-            expired = self._state.expire(now)
+            expired = state.expire(now) + state.probe(now)
             for connection, reason in expired:
                 self._close(connection, reason)
             if expired:

@@ -202,6 +202,11 @@ class UpstreamConnection:
         self.keepalive_expiry: float | None = None  # from the upstream's Keep-Alive header
         self.keepalive_advertised: float | None = None  # its timeout=N, in seconds
         self.connect_time: float | None = None  # seconds it took to open, set by the pool
+        # The pool's: when it last went idle, how long it had been idle when last checked out
+        # (0 while it has not been reused), and when the reaper checks it is still open.
+        self.idle_since = 0.0
+        self.idle_age = 0.0
+        self.probe_at = math.inf
         self.closed = False
         self.send_failed = False
         self.upgraded = False  # switched protocols (101): a tunnel owns the stream now

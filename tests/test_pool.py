@@ -5,6 +5,8 @@ Driven with trio's MockClock over in-memory streams, so every timeout runs insta
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 import trio.testing
@@ -14,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.errors import PoolTimeout
-from pooled_proxy.pool import PoolState, UpstreamPool
+from pooled_proxy.pool import PoolState, UpstreamPool, Waiter
 from pooled_proxy.upstream import UpstreamConnection
 
 SERVER = ServerAddress("127.0.0.1", 9)
@@ -235,70 +237,152 @@ async def test_close_drains_pool(autojump_clock):
 class FakeConnection:
     requests_sent = 0
     keepalive_expiry = None
+    keepalive_advertised = None
 
     def __init__(self) -> None:
         self.closed = False
+        self.server_closed = False  # the server closed it (an idle socket turns readable)
+        self.idle_since = 0.0
+        self.idle_age = 0.0
+        self.probe_at = math.inf
 
     def close(self) -> None:
         self.closed = True
 
     def is_readable(self) -> bool:
-        return False
+        return self.server_closed or self.closed
 
 
 class PoolStateMachine(RuleBasedStateMachine):
-    """Random acquire/release/expire sequences never break the pool's bounds."""
+    """Random acquire/connect/release/queue/cancel/expire/server-close sequences, driven the
+    way UpstreamPool drives PoolState, never break the pool's bounds or lose a waiter.
+
+    A queued request is modelled until it wakes up: handed a connection or a connect slot
+    (``handed``), it may still be cancelled before it runs, as a timed-out waiter is.
+    """
+
+    QUEUE_SIZE = 3
 
     def __init__(self) -> None:
         super().__init__()
         self.state: PoolState[FakeConnection] = PoolState(
-            max_connections=4, max_idle=2, idle_timeout=10.0
+            max_connections=3, max_idle=2, idle_timeout=10.0
         )
         self.now = 0.0
         self.leased: list[FakeConnection] = []
+        self.opening = 0  # connects under way (each holds a slot in ``connecting``)
+        self.queued: list[Waiter[FakeConnection]] = []  # still in the pool's queue
+        self.handed: list[Waiter[FakeConnection]] = []  # given a connection or a slot, not awake
 
-    @rule()
-    def acquire(self) -> None:
-        connection, dead = self.state.take_idle(self.now)
-        assert all(c.closed is False for c, _ in dead)
-        if connection is None and self.state.can_open():
-            self.state.connecting += 1
-            self.state.connecting -= 1
-            self.state.in_use += 1
-            connection = FakeConnection()
+    def _close(self, dead: list[tuple[FakeConnection, str]]) -> None:
+        for connection, _ in dead:
+            assert not connection.closed
+            connection.close()
+        self._grant()
+
+    def _grant(self) -> None:
+        waiter = self.state.grant_capacity()
+        if waiter is not None:
+            assert waiter.may_connect and waiter.connection is None
+            self.queued.remove(waiter)
+            self.handed.append(waiter)
+
+    @rule(replayable=st.booleans())
+    def acquire(self, replayable: bool) -> None:
+        connection, dead = self.state.take_idle(self.now, replayable=replayable)
+        self._close(dead)
         if connection is not None:
+            assert not connection.closed and not connection.server_closed
             self.leased.append(connection)
+        elif self.state.can_open():
+            self.state.connecting += 1
+            self.opening += 1
+        elif len(self.state.waiters) < self.QUEUE_SIZE:
+            waiter: Waiter[FakeConnection] = Waiter()
+            self.state.waiters.append(waiter)
+            self.queued.append(waiter)
+
+    @precondition(lambda self: self.opening)
+    @rule(succeeds=st.booleans())
+    def connect_ends(self, succeeds: bool) -> None:
+        self.opening -= 1
+        self.state.connecting -= 1
+        if succeeds:
+            self.state.in_use += 1
+            self.leased.append(FakeConnection())
+        else:
+            self._grant()
 
     @precondition(lambda self: self.leased)
     @rule(data=st.data(), reusable=st.booleans())
     def release(self, data: st.DataObject, reusable: bool) -> None:
-        connection = self.leased.pop(data.draw(st.integers(0, len(self.leased) - 1)))
+        self._release(data.draw(st.integers(0, len(self.leased) - 1)), reusable)
+
+    def _release(self, index: int, reusable: bool) -> None:
+        connection = self.leased.pop(index)
         self.state.in_use -= 1
         if reusable:
             waiter, reason = self.state.put_back(connection, self.now)
-            assert waiter is None
-            if reason is not None:
-                connection.close()
+            if waiter is not None:
+                assert reason is None and waiter.connection is connection
+                self.queued.remove(waiter)
+                self.handed.append(waiter)
+                return
+            if reason is None:
+                return
+        self._close([(connection, "error")])
+
+    @precondition(lambda self: self.handed)
+    @rule(data=st.data(), cancelled=st.booleans())
+    def waiter_wakes(self, data: st.DataObject, cancelled: bool) -> None:
+        waiter = self.handed.pop(data.draw(st.integers(0, len(self.handed) - 1)))
+        if waiter.connection is not None:
+            connection, waiter.connection = waiter.connection, None
+            self.leased.append(connection)
+            if cancelled:  # gave up at the same moment: the connection goes back
+                self._release(len(self.leased) - 1, reusable=True)
+        elif not cancelled:
+            self.opening += 1  # its slot is already counted in ``connecting``
         else:
-            connection.close()
+            self.state.connecting -= 1
+            self._grant()
+
+    @precondition(lambda self: self.queued)
+    @rule(data=st.data())
+    def waiter_times_out(self, data: st.DataObject) -> None:
+        waiter = self.queued.pop(data.draw(st.integers(0, len(self.queued) - 1)))
+        self.state.waiters.remove(waiter)
+
+    @precondition(lambda self: self.state.idle)
+    @rule(data=st.data())
+    def server_closes_an_idle_one(self, data: st.DataObject) -> None:
+        connection, _ = self.state.idle[data.draw(st.integers(0, len(self.state.idle) - 1))]
+        connection.server_closed = True
 
     @rule(seconds=st.floats(0, 20))
     def advance(self, seconds: float) -> None:
         self.now += seconds
-        for connection, _ in self.state.expire(self.now):
-            connection.close()
+        self._close(self.state.expire(self.now) + self.state.probe(self.now))
 
     @invariant()
     def bounded(self) -> None:
-        assert self.state.total <= self.state.max_connections
-        assert len(self.state.idle) <= self.state.max_idle
-        assert self.state.in_use == len(self.leased)
-        assert all(not c.closed for c, _ in self.state.idle)
-        assert all(expires > self.now or True for _, expires in self.state.idle)
+        state = self.state
+        assert state.total <= state.max_connections
+        assert len(state.idle) <= state.max_idle
+        assert len(state.waiters) <= self.QUEUE_SIZE
+        handed_connections = sum(w.connection is not None for w in self.handed)
+        assert state.in_use == len(self.leased) + handed_connections
+        assert state.connecting == self.opening + len(self.handed) - handed_connections
+        assert list(state.waiters) == self.queued  # FIFO, none lost, none twice
+        assert all(not c.closed for c, _ in state.idle)
+        assert all(expires > self.now for _, expires in state.idle)
+        assert all(expires <= c.idle_since + state.idle_timeout for c, expires in state.idle)
+        # Nobody waits while a connection is idle or a slot is free.
+        assert not state.waiters or (not state.idle and not state.can_open())
 
 
 TestPoolStateMachine = PoolStateMachine.TestCase
-TestPoolStateMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestPoolStateMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 
 
 async def test_upstream_connection_close_is_counted_as_upstream_close_not_error(autojump_clock):

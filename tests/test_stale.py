@@ -90,6 +90,41 @@ async def test_stale_reuse_of_post_with_body_is_not_replayed(nursery):
     assert upstream.requests == [b"GET /"]
 
 
+async def test_stale_reuse_of_put_and_delete_with_a_held_body_is_replayed(nursery):
+    """A body that came whole with its head (one read of at most 64 KiB) is still at hand:
+    an idempotent request carrying it is sent again, body and all, on a fresh connection."""
+    upstream = OneShotUpstream()
+    port = await nursery.start(upstream.serve)
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            assert (await client.request("GET", "/")).status == 200
+            put = await client.request("PUT", "/doc", body=b"x" * 4_000)
+            delete = await client.request("DELETE", "/doc", body=b'{"why": "gone"}')
+    assert (put.status, delete.status) == (200, 200)
+    assert upstream.requests == [b"GET /", b"PUT /doc", b"DELETE /doc"]
+    assert proxy.proxy.forwarder.stale_retries == 2
+
+
+async def test_stale_reuse_of_a_streamed_put_is_not_replayed(nursery):
+    """A body that did not come whole with its head streams up as it arrives: once a byte
+    of it went up it cannot be sent again, whatever the method."""
+    upstream = OneShotUpstream()
+    port = await nursery.start(upstream.serve)
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H11Client.connect(proxy.port) as client:
+            assert (await client.request("GET", "/")).status == 200
+            await client.stream.send_all(
+                b"PUT /doc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                reply += await client.stream.receive_some(65536)
+    assert reply.startswith(b"HTTP/1.1 502 "), reply
+    assert proxy.proxy.forwarder.stale_retries == 0
+
+
 async def test_idle_connection_closed_by_upstream_is_never_handed_out(nursery):
     upstream = OneShotUpstream(close_idle_after=0.05)
     port = await nursery.start(upstream.serve)

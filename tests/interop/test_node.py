@@ -81,8 +81,10 @@ async def run_keepalive_sweep(
                 )
 
     assert [lane.statuses for _, lane in lanes] == [(200, 200)] * len(lanes), lanes  # zero 502s
-    for operated, lane in lanes:
-        stats = operated.running.pool().statistics()
+    # Every pool at once, before the scrapes below take their time (a second connection
+    # left idle would meanwhile be retired too).
+    snapshots = [operated.running.pool().statistics() for operated, _ in lanes]
+    for (operated, lane), stats in zip(lanes, snapshots):
         scrape = await operated.scrape()
         closed = "pooled_proxy_upstream_connections_closed_total"
         if lane.gap < retire_at:
@@ -92,7 +94,7 @@ async def run_keepalive_sweep(
             # Retired by the pool for the advertised timeout, before Node closed it: the
             # second request went on a new connection, and nothing was ever found stale.
             assert stats.closed.get("keepalive_timeout") == 1, (lane, stats)
-            assert scrape.value(closed, reason="keepalive_timeout") == 1  # on /metrics too
+            assert scrape.value(closed, reason="keepalive_timeout") >= 1  # on /metrics too
             assert (stats.opened, stats.reused) == (2, 0), (lane, stats)
         assert "stale" not in stats.closed, (lane, stats)
         assert scrape.value(closed, reason="stale") == 0
