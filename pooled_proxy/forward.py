@@ -35,6 +35,7 @@ from .headers import (
     is_event_stream,
     upstream_request_headers,
 )
+from .log_limit import WarningLimiter
 from .pool import Connector, UpstreamPool
 from .routing import Router, rewrite_target
 from .tunnel import (
@@ -154,6 +155,8 @@ class Forwarder:
         self.observers = observers
         self.stale_retries = 0
         self.live = LiveCounts()
+        # One warning line per upstream server and error kind per second.
+        self.warnings = WarningLimiter()
 
     async def run_reapers(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -186,14 +189,22 @@ class Forwarder:
         record.error = exc.proxy_status
         if isinstance(exc, (UpstreamError, ProxyInternalError)):
             # A client's mistake is its answer and its access log line; an upstream's failure
-            # (with its address, which the answer leaves out) and the proxy's own are logged.
-            LOG.log(
-                logging.WARNING if exc.blame == "upstream" else logging.ERROR,
-                "%s %s: %s",
-                record.method.decode("latin-1"),
-                record.target.decode("latin-1"),
-                exc.detail,
+            # (with its address, which the answer leaves out) and the proxy's own are logged,
+            # once per server and kind a second (an outage fails every request alike).
+            suppressed = self.warnings.admit(
+                (record.upstream_server, exc.proxy_status), trio.current_time()
             )
+            if suppressed is not None:
+                LOG.log(
+                    logging.WARNING if exc.blame == "upstream" else logging.ERROR,
+                    "%s %s: %s%s",
+                    record.method.decode("latin-1"),
+                    record.target.decode("latin-1"),
+                    exc.detail,
+                    f" ({suppressed} more like it since the last one, not logged)"
+                    if suppressed
+                    else "",
+                )
         try:
             if sink.head_sent:
                 await sink.reset()

@@ -251,6 +251,7 @@ class Proxy:
         same_listeners = effective.server.tls is not None and tls.server is not None
         self.tls = TlsContexts(tls.server if same_listeners else self.tls.server, tls.upstreams)
         new.stale_retries = old.stale_retries  # a counter: it carries on across generations
+        new.warnings = old.warnings  # an outage across a reload is still one outage
         new.live = old.live  # shared: exchanges still on the old forwarder count there too
         self.config = effective
         self.forwarder = new
