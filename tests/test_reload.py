@@ -4,6 +4,7 @@ the real daemon as a subprocess."""
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import h11
@@ -187,3 +188,52 @@ async def test_watch_reloads_when_the_file_changes(nursery, tmp_path: Path):
                 assert (await client.request("GET", "/b/echo")).status == 200
             daemon.send_signal(signal.SIGTERM)
             assert await daemon.wait() == 0
+
+
+class PeerCloseUpstream:
+    """Answers every request with 200 and counts the connections the proxy closes."""
+
+    def __init__(self) -> None:
+        self.closed_by_proxy = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        self.closed_by_proxy += 1
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.EndOfMessage):
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+                        + conn.send(h11.EndOfMessage())
+                    )
+                    conn.start_next_cycle()
+
+
+async def test_the_reaper_of_a_pool_a_reload_adds_closes_its_idle_connections(
+    nursery, autojump_clock
+):
+    upstream = PeerCloseUpstream()
+    port = await nursery.start(upstream.serve)
+    running = await start_proxy(nursery, config_of({"a": port}, routes=routes("a")))
+    added = config_of({"a": port, "late": port}, routes=routes("a", "late"))
+    late = replace(added.upstreams["late"], idle_timeout=30.0)
+    running.proxy.reload(replace(added, upstreams={**added.upstreams, "late": late}))
+    async with await H11Client.connect(running.port) as client:
+        assert (await client.request("GET", "/late/x")).status == 200
+    await trio.sleep(29.0)
+    pool = running.proxy.forwarder.upstreams["late"].pools[0]
+    assert upstream.closed_by_proxy == 0 and pool.statistics().idle == 1
+    await trio.sleep(2.0)
+    assert upstream.closed_by_proxy == 1  # seen on the wire: the proxy closed it at 30 s
+    assert pool.statistics().closed == {"idle_timeout": 1}

@@ -190,3 +190,26 @@ async def test_upstream_silent_mid_body_is_cut_at_read_timeout(
     await trio.testing.wait_all_tasks_blocked()
     assert trio.current_time() - start == pytest.approx(40.0)
     assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+
+
+@guarded
+async def test_queued_request_is_503_with_retry_after_at_queue_timeout(
+    nursery, autojump_clock, upstream
+):
+    proxy = Proxy(
+        make_config(1, server=SERVER, **UPSTREAM, max_connections=1, queue_timeout=5.0),
+        connect=upstream.connector(nursery),
+    )
+    holder = memory_client(nursery, proxy)
+    await holder.send_all(b"GET /hang HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    await trio.testing.wait_all_tasks_blocked()  # the one connection is taken
+    queued = memory_client(nursery, proxy)
+    start = trio.current_time()
+    await queued.send_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    reply = await read_until_close(queued)
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert _statuses(reply) == [503]
+    assert re.search(rb"\r\nretry-after: \d+\r\n", reply, re.IGNORECASE), reply
+    pool = proxy.forwarder.upstreams["app"].pools[0].statistics()
+    assert (pool.queue_timeouts, pool.waiting, pool.in_use) == (1, 0, 1)
+    assert _statuses(await read_until_close(holder)) == [504]  # at response_header_timeout
