@@ -32,10 +32,17 @@ HOST = "127.0.0.1"
 
 
 class IdleClosingUpstream:
-    """Answers 200 to every request; closes a connection idle ``idle`` seconds, unannounced."""
+    """Answers 200 to every request; closes a connection idle ``idle`` seconds, unannounced.
 
-    def __init__(self, idle: float) -> None:
+    Its event loop is busy: it reads a request ``lag`` seconds after it arrived, and when its
+    idle timer fires first it closes the connection with the request unread (a reset), as a
+    loaded uvicorn or Node does. That is the race: a request sent within ``lag`` of the
+    close is lost, though the connection was open when it was sent.
+    """
+
+    def __init__(self, idle: float, lag: float) -> None:
         self.idle = idle
+        self.lag = lag
         self.connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -50,13 +57,16 @@ class IdleClosingUpstream:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    with trio.move_on_after(self.idle if conn.our_state is h11.IDLE else 10.0):
+                    idle = conn.our_state is h11.IDLE and conn.their_state is h11.IDLE
+                    with trio.move_on_after(self.idle if idle else 10.0):
+                        await trio.lowlevel.wait_readable(stream.socket)
+                        await trio.sleep(self.lag)  # busy elsewhere; the timer may fire
                         data = await stream.receive_some(65536)
                         if not data:
                             return
                         conn.receive_data(data)
                         continue
-                    return  # idle too long: close without a word
+                    return  # idle too long: close without a word (unread bytes: a reset)
                 if isinstance(event, h11.EndOfMessage):
                     await stream.send_all(
                         conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
@@ -86,7 +96,7 @@ def switch_learning_off() -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    upstream = IdleClosingUpstream(args.idle)
+    upstream = IdleClosingUpstream(args.idle, args.lag)
     statuses: Counter[int] = Counter()
     rng = random.Random(args.seed)
     async with trio.open_nursery() as nursery:
@@ -116,7 +126,8 @@ async def run(args: argparse.Namespace) -> None:
         stats = pool.statistics()
         total = sum(statuses.values())
         print(
-            f"idle close {args.idle:g} s, {'baseline (no learning)' if args.baseline else 'learning'}: "
+            f"idle close {args.idle:g} s (lag {args.lag:g} s), "
+            f"{'baseline (no learning)' if args.baseline else 'learning'}: "
             f"{total} POSTs in {elapsed:.0f} s, statuses {dict(sorted(statuses.items()))}, "
             f"502s {statuses[502]}"
         )
@@ -131,6 +142,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle", type=float, default=1.0, help="upstream idle close (s)")
+    parser.add_argument("--lag", type=float, default=0.02, help="upstream's busy-loop delay (s)")
     parser.add_argument("--lanes", type=int, default=10)
     parser.add_argument("--requests", type=int, default=90, help="POSTs per lane")
     parser.add_argument("--spread", type=float, default=0.1, help="gap = idle x (1 +- spread)")

@@ -27,9 +27,7 @@ def refused_port() -> int:
         return int(sock.getsockname()[1])  # closed again: connects are refused
 
 
-async def test_an_outage_logs_one_warning_per_second_with_a_count(
-    autojump_clock, nursery, caplog
-):
+async def test_an_outage_logs_one_warning_per_second_with_a_count(autojump_clock, nursery, caplog):
     proxy = await start_proxy(nursery, make_config(refused_port()))
     caplog.set_level(logging.WARNING, logger="pooled_proxy.forward")
     async with await H11Client.connect(proxy.port) as client:
