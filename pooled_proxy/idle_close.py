@@ -50,13 +50,13 @@ def margin(timeout: float) -> float:
 class IdleCloseLearner:
     """One server's idle timeout, learned from the closes the pool sees (see the module doc)."""
 
-    __slots__ = ("_closes", "_forget_at", "alive_age", "timeout")
+    __slots__ = ("_closes", "alive_age", "forget_at", "timeout")
 
     def __init__(self) -> None:
         self._closes: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (seen at, age)
         self.alive_age = 0.0  # the longest idle age a connection was seen to survive
         self.timeout: float | None = None  # the learned idle timeout, in seconds
-        self._forget_at = math.inf
+        self.forget_at = math.inf  # when the oldest close counted stops counting
 
     def __repr__(self) -> str:
         return f"<IdleCloseLearner timeout={self.timeout} alive_age={self.alive_age:.3f}>"
@@ -96,14 +96,14 @@ class IdleCloseLearner:
         learned = next(
             (lower for lower, higher in pairwise(ages) if higher <= lower * AGREEMENT), None
         )
-        self._forget_at = min(seen_at for seen_at, _ in closes) + WINDOW if closes else math.inf
+        self.forget_at = min(seen_at for seen_at, _ in closes) + WINDOW if closes else math.inf
         changed = learned != self.timeout
         self.timeout = learned
         return changed
 
     def retire_age(self, now: float) -> float:
         """The idle age at which the server's connections are retired (``inf``: unknown)."""
-        if now >= self._forget_at:
+        if now >= self.forget_at:
             self._decide(now)
         timeout = self.timeout
         return math.inf if timeout is None else timeout - margin(timeout)

@@ -85,6 +85,10 @@ class PoolState(Generic[C]):
         self.connecting = 0
         self.waiters: deque[Waiter[C]] = deque()
         self.learner = IdleCloseLearner()
+        # What the learner says, kept at hand for put_back (every request): the longest an
+        # idle connection is kept, and whether idle connections are probed.
+        self._keep_idle = idle_timeout
+        self._probing = True
 
     @property
     def total(self) -> int:
@@ -94,7 +98,9 @@ class PoolState(Generic[C]):
         return self.total < self.max_connections
 
     def expiry(self, connection: C, now: float) -> float:
-        expires = now + min(self.idle_timeout, self.learner.retire_age(now))
+        if now >= self.learner.forget_at:
+            self._relearned(now)
+        expires = now + self._keep_idle
         if connection.keepalive_expiry is not None:
             expires = min(expires, connection.keepalive_expiry)
         return expires
@@ -161,7 +167,7 @@ class PoolState(Generic[C]):
         expires_at = self.expiry(connection, now)
         if expires_at <= now:
             return None, self._expiry_reason(connection, expires_at)
-        if connection.keepalive_advertised is None and self.learner.timeout is None:
+        if self._probing and connection.keepalive_advertised is None:
             connection.probe_at = now + PROBE_FIRST
         else:
             connection.probe_at = math.inf
@@ -201,11 +207,12 @@ class PoolState(Generic[C]):
     def _relearned(self, now: float) -> None:
         """The learned timeout changed: the idle connections' expiry moves with it."""
         retire = self.learner.retire_age(now)
-        probing = self.learner.timeout is None
+        self._keep_idle = min(self.idle_timeout, retire)
+        self._probing = probing = self.learner.timeout is None
         entries = list(self.idle)
         self.idle.clear()
         for connection, _ in entries:
-            expires_at = connection.idle_since + min(self.idle_timeout, retire)
+            expires_at = connection.idle_since + self._keep_idle
             if connection.keepalive_expiry is not None:
                 expires_at = min(expires_at, connection.keepalive_expiry)
             if not probing:
