@@ -69,11 +69,15 @@ async def test_stale_reuse_of_idempotent_request_is_retried_not_502(nursery):
             for _ in range(5):
                 reply = await client.request("GET", "/")
                 assert (reply.status, reply.body) == (200, b"ok")
-    # Every reuse hit a dead connection and was retried once on a fresh one.
+    # Every reuse hit a dead connection and was retried once on a fresh one, until the pool
+    # took the closes, at about the same idle age, for the server's idle timeout: from
+    # then on it retires the connection before reusing it instead.
     await trio.testing.wait_all_tasks_blocked()
-    assert proxy.proxy.forwarder.stale_retries == 4
-    assert upstream.connections == 5
-    assert proxy.pool().statistics().in_use == 0
+    stats = proxy.pool().statistics()
+    retries = proxy.proxy.forwarder.stale_retries
+    assert retries == stats.reused >= 2, stats  # each reuse met the race and was retried
+    assert upstream.connections == stats.opened == 5
+    assert stats.in_use == 0
 
 
 async def test_stale_reuse_of_post_with_body_is_not_replayed(nursery):
