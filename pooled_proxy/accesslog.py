@@ -118,7 +118,8 @@ def json_line(record: ExchangeRecord) -> str:
         f'"ttfb_ms":{_json_number(_ms(record.ttfb))},'
         f'"duration_ms":{_json_number(_ms(record.duration))},'
         f'"event_stream":{"true" if record.event_stream else "false"},'
-        f'"error":{_json_text(record.error)}}}\n'
+        f'"error":{_json_text(record.error)},'
+        f'"request_id":{_json_text(_text(record.request_id))}}}\n'
     )
 
 
@@ -126,7 +127,7 @@ def combined_line(record: ExchangeRecord) -> str:
     """The Apache/nginx combined format, then the proxy's fields as ``key=value``:
 
     ``127.0.0.1 - - [10/Oct/2025:13:55:36 +0000] "GET /x HTTP/1.1" 200 512 "-" "curl/8.5"
-    in=0 upstream=127.0.0.1:9000 conn=reused ttfb=0.002 rt=0.003 error=-``
+    in=0 upstream=127.0.0.1:9000 conn=reused ttfb=0.002 rt=0.003 error=- rid=5f0c...``
 
     Times are seconds with millisecond precision; ``-`` marks an absent value.
     """
@@ -143,7 +144,7 @@ def combined_line(record: ExchangeRecord) -> str:
         f'"{_escaped(_header(record, b"referer"))}" "{_escaped(_header(record, b"user-agent"))}" '
         f"in={record.bytes_in} upstream={record.upstream_server or '-'} "
         f"conn={_connection(record) or '-'} ttfb={ttfb} rt={record.duration:.3f} "
-        f"error={record.error or '-'}\n"
+        f"error={record.error or '-'} rid={_escaped(record.request_id)}\n"
     )
 
 

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError, ConfigProblem
+from .protocol.abnf import TOKEN
 
 DEFAULT_LISTEN = ("127.0.0.1:8080",)
 ANY_HOST = "*"  # a listen host: every interface, IPv4 and IPv6
@@ -68,6 +69,8 @@ class ServerConfig:
     max_concurrent_streams: int = 100  # HTTP/2
     drain_timeout: float = 30.0
     tls: TlsConfig | None = None
+    request_id: bool = True  # every request gets an ID, sent upstream, returned and logged
+    request_id_header: str = "x-request-id"  # lower-case
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -442,6 +445,24 @@ def _host_header(value: object) -> str:
     return str(value)
 
 
+# Fields the proxy frames, routes or rewrites itself: a request ID cannot travel in them.
+_RESERVED_FIELDS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "host", "content-length", "content-type", "expect", "via", "x-forwarded-for",
+    "x-forwarded-proto", "x-forwarded-host", "traceparent", "tracestate",
+})  # fmt: skip
+_FIELD_NAME = re.compile(TOKEN.decode("ascii"))
+
+
+def _header_name(value: object) -> str:
+    name = _string(value)
+    if not _FIELD_NAME.fullmatch(name):
+        raise ValueError(f'"{value}" is not a header name (letters, digits and -!#$%&\'*+.^_`|~)')
+    if name.lower() in _RESERVED_FIELDS:
+        raise ValueError(f'"{value}" is a header the proxy handles itself')
+    return name.lower()
+
+
 def _path_prefix(value: object) -> str:
     if not _string(value).startswith("/"):
         raise ValueError(f'must start with "/", got "{value}"')
@@ -454,7 +475,7 @@ _SERVER_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "body_timeout": _POSITIVE, "write_timeout": _POSITIVE, "max_header_bytes": _int(1),
     "max_header_count": _int(1), "max_body_bytes": _int(0), "max_connections": _int(1),
     "max_requests_per_connection": _int(0), "max_concurrent_streams": _int(1),
-    "drain_timeout": _ZERO_OK,
+    "drain_timeout": _ZERO_OK, "request_id": _bool, "request_id_header": _header_name,
 })  # fmt: skip
 _UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "balance": _choice("round_robin", "least_conn"), "max_connections": _int(1),

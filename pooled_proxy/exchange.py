@@ -115,6 +115,7 @@ class ExchangeRecord:
     ttfb: float | None = None
     duration: float = 0.0
     error: str = ""  # the Proxy-Status error type, if any
+    request_id: bytes = b""  # sent upstream and returned to the client ([server] request_id)
     event_stream: bool = False
     # The request's headers as the client sent them (read by the access log's combined
     # format for Referer and User-Agent); a reference, not a copy.

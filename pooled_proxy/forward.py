@@ -37,6 +37,7 @@ from .headers import (
 )
 from .log_limit import WarningLimiter
 from .pool import Connector, UpstreamPool
+from .request_ids import choose_request_id
 from .routing import Router, rewrite_target
 from .tunnel import (
     TunnelStats,
@@ -50,6 +51,13 @@ from .upstream import ResponseHead, UpstreamConnection
 LOG = logging.getLogger("pooled_proxy.forward")
 
 ExchangeObserver = Callable[[ExchangeRecord], None]
+
+
+def _field(headers: Headers, name: bytes) -> bytes | None:
+    for field_name, value in headers:
+        if field_name == name:
+            return value
+    return None
 
 
 class _Upload:
@@ -153,6 +161,9 @@ class Forwarder:
                     upstream_config, connect=connect, ssl_context=tls.get(name)
                 )
         self.observers = observers
+        server = config.server
+        # The lower-case name of the request-ID field, or b"" when request IDs are off.
+        self.request_id_header = server.request_id_header.encode() if server.request_id else b""
         self.stale_retries = 0
         self.live = LiveCounts()
         # One warning line per upstream server and error kind per second.
@@ -175,6 +186,10 @@ class Forwarder:
         except ClientDisconnected as exc:
             record.error = exc.proxy_status
         except ProxyError as exc:
+            if self.request_id_header and not record.request_id:  # failed before it was set
+                record.request_id = choose_request_id(
+                    _field(exchange.head.headers, self.request_id_header)
+                )
             await self.answer_error(exchange.sink, record, exc)
         finally:
             if record.event_stream:
@@ -197,9 +212,10 @@ class Forwarder:
             if suppressed is not None:
                 LOG.log(
                     logging.WARNING if exc.blame == "upstream" else logging.ERROR,
-                    "%s %s: %s%s",
+                    "%s %s%s: %s%s",
                     record.method.decode("latin-1"),
                     record.target.decode("latin-1"),
+                    f" (request {record.request_id.decode('ascii')})" if record.request_id else "",
                     exc.detail,
                     f" ({suppressed} more like it since the last one, not logged)"
                     if suppressed
@@ -211,6 +227,8 @@ class Forwarder:
                 return
             status, headers, body = error_response(exc)
             record.status = status
+            if record.request_id:
+                headers.append((self.request_id_header, record.request_id))
             if record.method == b"HEAD":
                 # No body on a HEAD response (h11 refuses one, and the client reads none).
                 await sink.send_head(status, headers, end=True)
@@ -238,7 +256,10 @@ class Forwarder:
             scheme=head.scheme,
             protocol=head.http_version,
             upstream_host=group.host_header,
+            request_id_header=self.request_id_header,
         )
+        if self.request_id_header:
+            record.request_id = headers[-1][1]
         upgrade = requested_upgrade(head.headers) if exchange.upgrade is not None else None
         if upgrade is not None:
             # Hop-by-hop, but this hop must ask for the switch too (the front end vouched
@@ -449,7 +470,10 @@ class Forwarder:
         if sent_at is not None:
             record.upstream_header_time = now - sent_at
         response_headers = client_response_headers(
-            response.headers, protocol=b"1.1", date=http_date
+            response.headers,
+            protocol=b"1.1",
+            date=http_date,
+            request_id=(self.request_id_header, record.request_id) if record.request_id else None,
         )
         record.event_stream = is_event_stream(response_headers)
         if record.event_stream:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from .request_ids import choose_request_id
+
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 section 7.6.1, plus the de-facto ones every proxy strips.
@@ -58,17 +60,22 @@ def upstream_request_headers(
     scheme: bytes,
     protocol: bytes,
     upstream_host: bytes | None = None,
+    request_id_header: bytes = b"",
 ) -> Headers:
     """The headers to send upstream for a client request.
 
     ``protocol`` is the client's HTTP version as it goes into ``Via`` (``b"1.1"`` or ``b"2"``).
     ``upstream_host`` (an upstream's ``host_header``) replaces the client's Host, which
     still goes up as ``X-Forwarded-Host``.
+    With a ``request_id_header`` (a lower-case name), the client's fields of that name are
+    replaced by one carrying the request's ID, the client's first one if it is sane, else a
+    new one (:func:`~pooled_proxy.request_ids.choose_request_id`): the last field returned.
     """
     drop = _drop_set(headers)
     out: Headers = [(b"host", upstream_host or host)]
     forwarded_for = b""
     via = b""
+    client_id: bytes | None = None
     for name, value in headers:
         if name in drop or name in _SET_BY_PROXY:
             continue
@@ -76,6 +83,9 @@ def upstream_request_headers(
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value
         elif name == b"via":
             via = via + b", " + value if via else value
+        elif name == request_id_header:
+            if client_id is None:
+                client_id = value
         else:
             out.append((name, value))
     out.append(
@@ -85,6 +95,8 @@ def upstream_request_headers(
     out.append((b"x-forwarded-host", host))
     hop = protocol + b" " + VIA_TOKEN
     out.append((b"via", via + b", " + hop if via else hop))
+    if request_id_header:
+        out.append((request_id_header, choose_request_id(client_id)))
     return out
 
 
@@ -130,19 +142,26 @@ http_date = _HttpDate()
 
 
 def client_response_headers(
-    headers: Headers, *, protocol: bytes, date: Callable[[], bytes] | None = None
+    headers: Headers,
+    *,
+    protocol: bytes,
+    date: Callable[[], bytes] | None = None,
+    request_id: tuple[bytes, bytes] | None = None,
 ) -> Headers:
     """The headers to send the client for an upstream response; ``protocol`` is the upstream's.
 
     ``date``: a final response without ``Date`` gets one from it (RFC 9110 6.6.1: a recipient
     with a clock must add it).
+    ``request_id`` (name, ID) replaces whatever the upstream sent under that name: the
+    client gets the ID the proxy logged and sent upstream.
     """
     drop = _drop_set(headers)
     out: Headers = []
     via = b""
     dated = False
+    id_name = request_id[0] if request_id is not None else b""
     for name, value in headers:
-        if name in drop:
+        if name in drop or name == id_name:
             continue
         if name == b"via":
             via = via + b", " + value if via else value
@@ -154,6 +173,8 @@ def client_response_headers(
         out.append((b"date", date()))
     hop = protocol + b" " + VIA_TOKEN
     out.append((b"via", via + b", " + hop if via else hop))
+    if request_id is not None:
+        out.append(request_id)
     return out
 
 

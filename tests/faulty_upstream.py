@@ -4,7 +4,9 @@ The first path segment of each request picks its fault (or ``FaultyUpstream(mode
 forces one for every request):
 
 =====================  ===================================================================
-``/ok``                a correct keep-alive 200 (``?size=N`` body bytes, ``?chunked=1``)
+``/ok``                a correct keep-alive 200 (``?size=N`` body bytes, ``?chunked=1``,
+                       ``?trailers=1``: chunked with two trailer fields, ``?rid=X``: an
+                       ``X-Request-ID: X`` of its own)
 ``/reset-before-head`` reads the request, then resets the connection (TCP RST)
 ``/close-before-head`` reads the request, then closes (FIN) without answering
 ``/reset-mid-head``    sends half a response head, then resets
@@ -62,6 +64,7 @@ BAD_HEADS = {
     "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     "unknown-te": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
 }
+TRAILERS = [("grpc-status", "0"), ("x-checksum", "c0ffee")]
 SMUGGLED_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Smuggled: yes\r\n\r\nsmuggled"
 
 
@@ -303,16 +306,19 @@ class FaultyUpstream:
             size_text = query.get("size", "2")
             size = min(int(size_text), 10**7) if size_text.isdigit() else 2
             body = b"ok" if size == 2 else b"o" * size
-            if query.get("chunked"):
+            if query.get("chunked") or query.get("trailers"):
                 headers = [("transfer-encoding", "chunked")]
             else:
                 headers = [("content-length", str(len(body)))]
+            if "rid" in query:
+                headers.append(("x-request-id", query["rid"]))
             data = conn.send(
                 h11.Response(status_code=200, headers=[*headers, ("x-upstream", "faulty")])
             )
             if request.method != b"HEAD":
                 data += conn.send(h11.Data(data=body))
-            data += conn.send(h11.EndOfMessage())
+            trailers = TRAILERS if query.get("trailers") else []
+            data += conn.send(h11.EndOfMessage(headers=trailers))
             await stream.send_all(data)
             return conn.our_state is h11.DONE and conn.their_state is h11.DONE
         return False

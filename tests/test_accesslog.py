@@ -23,7 +23,7 @@ COMBINED = re.compile(
     r'(?P<client>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}|-) '
     r'(?P<bytes_out>\d+|-) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)" in=(?P<bytes_in>\d+) '
     r"upstream=(?P<upstream>\S+) conn=(?P<conn>new|reused|-) ttfb=(?P<ttfb>[\d.]+|-) "
-    r"rt=(?P<rt>[\d.]+) error=(?P<error>\S+)\n"
+    r"rt=(?P<rt>[\d.]+) error=(?P<error>\S+) rid=(?P<rid>\S+)\n"
 )
 
 
@@ -202,6 +202,7 @@ def _reference_json_line(record: ExchangeRecord) -> str:
                 "duration_ms": round(record.duration * 1000.0, 3),
                 "event_stream": record.event_stream,
                 "error": record.error or None,
+                "request_id": record.request_id.decode("latin-1") or None,
             },
             separators=(",", ":"),
         )
@@ -239,5 +240,6 @@ def test_the_json_line_is_json_dumps_of_its_fields(wall_start, text, words, numb
         ttfb=seconds,
         duration=seconds or 0.0,
         error=words[:3],
+        request_id=text[-5:],
     )
     assert json_line(record) == _reference_json_line(record)

@@ -252,6 +252,12 @@ def test_minimal_config_gets_defaults_and_an_implicit_route(in_tmp: Path) -> Non
     assert config.routes == (RouteConfig(upstream="api"),)
 
 
+def test_request_id_keys(in_tmp: Path) -> None:
+    config = load(MINIMAL + "[server]\nrequest_id = false\nrequest_id_header = 'X-Trace-ID'\n")
+    assert (config.server.request_id, config.server.request_id_header) == (False, "x-trace-id")
+    assert (ServerConfig().request_id, ServerConfig().request_id_header) == (True, "x-request-id")
+
+
 def test_config_is_frozen(in_tmp: Path) -> None:
     config = load(MINIMAL)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -591,6 +597,23 @@ ERROR_CASES = [
         MINIMAL + "[server.tls]\ncert = 'cert.pem'\nkey = 'key.pem'\n",
         "proxy.toml:3: server.tls.listen: missing required key",
         id="tls-missing-listen",
+    ),
+    pytest.param(
+        MINIMAL + "[server]\nrequest_id = 'yes'\n",
+        "proxy.toml:4: server.request_id: expected true or false, got string",
+        id="request-id-not-bool",
+    ),
+    pytest.param(
+        MINIMAL + "[server]\nrequest_id_header = 'X Request ID'\n",
+        'proxy.toml:4: server.request_id_header: "X Request ID" is not a header name '
+        "(letters, digits and -!#$%&'*+.^_`|~)",
+        id="request-id-header-not-a-name",
+    ),
+    pytest.param(
+        MINIMAL + "[server]\nrequest_id_header = 'Traceparent'\n",
+        'proxy.toml:4: server.request_id_header: "Traceparent" is a header the proxy handles '
+        "itself",
+        id="request-id-header-reserved",
     ),
     pytest.param(
         '[upstreams."my.api"]\nservers = ["h:1"]\nbalance = 1\n',

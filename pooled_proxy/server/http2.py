@@ -534,7 +534,12 @@ class HTTP2Connection:
         except Exception:
             # A bug in one exchange must not take the connection's other streams down;
             # _stream_done resets this one.
-            LOG.exception("HTTP/2 stream %d from %s failed", stream.id, self.client_ip.decode())
+            LOG.exception(
+                "HTTP/2 stream %d from %s failed%s",
+                stream.id,
+                self.client_ip.decode(),
+                f" (request {record.request_id.decode('ascii')})" if record.request_id else "",
+            )
         finally:
             proxy.active_exchanges -= 1
             self._stream_done(stream)
