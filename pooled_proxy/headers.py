@@ -178,6 +178,22 @@ def client_response_headers(
     return out
 
 
+# Fields a trailer section must not carry (framing, routing; RFC 9110 section 6.5.1), on top
+# of the hop-by-hop ones.
+_NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}
+
+
+def trailer_fields(trailers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """An upstream's trailers as they may be relayed to a client: lower-case names, without
+    pseudo-fields, hop-by-hop and framing fields."""
+    out: Headers = []
+    for name, value in trailers:
+        name = name.lower()
+        if name not in _NOT_IN_TRAILERS and not name.startswith(b":"):
+            out.append((name, value))
+    return out
+
+
 def keep_alive_timeout(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
     """The ``timeout=N`` an upstream advertises in ``Keep-Alive``, if any."""
     for name, value in headers:

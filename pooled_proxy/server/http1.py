@@ -35,7 +35,7 @@ from ..errors import (
     RequestHeaderTimeout,
 )
 from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
-from ..headers import Headers, comma_tokens
+from ..headers import Headers, comma_tokens, trailer_fields
 from ..protocol.h1_checks import Head, RequestChecker, Violation
 from ..protocol.request_checks import check_request
 from ..proxy import Proxy
@@ -413,11 +413,15 @@ class HTTP1Connection:
             return data
         return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
 
-    def _fast_end(self) -> bytes:
+    def _fast_end(self, trailers: Headers | None = None) -> bytes:
         if self.body_left:
             raise ClientDisconnected("cannot send response: too little data for its Content-Length")
         self._fast_done = True
-        return b"0\r\n\r\n" if self._fast_chunked else b""
+        if not self._fast_chunked:
+            return b""
+        if trailers:
+            return b"0\r\n%b\r\n" % b"".join([b"%b: %b\r\n" % field for field in trailers])
+        return b"0\r\n\r\n"
 
     async def send_data(self, data: bytes) -> None:
         if self._fast_cycle:
@@ -428,16 +432,32 @@ class HTTP1Connection:
         await self._write(self.h11.send(h11.Data(data=data)))
 
     async def end(self, trailers: Headers | None = None) -> None:
-        # Trailers are dropped: HTTP/1.1 clients rarely ask for them (TE: trailers), and h11
-        # can only send them on a chunked response.
+        # Trailers go to a client that said it takes them (TE: trailers) on a chunked
+        # response, the only framing that can carry them; otherwise they are dropped.
+        if trailers:
+            trailers = trailer_fields(trailers) if self._takes_trailers() else None
         if self._fast_cycle:
-            data = self._fast_end()
+            data = self._fast_end(trailers)
             if data:
                 await self._write(data)
             return
-        data = self.h11.send(h11.EndOfMessage())
+        data = self.h11.send(h11.EndOfMessage(headers=trailers) if trailers else h11.EndOfMessage())
         if data:  # a chunked body's last chunk; a Content-Length body has nothing left to send
             await self._write(data)
+
+    def _takes_trailers(self) -> bool:
+        """The response is chunked and its client sent ``TE: trailers`` (read only when there
+        are trailers to send, so the common response pays nothing for it)."""
+        if self._fast_cycle:
+            if not self._fast_chunked:
+                return False
+        elif self.body_left is not None or self.h11.their_http_version != b"1.1":
+            return False  # a Content-Length or a body until close (an HTTP/1.0 client)
+        record = self._exchange_record
+        return record is not None and any(
+            name == b"te" and b"trailers" in comma_tokens(value)
+            for name, value in record.request_headers
+        )
 
     async def switch_protocols(self, headers: Headers) -> tuple[trio.abc.Stream, bytes]:
         """Send the upstream's 101; from here the connection belongs to a tunnel (ClientUpgrade)."""

@@ -41,7 +41,7 @@ from ..errors import (
     RequestBodyTimeout,
 )
 from ..exchange import NO_BODY, Exchange, ExchangeRecord
-from ..headers import HOP_BY_HOP, Headers, h1_response_to_h2
+from ..headers import Headers, h1_response_to_h2, trailer_fields
 from ..protocol.h2_server import (
     AbuseLimits,
     FrameGuard,
@@ -211,11 +211,7 @@ class H2Stream:
         if self.ended:
             return
         if trailers:
-            self.trailers = [
-                (name.lower(), value)
-                for name, value in trailers
-                if name.lower() not in HOP_BY_HOP and not name.startswith(b":")
-            ]
+            self.trailers = trailer_fields(trailers)
         elif self.connection.send_now(self, b"", end=True):
             return  # the exchange is over: no checkpoint for nothing (see send_head)
         self.end_requested = True
