@@ -6,7 +6,8 @@ listeners and the handler nursery, and is cancelled only when the process is abo
 
 - ``/healthz`` (liveness): 200 while the event loop answers, draining or not.
 - ``/readyz`` (readiness): 200, or 503 from the moment a drain starts, so a load balancer
-  stops sending new traffic while in-flight exchanges finish.
+  stops sending new traffic while in-flight exchanges finish; with
+  ``ready_requires_healthy_upstreams``, also 503 while an upstream has no server in rotation.
 - ``/metrics``: the proxy's registry, in the Prometheus text format (or OpenMetrics when the
   scraper's ``Accept`` header asks for it).
 - ``/upstreams``, ``/config``, ``/status`` (JSON) and ``/events`` (the status as
@@ -92,6 +93,11 @@ class Served(Protocol):
     @property
     def draining(self) -> bool: ...
 
+    async def unready_upstreams(self) -> list[str]:
+        """Upstreams that make it not ready: with ``[admin] ready_requires_healthy_upstreams``,
+        those with no server in rotation (health checks); else none."""
+        ...
+
 
 class MetricsSource(Protocol):
     async def scrape(self, accept: str) -> tuple[bytes, str]:
@@ -165,10 +171,7 @@ class AdminServer:
         elif path == HEALTH_PATH:
             status, body, headers = 200, b"ok\n", [(b"content-type", TEXT)]
         elif path == READY_PATH:
-            if self.proxy.draining:
-                status, body = 503, b"draining\n"
-            else:
-                status, body = 200, b"ready\n"
+            status, body = await self._readiness()
             headers = [(b"content-type", TEXT)]
         elif source is None or path not in STATUS_PATHS:
             status, body, headers = 404, b"not found\n", [(b"content-type", TEXT)]
@@ -190,6 +193,14 @@ class AdminServer:
                 answer = await source.status()
             status, body, headers = 200, json_body(answer), [(b"content-type", JSON)]
         return status, headers, body
+
+    async def _readiness(self) -> tuple[int, bytes]:
+        if self.proxy.draining:
+            return 503, b"draining\n"
+        down = await self.proxy.unready_upstreams()
+        if down:
+            return 503, f"no healthy server in upstream(s): {', '.join(down)}\n".encode()
+        return 200, b"ready\n"
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)

@@ -1,15 +1,17 @@
-"""An upstream: its servers, one pool each, the balancing policy and passive health."""
+"""An upstream: its servers, one pool each, the balancing policy, passive and active health."""
 
 from __future__ import annotations
 
 import itertools
 import ssl
 from collections import deque
+from functools import partial
 
 import trio
 
 from .config import UpstreamConfig
 from .errors import ProxyError, UpstreamUnavailable
+from .health import ProbeState, first_probe_offset, run_prober
 from .pool import Connector, UpstreamPool
 from .tls_contexts import upstream_ssl_context
 
@@ -73,19 +75,39 @@ class UpstreamGroup:
             for server in config.servers
         ]
         self.health = [ServerHealth(config) for _ in self.pools]
+        check = config.health_check
+        # Active health, per server (None without health_check).
+        self.probes = [ProbeState(check) if check else None for _ in self.pools]
+        self._probes_on = check is not None
         self._next = itertools.cycle(range(len(self.pools)))
 
+    def in_rotation(self, index: int, now: float) -> bool:
+        """Whether server ``index`` takes requests: the one rule that combines the checks.
+
+        Active health (``health_check``) takes a server out after ``fall`` failed probes
+        until it passes ``rise``; passive health takes it out for ``fail_timeout`` after
+        ``max_fails`` failed requests, and only when the upstream has other servers. Either
+        one is enough to take it out.
+        """
+        probe = self.probes[index]
+        if probe is not None and not probe.up:
+            return False
+        return len(self.pools) == 1 or self.health[index].is_up(now)
+
+    def has_server_in_rotation(self, now: float) -> bool:
+        return any(self.in_rotation(i, now) for i in range(len(self.pools)))
+
     def choose(self, *, exclude: UpstreamPool | None = None) -> tuple[UpstreamPool, ServerHealth]:
-        """The pool for the next exchange, skipping servers marked down (and ``exclude``)."""
+        """The pool for the next exchange, skipping servers out of rotation (and ``exclude``)."""
         pools = self.pools
-        if len(pools) == 1:
+        if len(pools) == 1 and not self._probes_on:
             return pools[0], self.health[0]
         now = trio.current_time()
         candidates = [
-            i for i in range(len(pools)) if self.health[i].is_up(now) and pools[i] is not exclude
+            i for i in range(len(pools)) if self.in_rotation(i, now) and pools[i] is not exclude
         ]
         if not candidates:
-            raise UpstreamUnavailable(f"every server of upstream {self.name!r} is marked down")
+            raise UpstreamUnavailable(f"every server of upstream {self.name!r} is out of rotation")
         if self.config.balance == "least_conn":
             index = min(candidates, key=lambda i: pools[i].load)
         else:
@@ -104,6 +126,17 @@ class UpstreamGroup:
         async with trio.open_nursery() as nursery:
             for pool in self.pools:
                 nursery.start_soon(pool.run_reaper)
+
+    async def run_probers(self) -> None:
+        """Probe every server (with ``health_check``) until cancelled."""
+        check = self.config.health_check
+        if check is None:
+            return
+        async with trio.open_nursery() as nursery:
+            for i, (pool, state) in enumerate(zip(self.pools, self.probes)):
+                assert state is not None
+                offset = first_probe_offset(i, len(self.pools), check.interval)
+                nursery.start_soon(partial(run_prober, self.name, pool, state, offset=offset))
 
     def close(self) -> None:
         for pool in self.pools:

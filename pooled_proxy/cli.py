@@ -6,6 +6,7 @@ Exit codes: 0 clean (a completed drain included), 2 bad config or usage, 1 runti
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -282,9 +283,14 @@ async def run_with_operations(
         from .metrics_group import report
         from .workers import answer_supervisor
 
+        def out_of_rotation() -> bytes:
+            # Every upstream with no server in rotation here; the supervisor decides.
+            return json.dumps(proxy.upstreams_out_of_rotation()).encode()
+
         reports: dict[str, Callable[[], bytes]] = {
             "metrics": partial(report, metrics.registry),
             "status": board.report,
+            "upstreams_out_of_rotation": out_of_rotation,
         }
         services.append(partial(answer_supervisor, supervisor_link, reports))
     try:

@@ -76,6 +76,8 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     listen: ServerAddress
+    # /readyz answers 503 while an upstream has no server in rotation (health checks).
+    ready_requires_healthy_upstreams: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +85,21 @@ class LogConfig:
     access: str = "stdout"  # "stdout" | "off" | an absolute file path
     format: str = "json"  # "json" | "combined"
     level: str = "info"  # debug | info | warning | error
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheckConfig:
+    """Active health checks of each server of an upstream: ``GET path`` every ``interval``."""
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0  # connect and response head, together
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive ranges
+    rise: int = 2  # passed probes in a row that bring a server back
+    fall: int = 3  # failed probes in a row that take it out
+
+    def expects(self, status: int) -> bool:
+        return any(low <= status <= high for low, high in self.expect_status)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +126,7 @@ class UpstreamConfig:
     tls_verify: bool = True  # false: any certificate is accepted (development only)
     tls_cert: Path | None = None  # a client certificate (mutual TLS), with tls_key
     tls_key: Path | None = None
+    health_check: HealthCheckConfig | None = None  # active health checks, when set
 
     @property
     def tls(self) -> bool:
@@ -463,6 +481,31 @@ def _header_name(value: object) -> str:
     return name.lower()
 
 
+def _probe_path(value: object) -> str:
+    path = _string(value)
+    if not path.startswith("/") or not re.fullmatch(r"[!-~]+", path):
+        raise ValueError(f'must start with "/" and have no spaces or controls, got "{value}"')
+    return path
+
+
+def _status_ranges(value: object) -> tuple[tuple[int, int], ...]:
+    """``200``, ``"200-399"``, ``"200, 204, 300-302"`` -> inclusive ranges."""
+    text = str(value) if type(value) is int else _string(value)
+    ranges = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            bounds = (int(low), int(high) if dash else int(low))
+        except ValueError:
+            bounds = (0, 0)
+        if not (100 <= bounds[0] <= bounds[1] <= 599):
+            raise ValueError(
+                f'expected status codes or ranges from 100 to 599 such as "200-399", got "{value}"'
+            )
+        ranges.append(bounds)
+    return tuple(ranges)
+
+
 def _path_prefix(value: object) -> str:
     if not _string(value).startswith("/"):
         raise ValueError(f'must start with "/", got "{value}"')
@@ -486,6 +529,10 @@ _UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "tls_verify": _bool, "host_header": _host_header,
 })  # fmt: skip
 _UPSTREAM_TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
+_HEALTH_CHECK_FIELDS: Mapping[str, _Conv] = MappingProxyType({
+    "path": _probe_path, "interval": _POSITIVE, "timeout": _POSITIVE,
+    "expect_status": _status_ranges, "rise": _int(1), "fall": _int(1),
+})  # fmt: skip
 _ROUTE_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "upstream": _string, "host": _route_host, "path_prefix": _path_prefix, "strip_prefix": _bool,
 })  # fmt: skip
@@ -669,11 +716,12 @@ def _tls(c: _Checker, raw: object) -> TlsConfig | None:
 
 def _admin(c: _Checker, raw: object) -> AdminConfig | None:
     key: _KeyPath = ("admin",)
-    table = c.table(raw, key, ("listen",))
+    table = c.table(raw, key, ("listen", "ready_requires_healthy_upstreams"))
     if table is None or not c.require(table, key, "listen"):
         return None
     listen = c.convert(table["listen"], key + ("listen",), lambda v: _address(v, upstream=False))
-    return None if listen is None else AdminConfig(listen=listen)
+    kw = c.fields(table, key, {"ready_requires_healthy_upstreams": _bool})
+    return None if listen is None else AdminConfig(listen=listen, **kw)
 
 
 def _log(c: _Checker, raw: object) -> LogConfig:
@@ -709,13 +757,17 @@ def _upstreams(c: _Checker, raw: dict[str, Any]) -> dict[str, UpstreamConfig]:
     out: dict[str, UpstreamConfig] = {}
     for name, body in raw.items():
         key: _KeyPath = ("upstreams", name)
-        table = c.table(body, key, [*_UPSTREAM_FIELDS, *_UPSTREAM_TLS_FILES, "servers"])
+        table = c.table(
+            body, key, [*_UPSTREAM_FIELDS, *_UPSTREAM_TLS_FILES, "servers", "health_check"]
+        )
         if table is None or not c.require(table, key, "servers"):
             continue
         kw = c.fields(table, key, _UPSTREAM_FIELDS)
         for file_key in _UPSTREAM_TLS_FILES:
             if file_key in table:
                 kw[file_key] = c.readable_file(table[file_key], key + (file_key,))
+        if "health_check" in table:
+            kw["health_check"] = _health_check(c, table["health_check"], key + ("health_check",))
         servers = c.addresses(table["servers"], key + ("servers",), upstream=True)
         if servers == ():
             c.add(key + ("servers",), "must list at least one server")
@@ -741,6 +793,18 @@ def _upstream_tls(
         c.add(key + ("tls_key",), "needs tls_cert (the client certificate it belongs to)")
     if "tls_ca" in table and table.get("tls_verify") is False:
         c.add(key + ("tls_ca",), "has no effect with tls_verify = false")
+
+
+def _health_check(c: _Checker, raw: object, key: _KeyPath) -> HealthCheckConfig | None:
+    table = c.table(raw, key, _HEALTH_CHECK_FIELDS)
+    if table is None:
+        return None
+    kw = c.fields(table, key, _HEALTH_CHECK_FIELDS)
+    config = HealthCheckConfig(**kw)
+    if config.timeout > config.interval:
+        c.add(key + ("timeout",), f"must not be longer than interval ({config.interval:g}s)")
+        return None
+    return config
 
 
 def _routes(c: _Checker, raw: object, names: Iterable[str]) -> list[RouteConfig]:

@@ -50,6 +50,7 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .exchange import ExchangeRecord
+from .health import PROBE_RESULTS
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -423,15 +424,28 @@ class ProxyCollector(Collector):
         )
         healthy = GaugeMetricFamily(
             "pooled_proxy_upstream_server_healthy",
-            "0 while passive health checks skip the server, else 1.",
+            "1 while the server is in rotation, 0 while passive or active health checks "
+            "take it out.",
             labels=labels,
+        )
+        probes = CounterMetricFamily(
+            "pooled_proxy_upstream_health_probes",
+            "Active health probes, by result: pass, status (unexpected status), timeout, "
+            "connect_error, error (a broken response).",
+            labels=[*labels, "result"],
+        )
+        changes = CounterMetricFamily(
+            "pooled_proxy_upstream_health_changes",
+            "Times active health checks took the server out of rotation (state down) or "
+            "brought it back (state up).",
+            labels=[*labels, "state"],
         )
         try:
             now: float | None = trio.current_time()
         except RuntimeError:  # scraped outside the event loop (a test, a debugger)
             now = None
         for name, group in forwarder.upstreams.items():
-            for pool, health in zip(group.pools, group.health):
+            for index, (pool, probe) in enumerate(zip(group.pools, group.probes)):
                 stats = pool.statistics()
                 key = [name, str(pool.server)]
                 connections.add_metric([*key, "in_use"], stats.in_use)
@@ -446,5 +460,11 @@ class ProxyCollector(Collector):
                 rejected.add_metric([*key, "full"], stats.queue_rejected)
                 rejected.add_metric([*key, "timeout"], stats.queue_timeouts)
                 if now is not None:
-                    healthy.add_metric(key, 1 if health.is_up(now) else 0)
+                    healthy.add_metric(key, 1 if group.in_rotation(index, now) else 0)
+                if probe is not None:
+                    for result in PROBE_RESULTS:
+                        probes.add_metric([*key, result], probe.results[result])
+                    for state in ("down", "up"):
+                        changes.add_metric([*key, state], probe.changes[state])
         yield from (connections, opened, reused, closed, queue, queue_wait, rejected, healthy)
+        yield from (probes, changes)

@@ -305,6 +305,11 @@ class UpstreamPool:
             server_name=self.config.tls_server_name,
         )
 
+    async def open_unpooled(self) -> UpstreamConnection:
+        """A connection opened as the pool opens its own (TLS, SNI, connect timeout), outside
+        its accounting: for health probes, which must not take a request's slot."""
+        return await self._connect(self.server)
+
     def statistics(self) -> PoolStatistics:
         s = self._state
         return PoolStatistics(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -118,6 +118,7 @@ class Proxy:
         self.exchanges_started = 0  # ever; the drain log counts the ones it waited for
         self._pool_nursery: trio.Nursery | None = None
         self._reapers: dict[UpstreamGroup, trio.CancelScope] = {}
+        self._probers: dict[UpstreamGroup, trio.CancelScope] = {}  # active health checks
 
     @property
     def server(self) -> ServerConfig:
@@ -144,6 +145,9 @@ class Proxy:
         self.draining = True
         self.drain_started_at = trio.current_time()
         self.drain_started.set()
+        for scope in self._probers.values():  # nothing new goes upstream: no need to probe
+            scope.cancel()
+        self._probers.clear()
         for scope in list(self.idle_waits):
             scope.cancel()
         deadline = self.drain_started_at + FIRST_REQUEST_GRACE
@@ -164,42 +168,69 @@ class Proxy:
         finally:
             self.first_request_waits.discard(scope)
 
+    async def unready_upstreams(self) -> list[str]:
+        """For ``/readyz``: with ``[admin] ready_requires_healthy_upstreams``, the upstreams
+        with no server in rotation."""
+        await trio.lowlevel.checkpoint()
+        return self.upstreams_out_of_rotation() if self.requires_healthy_upstreams else []
+
+    @property
+    def requires_healthy_upstreams(self) -> bool:
+        admin = self.config.admin
+        return admin is not None and admin.ready_requires_healthy_upstreams
+
+    def upstreams_out_of_rotation(self) -> list[str]:
+        now = trio.current_time()
+        return [name for name, group in self.forwarder.upstreams.items()
+                if not group.has_server_in_rotation(now)]  # fmt: skip
+
     # -- pools ---------------------------------------------------------------------------------
 
     async def run_pools(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run the idle reaper of every pool, including pools a reload adds, until cancelled."""
+        """Run the idle reaper of every pool and the health probers of every upstream that
+        has them, including those a reload adds, until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 self._pool_nursery = nursery
                 for group in self.forwarder.upstreams.values():
-                    self._start_reaper(group)
+                    self._start_upstream_tasks(group)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._pool_nursery = None
             self._reapers.clear()
+            self._probers.clear()
 
-    def _start_reaper(self, group: UpstreamGroup) -> None:
-        if self._pool_nursery is None or group in self._reapers:
+    def _start_upstream_tasks(self, group: UpstreamGroup) -> None:
+        """Start the group's reapers and, unless draining, its health probers."""
+        if self._pool_nursery is None:
             return
+        if group not in self._reapers:
+            self._reapers[group] = self._start_in_scope(group.run_reapers)
+        if group.config.health_check and not self.draining and group not in self._probers:
+            self._probers[group] = self._start_in_scope(group.run_probers)
+
+    def _start_in_scope(self, run: Callable[[], Awaitable[None]]) -> trio.CancelScope:
+        assert self._pool_nursery is not None
         scope = trio.CancelScope()
-        self._reapers[group] = scope
 
-        async def reap() -> None:
+        async def in_scope() -> None:
             with scope:
-                await group.run_reapers()
+                await run()
 
-        self._pool_nursery.start_soon(reap)
+        self._pool_nursery.start_soon(in_scope)
+        return scope
 
     def _retire(self, group: UpstreamGroup) -> None:
         """A removed or replaced upstream: idle connections close now, busy ones when their
-        exchange ends; its reaper stops (nothing idle is left to expire)."""
+        exchange ends; its reaper stops (nothing idle is left to expire), its probers too."""
         group.close()
-        scope = self._reapers.pop(group, None)
-        if scope is not None:
-            scope.cancel()
+        for scopes in (self._reapers, self._probers):
+            scope = scopes.pop(group, None)
+            if scope is not None:
+                scope.cancel()
 
     def close_pools(self) -> None:
         """At exit: no pooled connection outlives the proxy."""
@@ -262,7 +293,7 @@ class Proxy:
             if new.upstreams.get(group.name) is not group:
                 self._retire(group)
         for group in new.upstreams.values():
-            self._start_reaper(group)
+            self._start_upstream_tasks(group)
         differs = [
             key
             for key, before, after in zip(

@@ -27,10 +27,9 @@ from typing import Any, NamedTuple, Protocol
 import trio
 
 from . import __version__
-from .balancer import ServerHealth, UpstreamGroup
+from .balancer import UpstreamGroup
 from .config import Config, ServerAddress
 from .metrics import ProxyMetrics
-from .pool import UpstreamPool
 from .proxy import Proxy
 
 SAMPLE_INTERVAL = 1.0  # seconds between two samples of the request counters
@@ -91,8 +90,9 @@ def config_json(value: object) -> Any:
     raise TypeError(f"{type(value).__name__} in the config has no JSON form")
 
 
-def server_health(group: UpstreamGroup, health: ServerHealth, now: float) -> JsonObject:
-    """A server's passive health: whether the balancer picks it, and why not."""
+def server_health(group: UpstreamGroup, index: int, now: float) -> JsonObject:
+    """A server's health, passive and active: whether the balancer picks it, and why not."""
+    health = group.health[index]
     config = group.config
     # As UpstreamGroup.choose: the only server is never skipped; max_fails = 0 marks none down.
     checked = len(group.pools) > 1 and config.max_fails > 0
@@ -112,11 +112,22 @@ def server_health(group: UpstreamGroup, health: ServerHealth, now: float) -> Jso
             reason += "; never skipped (passive health is off: max_fails = 0)"
         else:
             reason += "; never skipped (the upstream's only server)"
+    probe = group.probes[index]
+    if probe is not None and not probe.up:
+        active = (
+            f"failed {probe.config.fall} health check(s) in a row (fall): out until "
+            f"{probe.config.rise} pass in a row (rise), {probe.streak} so far"
+        )
+        reason = f"{active}; {reason}" if reason else active
     last = health.last_failure
+    in_rotation = group.in_rotation(index, now)
     return {
-        "healthy": not down,
-        "state": "down" if down else "up",
+        "healthy": in_rotation,
+        "state": "up" if in_rotation else "down",
         "reason": reason,
+        "active_health": None
+        if probe is None
+        else {"up": probe.up, "results": dict(probe.results), "changes": dict(probe.changes)},
         "passive_health": checked,
         "recent_failures": recent,
         "down_for": round(health.down_until - now, 3) if down else None,
@@ -129,17 +140,17 @@ def server_health(group: UpstreamGroup, health: ServerHealth, now: float) -> Jso
 
 def _server(
     group: UpstreamGroup,
-    pool: UpstreamPool,
-    health: ServerHealth,
+    index: int,
     errors: Mapping[str, float],
     now: float,
 ) -> JsonObject:
+    pool = group.pools[index]
     stats = pool.statistics()
     config = group.config
     return {
         "address": str(pool.server),
         "tls": pool.server.tls,
-        "health": server_health(group, health, now),
+        "health": server_health(group, index, now),
         "pool": {
             "in_use": stats.in_use,
             "idle": stats.idle,
@@ -267,8 +278,8 @@ class StatusBoard:
                 },
                 "errors": _counts(upstream_errors),
                 "servers": [
-                    _server(group, pool, health, errors.get((name, str(pool.server)), {}), now)
-                    for pool, health in zip(group.pools, group.health)
+                    _server(group, index, errors.get((name, str(pool.server)), {}), now)
+                    for index, pool in enumerate(group.pools)
                 ],
             })  # fmt: skip
         return answer

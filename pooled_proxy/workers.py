@@ -367,6 +367,28 @@ class Supervisor:
                 nursery.start_soon(self._status, index, link, statuses)
         return sorted(statuses.items())
 
+    async def unready_upstreams(self) -> list[str]:
+        """For ``/readyz`` with ``ready_requires_healthy_upstreams``: the upstreams that some
+        worker has no server in rotation for (each worker probes on its own)."""
+        admin = self.config.admin
+        if admin is None or not admin.ready_requires_healthy_upstreams:
+            return []
+        answers: list[bytes | None] = []
+
+        async def ask(link: WorkerLink) -> None:
+            answers.append(await link.ask("upstreams_out_of_rotation"))
+
+        async with trio.open_nursery() as nursery:
+            for link in list(self.links.values()):
+                nursery.start_soon(ask, link)
+        names: set[str] = set()
+        for answer in answers:
+            try:
+                names.update(json.loads(answer) if answer else ())
+            except ValueError:
+                LOG.warning("a worker sent an upstreams report that is not JSON")
+        return sorted(names)
+
     def _broadcast(self, signum: int) -> None:
         for process in list(self.workers.values()):
             try:

@@ -30,6 +30,8 @@ def _toml(value: Any) -> str:
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string for the ASCII used here
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     return str(value)
 
 
@@ -42,6 +44,8 @@ class DaemonConfig:
     server: dict[str, Any] = field(default_factory=dict)  # more [server] keys
     admin: str | None = None  # [admin] listen
     log: dict[str, Any] = field(default_factory=dict)  # [log] keys over access = "off"
+    admin_keys: dict[str, Any] = field(default_factory=dict)  # more [admin] keys
+    upstream_keys: dict[str, Any] = field(default_factory=dict)  # more keys of every upstream
 
     def to_toml(self) -> str:
         server = {"listen": [f"{HOST}:0"], "workers": self.workers,
@@ -51,8 +55,10 @@ class DaemonConfig:
         lines += ["", "[log]", *(f"{k} = {_toml(v)}" for k, v in log.items())]
         if self.admin is not None:
             lines += ["", "[admin]", f"listen = {_toml(self.admin)}"]
+            lines += [f"{k} = {_toml(v)}" for k, v in self.admin_keys.items()]
         for name, port in self.upstreams.items():
             lines += ["", f"[upstreams.{name}]", f'servers = ["{HOST}:{port}"]']
+            lines += [f"{k} = {_toml(v)}" for k, v in self.upstream_keys.items()]
         for route in self.routes:
             lines += ["", "[[routes]]", *(f"{k} = {_toml(v)}" for k, v in route.items())]
         return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from pooled_proxy.config import (
     DEFAULT_LISTEN,
     AdminConfig,
     Config,
+    HealthCheckConfig,
     LogConfig,
     RouteConfig,
     ServerAddress,
@@ -256,6 +257,31 @@ def test_request_id_keys(in_tmp: Path) -> None:
     config = load(MINIMAL + "[server]\nrequest_id = false\nrequest_id_header = 'X-Trace-ID'\n")
     assert (config.server.request_id, config.server.request_id_header) == (False, "x-trace-id")
     assert (ServerConfig().request_id, ServerConfig().request_id_header) == (True, "x-request-id")
+
+
+def test_health_check_keys(in_tmp: Path) -> None:
+    config = load(
+        MINIMAL
+        + 'health_check = { path = "/up?deep=1", interval = "10s", timeout = "2s", '
+        + 'expect_status = "200-299, 304", rise = 1, fall = 5 }\n'
+        + "[upstreams.web]\nservers = ['127.0.0.1:9001']\n[upstreams.web.health_check]\n"
+        + "expect_status = 204\n"
+        + "[admin]\nlisten = '127.0.0.1:9901'\nready_requires_healthy_upstreams = true\n"
+        + "[[routes]]\nupstream = 'api'\n"
+    )
+    check = config.upstreams["api"].health_check
+    assert check == HealthCheckConfig(
+        path="/up?deep=1",
+        interval=10.0,
+        timeout=2.0,
+        expect_status=((200, 299), (304, 304)),
+        rise=1,
+        fall=5,
+    )
+    assert [check.expects(s) for s in (199, 200, 299, 300, 304)] == [False, True, True, False, True]
+    assert config.upstreams["web"].health_check == HealthCheckConfig(expect_status=((204, 204),))
+    assert config.admin is not None and config.admin.ready_requires_healthy_upstreams
+    assert load(MINIMAL).upstreams["api"].health_check is None
 
 
 def test_config_is_frozen(in_tmp: Path) -> None:
@@ -614,6 +640,43 @@ ERROR_CASES = [
         'proxy.toml:4: server.request_id_header: "Traceparent" is a header the proxy handles '
         "itself",
         id="request-id-header-reserved",
+    ),
+    pytest.param(
+        MINIMAL + "health_check = { path = 'healthz' }\n",
+        'proxy.toml:3: upstreams.api.health_check.path: must start with "/" and have no spaces '
+        'or controls, got "healthz"',
+        id="health-check-path",
+    ),
+    pytest.param(
+        MINIMAL + "[upstreams.api.health_check]\nexpect_status = '200-99'\n",
+        "proxy.toml:4: upstreams.api.health_check.expect_status: expected status codes or ranges "
+        'from 100 to 599 such as "200-399", got "200-99"',
+        id="health-check-status-range",
+    ),
+    pytest.param(
+        MINIMAL + "health_check = { intervall = '1s' }\n",
+        "proxy.toml:3: upstreams.api.health_check.intervall: unknown key (did you mean interval?)",
+        id="health-check-unknown-key",
+    ),
+    pytest.param(
+        MINIMAL + "[upstreams.api.health_check]\ninterval = '1s'\ntimeout = '2s'\n",
+        "proxy.toml:5: upstreams.api.health_check.timeout: must not be longer than interval (1s)",
+        id="health-check-timeout-over-interval",
+    ),
+    pytest.param(
+        MINIMAL + "[upstreams.api.health_check]\nfall = 0\n",
+        "proxy.toml:4: upstreams.api.health_check.fall: must be at least 1, got 0",
+        id="health-check-fall-zero",
+    ),
+    pytest.param(
+        MINIMAL + "health_check = true\n",
+        "proxy.toml:3: upstreams.api.health_check: expected a table, got boolean",
+        id="health-check-not-a-table",
+    ),
+    pytest.param(
+        MINIMAL + "[admin]\nlisten = '127.0.0.1:9901'\nready_requires_healthy_upstreams = 1\n",
+        "proxy.toml:5: admin.ready_requires_healthy_upstreams: expected true or false, got integer",
+        id="ready-requires-not-bool",
     ),
     pytest.param(
         '[upstreams."my.api"]\nservers = ["h:1"]\nbalance = 1\n',

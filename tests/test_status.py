@@ -124,6 +124,7 @@ async def test_upstreams_show_health_and_why_pools_queues_requests_and_errors(
         "healthy": True,
         "state": "up",
         "reason": None,
+        "active_health": None,
         "passive_health": True,
         "recent_failures": 0,
         "down_for": None,

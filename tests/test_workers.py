@@ -249,3 +249,37 @@ async def test_metrics_are_the_sum_of_every_worker_and_survive_a_worker_restart(
             assert third.value("pooled_proxy_requests_total") == 22
             daemon.send_signal(signal.SIGTERM)
             assert await daemon.wait() == 0
+
+
+async def test_readyz_of_the_group_asks_every_worker_about_its_upstreams(nursery, tmp_path):
+    # Each worker probes on its own; /readyz (the supervisor's) is 503 while a worker has an
+    # upstream with no server in rotation.
+    from tests.test_health_checks import ProbedUpstream
+
+    upstream = ProbedUpstream()
+    upstream_port = await nursery.start(upstream.serve)
+    check = {"interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 1}
+    config = DaemonConfig(
+        upstreams={"app": upstream_port},
+        workers=2,
+        admin=f"{HOST}:0",
+        admin_keys={"ready_requires_healthy_upstreams": True},
+        upstream_keys={"health_check": check},
+    )
+    async with running_daemon(nursery, tmp_path, config) as daemon:
+        with trio.fail_after(20):
+            admin = int((await daemon.wait_for_line(r"admin listening on http://[\d.]+:(\d+)"))[1])
+            url = f"http://{HOST}:{admin}/readyz"
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(url)).status_code == 200
+                upstream.health = "failing"
+                await daemon.wait_for_count(r"failed 1 health check\(s\) in a row", 2)
+                ready = await client.get(url)
+                assert (ready.status_code, ready.text) == (
+                    503, "no healthy server in upstream(s): app\n"
+                )  # fmt: skip
+                upstream.health = "ok"
+                await daemon.wait_for_count(r"back in rotation", 2)
+                assert (await client.get(url)).status_code == 200
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
