@@ -68,7 +68,7 @@ async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> str:
             return "connect_error"
         try:
             headers = [
-                (b"host", str(server).encode()),
+                (b"host", (pool.config.host_header or str(server)).encode()),
                 (b"user-agent", USER_AGENT),
                 (b"connection", b"close"),
             ]

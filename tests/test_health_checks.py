@@ -123,6 +123,8 @@ async def test_out_after_fall_failures_back_after_rise_passes(nursery, autojump_
         assert servers.a.served == before + 2  # round robin again
     assert state is not None
     assert dict(state.results) == {"pass": 4, "status": 3}
+    probe_request = next(r for r in servers.a.requests if r.target == b"/healthz")
+    assert probe_request.method == b"GET" and (b"host", b"127.0.0.1:1") in probe_request.headers
     assert dict(state.changes) == {"down": 1, "up": 1}
     # Each probe had a connection of its own, none of the request pool's.
     assert servers.a.connections_opened == 7 + 1
@@ -151,7 +153,7 @@ async def test_timeouts_and_refused_connects_fail_probes(nursery, autojump_clock
 
 async def test_single_server_out_of_rotation_is_unavailable(nursery, autojump_clock):
     servers = Servers(nursery)
-    proxy = await start(nursery, servers, 1)
+    proxy = await start(nursery, servers, 1, host_header="app.internal")
     servers.a.health = "failing"
     state = proxy.forwarder.upstreams["app"].probes[0]
     with trio.fail_after(600):
@@ -161,6 +163,8 @@ async def test_single_server_out_of_rotation_is_unavailable(nursery, autojump_cl
         servers.a.health = "ok"
         await until(lambda: probes_done(state) == 5)
         assert await get(nursery, proxy) == 200
+    # Probes name the server as requests do: the upstream's host_header.
+    assert {dict(r.headers)[b"host"] for r in servers.a.requests} == {b"app.internal"}
 
 
 async def test_probes_are_spread_and_stop_during_a_drain(nursery, autojump_clock):
