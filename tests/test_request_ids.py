@@ -144,12 +144,16 @@ async def test_http2_front_end(nursery, upstream):
 
 
 async def test_error_answers_and_warnings_carry_the_id(nursery, caplog):
-    dead = await refused_port()
-    proxy = await start_proxy(nursery, make_config(dead))
+    # Two dead servers: warnings are limited to one per server and error kind a second.
+    dead = {await refused_port()}
+    while len(dead) < 2:
+        dead.add(await refused_port())
+    first, second = [await start_proxy(nursery, make_config(port)) for port in sorted(dead)]
     caplog.set_level(logging.WARNING, logger="pooled_proxy.forward")
-    async with await H11Client.connect(proxy.port) as client:
-        with trio.fail_after(5):
+    with trio.fail_after(5):
+        async with await H11Client.connect(first.port) as client:
             kept = await client.request("GET", "/x", headers=[("x-request-id", "client-7")])
+        async with await H11Client.connect(second.port) as client:
             fresh = await client.request("GET", "/y")
     assert (kept.status, kept.headers[b"x-request-id"]) == (502, b"client-7")
     assert fresh.status == 502 and NEW_ID.fullmatch(fresh.headers[b"x-request-id"])
