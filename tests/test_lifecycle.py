@@ -3,8 +3,10 @@ real daemon as a subprocess under load with SIGTERM (real sockets, real time).""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +24,7 @@ from pooled_proxy.server.listen import handle_client
 from pooled_proxy.upstream import UpstreamConnection
 from tests.daemon import DaemonConfig, running_daemon
 from tests.h2client import GoAway, H2Client, H2Reply
-from tests.helpers import H11Client, make_config
+from tests.helpers import H11Client, make_config, start_proxy
 
 # -- in-process, MockClock -------------------------------------------------------------------
 
@@ -223,6 +225,70 @@ async def test_new_connection_gets_a_short_grace_for_its_first_request(autojump_
         assert trio.current_time() - t0 == pytest.approx(FIRST_REQUEST_GRACE, abs=0.01)
         await served.done.wait()
         assert served.done_at[0] - t0 == pytest.approx(FIRST_REQUEST_GRACE, abs=0.01)
+
+
+# -- in-process, real sockets -------------------------------------------------------------------
+
+
+async def flow_limited_download(port: int, size: int, halfway: trio.Event) -> H2Reply:
+    """An HTTP/2 client held back by flow control: a 64 KiB window, a small socket buffer,
+    and each read credited back (in small WINDOW_UPDATEs) only after a pause, as a slow
+    reader does. Sets ``halfway`` a third of the way through; reads until the stream ends or
+    the connection does."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    await sock.connect(("127.0.0.1", port))
+    async with H2Client(trio.SocketStream(sock), auto_ack=False) as client:
+        client.conn.initiate_connection()
+        await client.flush()
+        stream_id = await client.start("GET", f"/bytes/{size}")
+        reply = client.replies[stream_id]
+        while not (reply.ended or reply.reset_code is not None):
+            before = len(reply.body)
+            try:
+                data = await client.stream.receive_some(4096)
+            except trio.BrokenResourceError:
+                break  # reset: the tail of the response is lost
+            if not data:
+                break
+            for event in client.conn.receive_data(client._without_goaway(data)):
+                client._apply(event)
+            if len(reply.body) > size // 3:
+                halfway.set()
+            if len(reply.body) > before:
+                await trio.sleep(0.001)
+                client.conn.acknowledge_received_data(len(reply.body) - before, stream_id)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await client.flush()
+        return reply
+
+
+async def test_h2_download_held_by_flow_control_completes_through_a_drain(
+    nursery, demo_upstream, caplog
+):
+    caplog.set_level(logging.INFO, logger="pooled_proxy")
+    _, port = demo_upstream
+    running = await start_proxy(nursery, make_config(port, server={"drain_timeout": 10.0}))
+    size = 1_000_000
+    with trio.fail_after(10):
+        halfway = trio.Event()
+        replies: list[H2Reply] = []
+
+        async def download() -> None:
+            replies.append(await flow_limited_download(running.port, size, halfway))
+
+        async with trio.open_nursery() as clients:
+            for _ in range(3):
+                clients.start_soon(download)
+            await halfway.wait()
+            running.proxy.begin_drain()
+        while "drain complete" not in caplog.text:
+            await trio.sleep(0.01)
+    expected = (bytes(range(256)) * (size // 256 + 1))[:size]
+    # Byte for byte, END_STREAM included: the drain's close did not reset the tail away.
+    assert [(len(r.body), r.ended) for r in replies] == [(size, True)] * 3
+    assert all(r.body == expected for r in replies)
+    assert "waited for 3 exchange(s), all finished" in caplog.text
 
 
 # -- the real daemon, SIGTERM ----------------------------------------------------------------

@@ -63,6 +63,9 @@ WRITE_BATCH = 64 * 1024  # the writer gathers up to this much before one send_al
 # not taken yet: over this, we stop reading from it until it does.
 OUTBOX_PAUSE = 256 * 1024
 CLOSE_TIMEOUT = 2.0
+# A lingering close (after the last stream of a GOAWAY ended) waits for the client's EOF at
+# most this long in all, and gives up sooner on a client silent for CLOSE_TIMEOUT.
+LINGER_TIME = 30.0
 DEFAULT_WINDOW = 65535
 SETTING = h2.settings.SettingCodes
 
@@ -292,6 +295,7 @@ class HTTP2Connection:
         self._sent = trio.Event()
         self._writer_done = trio.Event()
         self._closing = False  # the writer flushes what is left and stops
+        self._flushed = False  # ... and it did: everything queued reached the socket
         self.goaway_sent = False
         self.last_stream_id = 0
         self._idle_since = trio.current_time()
@@ -343,9 +347,32 @@ class HTTP2Connection:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
+            if self._finished() and self._flushed:
+                await self._linger()
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """The last stream after a GOAWAY has ended: half-close, then read (and drop) what
+        the client still sends until it closes too.
+
+        The client goes on sending WINDOW_UPDATEs while it takes the last DATA frames, and
+        closing a socket with unread bytes in it makes the kernel reset the connection,
+        which throws away the tail of the response still in the socket's send buffer.
+        """
+        stream = self.stream
+        with trio.move_on_after(LINGER_TIME):
+            try:
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                while True:
+                    with trio.move_on_after(CLOSE_TIMEOUT) as quiet:
+                        data = await stream.receive_some(MAX_RECEIVE)
+                    if quiet.cancelled_caught or not data:
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     def _shut_streams(self) -> None:
         for stream in list(self.streams.values()):
@@ -751,6 +778,7 @@ class HTTP2Connection:
                 self._fill()
                 if not self._outbox:
                     if self._closing:
+                        self._flushed = True
                         return
                     self._writer_wakeup = trio.Event()
                     await self._writer_wakeup.wait()
