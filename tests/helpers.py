@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -149,3 +153,66 @@ async def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True)
             if not read_until_close:
                 break
         return received
+
+
+# A client storm in a process of its own (as wrk is: not paced by the proxy's event loop, nor
+# by the test's GIL): connect again and again (each connection reset at once, so neither side
+# runs out of file descriptors or ports) until a connect is refused or ``seconds`` pass. It
+# prints "started" after its first connections, then how it ended.
+_STORM = """
+import errno, socket, struct, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+end = time.monotonic() + seconds
+count, outcome = 0, "timeout"
+while time.monotonic() < end:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        sock.connect(("127.0.0.1", port))
+    except OSError as exc:
+        refused = exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET)
+        outcome = "refused" if refused else errno.errorcode.get(exc.errno, str(exc))
+        break
+    finally:
+        sock.close()
+    count += 1
+    if count == 50:
+        print("started", flush=True)
+print(outcome, count, flush=True)
+"""
+
+
+@dataclass
+class Storm:
+    process: trio.Process
+    _pending: bytes = b""
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self._pending:
+            chunk = await self.process.stdout.receive_some(100)
+            if not chunk:
+                break
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    async def started(self) -> None:
+        assert await self.line() == "started"
+
+    async def outcome(self) -> str:
+        """ "refused", "timeout" or an errno name, once the storm ended."""
+        return (await self.line()).split()[0]
+
+
+@asynccontextmanager
+async def connection_storm(port: int, *, seconds: float = 10.0) -> AsyncIterator[Storm]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _STORM, str(port), str(seconds)], stdout=subprocess.PIPE
+    )
+    try:
+        yield Storm(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()

@@ -24,7 +24,7 @@ from pooled_proxy.server.listen import handle_client
 from pooled_proxy.upstream import UpstreamConnection
 from tests.daemon import DaemonConfig, running_daemon
 from tests.h2client import GoAway, H2Client, H2Reply
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.helpers import H11Client, connection_storm, make_config, start_proxy
 
 # -- in-process, MockClock -------------------------------------------------------------------
 
@@ -289,6 +289,37 @@ async def test_h2_download_held_by_flow_control_completes_through_a_drain(
     assert [(len(r.body), r.ended) for r in replies] == [(size, True)] * 3
     assert all(r.body == expected for r in replies)
     assert "waited for 3 exchange(s), all finished" in caplog.text
+
+
+async def wait_for_line(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    while text not in caplog.text:
+        await trio.sleep(0.005)
+
+
+async def test_listener_closes_at_drain_start_while_clients_keep_connecting(
+    nursery, demo_upstream, caplog
+):
+    caplog.set_level(logging.INFO, logger="pooled_proxy")
+    _, port = demo_upstream
+    running = await start_proxy(nursery, make_config(port, server={"drain_timeout": 10.0}))
+    proxy = running.proxy
+    with trio.fail_after(5):
+        async with await H11Client.connect(running.port) as busy:
+            await busy.send(get("/slow?delay=0.5"), h11.EndOfMessage())
+            await wait_for(lambda: proxy.active_exchanges == 1)
+            async with connection_storm(running.port) as storm:
+                await storm.started()
+                proxy.begin_drain()
+                with trio.fail_after(1):
+                    await wait_for_line(caplog, "stopped listening on 127.0.0.1:")
+                # The exchange in flight still runs, but nobody new gets in: the storm
+                # ended on a refusal, and so does a client connecting now.
+                assert proxy.active_exchanges == 1
+                assert await storm.outcome() == "refused"
+                with pytest.raises(OSError):
+                    await trio.open_tcp_stream("127.0.0.1", running.port)
+                reply = await busy.read_reply()
+                assert reply.status == 200 and reply.headers[b"connection"] == b"close"
 
 
 # -- the real daemon, SIGTERM ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from prometheus_client.openmetrics.parser import (
 from pooled_proxy import __version__
 from pooled_proxy.demo import DemoUpstream
 from tests.daemon import Daemon, DaemonConfig, running_daemon
-from tests.helpers import HOST, H11Client
+from tests.helpers import HOST, H11Client, connection_storm
 from tests.operations import Scrape
 
 pytestmark = pytest.mark.skipif(
@@ -115,7 +115,18 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
                     await client.send(slow, h11.EndOfMessage())
                 while upstream.stats.requests < base + len(clients):
                     await trio.sleep(0.01)
-                daemon.send_signal(signal.SIGTERM)
+                # Clients keep connecting through the drain: each worker still closes its
+                # listener at once, and from then on a connect is refused.
+                async with connection_storm(daemon.port) as storm:
+                    await storm.started()
+                    mark = len(daemon.lines)
+                    daemon.send_signal(signal.SIGTERM)
+                    with trio.fail_after(2):
+                        await daemon.wait_for_count(r"stopped listening on 127\.0\.0\.1:", 2)
+                    assert await storm.outcome() == "refused"
+                assert not [line for line in daemon.lines[mark:] if "drain complete" in line]
+                with pytest.raises(OSError):
+                    await trio.open_tcp_stream("127.0.0.1", daemon.port)
                 for client in clients:
                     reply = await client.read_reply()
                     assert reply.status == 200 and reply.headers[b"connection"] == b"close"

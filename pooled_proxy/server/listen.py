@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import select
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -170,10 +170,31 @@ async def open_listeners(
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-def _backlog_waiting(listener: trio.SocketListener) -> bool:
-    poller = select.poll()
-    poller.register(listener.socket.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
+# The most connections taken from one listener's accept queue when the drain starts (the
+# kernel caps the queue at net.core.somaxconn, 4096 by default).
+BACKLOG_SWEEP_LIMIT = 4096
+
+
+def close_after_backlog(listener: trio.SocketListener) -> list[trio.SocketStream]:
+    """Close ``listener``, first accepting the connections waiting in its queue.
+
+    All in one synchronous pass: accepting one connection per trip through the scheduler
+    takes long enough under load for new clients to keep the queue from ever emptying (the
+    listener stayed open for as long as the load went on), and the close follows the last
+    accept at once, so hardly any client completes its handshake in between only to be
+    reset.
+    """
+    taken: list[trio.SocketStream] = []
+    with socket.socket(fileno=os.dup(listener.socket.fileno())) as sock:
+        sock.setblocking(False)
+        for _ in range(BACKLOG_SWEEP_LIMIT):
+            try:
+                connection, _ = sock.accept()
+            except OSError:  # the queue is empty (or no file descriptor is left)
+                break
+            taken.append(trio.SocketStream(trio.socket.from_stdlib_socket(connection)))
+        listener.socket.close()
+    return taken
 
 
 async def accept_until_drain(
@@ -184,8 +205,9 @@ async def accept_until_drain(
 ) -> None:
     """Accept until ``drain_started``, then close the listeners: new connections are refused.
 
-    Before closing, the connections the kernel already completed are accepted and served:
-    their clients saw ``connect()`` succeed, and closing a listener would reset them.
+    Before closing, the connections the kernel had completed when the drain started are
+    accepted and served: their clients saw ``connect()`` succeed, and closing a listener
+    would reset them. Only those: under load, new ones keep arriving behind them.
     """
 
     async def run_handler(stream: trio.abc.Stream) -> None:
@@ -212,13 +234,13 @@ async def accept_until_drain(
                 accepting.start_soon(accept_forever, listener)
             await drain_started.wait()
             accepting.cancel_scope.cancel()
+        names = ", ".join(str(bound_address(listener)) for listener in listeners)
+        swept = 0
         for listener in listeners:
-            while _backlog_waiting(listener):
-                try:
-                    stream = await listener.accept()
-                except OSError:
-                    break
+            for stream in close_after_backlog(listener):
                 handler_nursery.start_soon(run_handler, stream)
+                swept += 1
+        LOG.info("stopped listening on %s: %d waiting connection(s) accepted first", names, swept)
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
