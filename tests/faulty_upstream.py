@@ -46,6 +46,7 @@ from pooled_proxy.config import ServerAddress
 from pooled_proxy.errors import UpstreamConnectError
 from pooled_proxy.pool import Connector
 from pooled_proxy.proxy import Proxy
+from pooled_proxy.server.http2 import serve_h2
 from pooled_proxy.server.listen import handle_client
 from pooled_proxy.upstream import UpstreamConnection
 
@@ -118,14 +119,16 @@ async def refused_port() -> int:
 
 
 def memory_client(
-    nursery: trio.Nursery, proxy: Proxy, *, lockstep: bool = False
+    nursery: trio.Nursery, proxy: Proxy, *, lockstep: bool = False, h2: bool = False
 ) -> trio.abc.HalfCloseableStream:
     """A client connection to ``proxy`` over an in-memory stream (for MockClock tests): the
     proxy side runs the real connection task. ``lockstep`` streams have no buffer at all, so
-    a client that stops reading stalls the proxy's writes at once."""
+    a client that stops reading stalls the proxy's writes at once. With ``h2``, a client
+    that sends the HTTP/2 preface gets the HTTP/2 front end."""
     pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     client, server = pair()
-    nursery.start_soon(partial(handle_client, server, proxy, scheme=b"http", h2_handler=None))
+    h2_handler = serve_h2 if h2 else None
+    nursery.start_soon(partial(handle_client, server, proxy, scheme=b"http", h2_handler=h2_handler))
     return client
 
 

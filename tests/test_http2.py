@@ -8,6 +8,7 @@ import os
 import tracemalloc
 
 import h2.errors
+import h2.events
 import h2.settings
 import httpx
 import pytest
@@ -350,9 +351,17 @@ async def test_incomplete_header_block_times_out(nursery, demo_upstream):
     proxy = await start_proxy(nursery, make_config(port, server={"header_timeout": 0.3}))
     with trio.fail_after(5):
         async with await H2Client.connect(proxy.port) as client:
+            # Not before the handshake is over: our SETTINGS ACK inside the open header block
+            # would be a protocol error of its own, and end the connection at once.
+            await client.until(
+                lambda: any(isinstance(e, h2.events.SettingsAcknowledged) for e in client.events)
+            )
             block = client.conn.encoder.encode(client.request_headers("GET", "/echo"))
             await client.send_raw(HeadersFrame(1, data=block).serialize())  # no END_HEADERS
+            started = trio.current_time()
             await _expect_cut_off(client, ErrorCodes.PROTOCOL_ERROR)
+            waited = trio.current_time() - started
+    assert 0.25 < waited < 2
 
 
 async def test_drain_sends_goaway_at_once_and_lets_streams_in_flight_finish(nursery, demo_upstream):

@@ -9,12 +9,16 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import h2.events
 import pytest
 import trio
 import trio.testing
+from h2.errors import ErrorCodes
+from hyperframe.frame import HeadersFrame
 
 from pooled_proxy.proxy import Proxy
 from tests.faulty_upstream import FaultyUpstream, memory_client, read_until_close
+from tests.h2client import H2Client
 from tests.helpers import make_config
 
 SERVER = {
@@ -213,3 +217,46 @@ async def test_queued_request_is_503_with_retry_after_at_queue_timeout(
     pool = proxy.forwarder.upstreams["app"].pools[0].statistics()
     assert (pool.queue_timeouts, pool.waiting, pool.in_use) == (1, 0, 1)
     assert _statuses(await read_until_close(holder)) == [504]  # at response_header_timeout
+
+
+@guarded
+async def test_silent_connection_is_408_at_header_timeout(nursery, autojump_clock, proxy):
+    client = memory_client(nursery, proxy, h2=True)
+    start = trio.current_time()
+    reply = await read_until_close(client)
+    # One header_timeout from the connection's start, the wait for its first byte included.
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert _statuses(reply) == [408]
+
+
+@guarded
+async def test_partial_h2_preface_is_408_at_header_timeout(nursery, autojump_clock, proxy):
+    client = memory_client(nursery, proxy, h2=True)
+    start = trio.current_time()
+    await trio.sleep(4.0)
+    await client.send_all(b"PRI * HTTP/2.0\r\n")  # and the rest of the preface never comes
+    reply = await read_until_close(client)
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert _statuses(reply) == [408]
+
+
+@guarded
+async def test_h2_header_block_left_open_is_cut_at_header_timeout(
+    nursery, autojump_clock, proxy, upstream
+):
+    client = H2Client(memory_client(nursery, proxy, h2=True))
+    client.conn.initiate_connection()
+    await client.flush()
+    # The handshake completes both ways (our SETTINGS acknowledged, theirs acknowledged by
+    # receive()), so nothing but the header block is pending.
+    await client.until(
+        lambda: any(isinstance(e, h2.events.SettingsAcknowledged) for e in client.events)
+    )
+    await trio.sleep(30.0)  # idle, within keepalive_timeout: no clock runs for a head yet
+    block = client.conn.encoder.encode(client.request_headers("GET", "/ok"))
+    start = trio.current_time()
+    await client.send_raw(HeadersFrame(1, data=block[:5]).serialize())  # no END_HEADERS
+    await client.read_until_closed()
+    assert trio.current_time() - start == pytest.approx(10.0)
+    assert client.goaway is not None and client.goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert upstream.requests == []

@@ -82,8 +82,12 @@ class HTTP1Connection:
         client_ip: bytes,
         scheme: bytes,
         initial_data: bytes = b"",
+        head_deadline: float | None = None,
     ) -> None:
         self.stream = stream
+        # When the first request head must be complete: header_timeout from the start of
+        # the wait for the connection's first bytes (the listener's), not from now.
+        self._first_head_deadline = head_deadline
         self.proxy = proxy
         self.client_ip = client_ip
         self.scheme = scheme
@@ -285,7 +289,9 @@ class HTTP1Connection:
         if fast is not None:
             self._fast_request = None
             return fast
-        deadline = trio.current_time() + self.proxy.server.header_timeout
+        deadline = self._first_head_deadline
+        if deadline is None or self.requests:
+            deadline = trio.current_time() + self.proxy.server.header_timeout
         try:
             event = await self._next_event(deadline)
         except _Timeout:

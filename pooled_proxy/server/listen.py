@@ -40,10 +40,11 @@ def _client_ip(stream: trio.abc.Stream) -> bytes:
         return b"unknown"
 
 
-async def sniff_preface(stream: trio.abc.Stream, timeout: float) -> bytes:
-    """Read until the bytes so far either diverge from the h2 preface or complete it."""
+async def sniff_preface(stream: trio.abc.Stream, deadline: float) -> bytes:
+    """Read until the bytes so far either diverge from the h2 preface or complete it (or
+    ``deadline`` passes)."""
     data = b""
-    with trio.move_on_after(timeout):
+    with trio.move_on_at(deadline):
         while len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
             chunk = await stream.receive_some(64 * 1024)
             if not chunk:
@@ -59,8 +60,15 @@ async def handle_client(
     scheme: bytes,
     h2_handler: H2Handler | None,
     alpn: str | None = None,
+    head_deadline: float | None = None,
 ) -> None:
-    """Serve one client; ``alpn`` is the TLS-negotiated protocol, which wins over sniffing."""
+    """Serve one client; ``alpn`` is the TLS-negotiated protocol, which wins over sniffing.
+
+    The first request head must be complete by ``head_deadline`` (default: one
+    ``header_timeout`` from now), the wait for its first bytes included.
+    """
+    if head_deadline is None:
+        head_deadline = trio.current_time() + proxy.server.header_timeout
     client_ip = _client_ip(stream)
     proxy.client_connections += 1
     try:
@@ -74,7 +82,7 @@ async def handle_client(
             # While draining, a new connection that sends nothing is idle: it is cut after a
             # short grace (its request may already be on the way).
             with proxy.waiting_for_first_request() as first_request:
-                initial = await sniff_preface(stream, proxy.server.header_timeout)
+                initial = await sniff_preface(stream, head_deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await trio.aclose_forcefully(stream)
             return
@@ -85,7 +93,12 @@ async def handle_client(
             await h2_handler(stream, proxy, client_ip, scheme, initial)
             return
         connection = HTTP1Connection(
-            stream, proxy, client_ip=client_ip, scheme=scheme, initial_data=initial
+            stream,
+            proxy,
+            client_ip=client_ip,
+            scheme=scheme,
+            initial_data=initial,
+            head_deadline=head_deadline,
         )
         await connection.serve()
     except Exception:

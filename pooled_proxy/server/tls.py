@@ -1,8 +1,8 @@
 """TLS listeners: ALPN offers ``h2`` and ``http/1.1``; the client's choice picks the front end.
 
-The handshake happens in the connection's own task (never in the accept loop) under
-``header_timeout``, so a client that connects and stalls the handshake holds nothing but
-itself. After it, ALPN ``h2`` goes straight to the HTTP/2 front end; anything else (ALPN
+The handshake happens in the connection's own task (never in the accept loop), within the
+one ``header_timeout`` that the handshake and the first request head share, so a client that
+connects and stalls the handshake holds nothing but itself. After it, ALPN ``h2`` goes straight to the HTTP/2 front end; anything else (ALPN
 ``http/1.1`` or no ALPN at all) goes through the same preface sniffing as cleartext, so a
 client with HTTP/2 prior knowledge but no ALPN still gets HTTP/2.
 """
@@ -24,8 +24,10 @@ LOG = logging.getLogger("pooled_proxy.tls")
 async def handle_tls_client(
     stream: trio.SSLStream[trio.abc.Stream], proxy: Proxy, *, h2_handler: H2Handler | None
 ) -> None:
+    # One header_timeout for the handshake and the first request head together.
+    head_deadline = trio.current_time() + proxy.server.header_timeout
     try:
-        with trio.fail_after(proxy.server.header_timeout):
+        with trio.fail_at(head_deadline):
             await stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         LOG.debug("TLS handshake failed: %s", exc)
@@ -37,6 +39,7 @@ async def handle_tls_client(
         scheme=b"https",
         h2_handler=h2_handler,
         alpn=stream.selected_alpn_protocol(),
+        head_deadline=head_deadline,
     )
 
 
