@@ -61,7 +61,12 @@ NO_BODY: AsyncIterator[bytes] = _NoBody()
 
 
 class ResponseSink(Protocol):
-    """Where the forwarder writes the response; each front end implements it."""
+    """Where the forwarder writes the response; each front end implements it.
+
+    The sink counts the body bytes it gets out to the client in its exchange's
+    ``ExchangeRecord.bytes_out``: only the front end knows what left, not what it was handed
+    (an HTTP/2 stream reset with its flow-control window closed sent none of it).
+    """
 
     @property
     def head_sent(self) -> bool: ...
@@ -104,7 +109,7 @@ class ExchangeRecord:
     client_ip: bytes = b""
     status: int = 0
     bytes_in: int = 0
-    bytes_out: int = 0
+    bytes_out: int = 0  # response body bytes written to the client's socket (the sink counts)
     route: str = ""  # the matched route as "host/prefix" ("*" for any host)
     route_upstream: str = ""
     upstream_server: str = ""

@@ -234,7 +234,6 @@ class Forwarder:
                 await sink.send_head(status, headers, end=True)
                 return
             await sink.send_head(status, headers, body=body, end=True)
-            record.bytes_out += len(body)
         except ClientDisconnected:
             pass
 
@@ -479,7 +478,6 @@ class Forwarder:
         if record.event_stream:
             self.live.event_streams += 1  # until forward() finishes the exchange
         body, ended = connection.buffered_body()
-        record.bytes_out += len(body)
         if ended and upload is None and not connection.trailers:
             return _WholeResponse(response.status_code, response_headers, body)
         await sink.send_head(response.status_code, response_headers, body=body)
@@ -500,7 +498,6 @@ class Forwarder:
             more, ended = connection.buffered_body()
             if more:
                 chunk += more
-            record.bytes_out += len(chunk)
             await sink.send_data(chunk)
         return None
 

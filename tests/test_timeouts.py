@@ -10,12 +10,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.events
+import h2.settings
 import pytest
 import trio
 import trio.testing
 from h2.errors import ErrorCodes
 from hyperframe.frame import HeadersFrame
 
+from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.proxy import Proxy
 from tests.faulty_upstream import FaultyUpstream, memory_client, read_until_close
 from tests.h2client import H2Client
@@ -260,3 +262,28 @@ async def test_h2_header_block_left_open_is_cut_at_header_timeout(
     assert trio.current_time() - start == pytest.approx(10.0)
     assert client.goaway is not None and client.goaway.error_code == ErrorCodes.PROTOCOL_ERROR
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize("window", [0, 65535])
+@guarded
+async def test_h2_bytes_out_counts_what_reached_a_client_that_stopped_reading(
+    nursery, autojump_clock, upstream, window
+):
+    records: list[ExchangeRecord] = []
+    proxy = Proxy(
+        make_config(1, server=SERVER, **UPSTREAM),
+        connect=upstream.connector(nursery),
+        observers=(records.append,),
+    )
+    client = H2Client(memory_client(nursery, proxy, h2=True), auto_ack=False)
+    client.conn.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    )
+    client.conn.initiate_connection()
+    await client.flush()
+    reply = await client.get("/ok?size=300000")
+    # The client's window never opens (beyond its first 64 KiB): reset at write_timeout.
+    assert (reply.status, reply.reset_code) == (200, ErrorCodes.CANCEL)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(reply.body) == window
+    assert [record.bytes_out for record in records] == [window]

@@ -107,6 +107,7 @@ class HTTP1Connection:
             self._feed(initial_data)
         self.requests = 0
         self.head_sent = False
+        self.record: ExchangeRecord  # the exchange in progress (set when it starts)
         self.close_after_response = False
         self.client_gone = False
         # The client watch (see _watch_client): one task per connection, started by the
@@ -385,6 +386,7 @@ class HTTP1Connection:
         if self.body_left is not None:
             self.body_left -= len(body)
         await self._write(data)  # head, body and end in one write
+        self.record.bytes_out += len(body)
 
     async def _fast_send_head(self, status: int, headers: Headers, body: bytes, end: bool) -> None:
         """send_head on the fast path: the bytes h11 would write, framing included."""
@@ -408,6 +410,7 @@ class HTTP1Connection:
             data += self._fast_end()
         self.head_sent = True
         await self._write(data)
+        self.record.bytes_out += len(body)
 
     def _fast_body(self, data: bytes) -> bytes:
         if self.body_left is not None:
@@ -432,10 +435,11 @@ class HTTP1Connection:
     async def send_data(self, data: bytes) -> None:
         if self._fast_cycle:
             await self._write(self._fast_body(data))
-            return
-        if self.body_left is not None:
-            self.body_left -= len(data)
-        await self._write(self.h11.send(h11.Data(data=data)))
+        else:
+            if self.body_left is not None:
+                self.body_left -= len(data)
+            await self._write(self.h11.send(h11.Data(data=data)))
+        self.record.bytes_out += len(data)
 
     async def end(self, trailers: Headers | None = None) -> None:
         # Trailers go to a client that said it takes them (TE: trailers) on a chunked
@@ -612,6 +616,7 @@ class HTTP1Connection:
             on_wait=self._arm_watch if upload is None and upgrade is None else None,
         )
         self.head_sent = False
+        self.record = record
         self.request_method = head.method
         self.body_left = None
         self.proxy.active_exchanges += 1

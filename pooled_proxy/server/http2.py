@@ -698,6 +698,7 @@ class HTTP2Connection:
                 ):
                     return False
                 h2_connection.send_data(stream.id, data, end_stream=end)
+                stream.record.bytes_out += len(data)
             elif end:
                 h2_connection.end_stream(stream.id)
         except h2.exceptions.ProtocolError as exc:
@@ -741,6 +742,8 @@ class HTTP2Connection:
                     return False
                 self.h2.send_data(stream.id, bytes(stream.outbound[:size]))
                 del stream.outbound[:size]
+                # Counted once framed: within the client's window, on its way to the socket.
+                stream.record.bytes_out += size
                 sent = True
             if not stream.outbound and stream.end_requested and not stream.ended:
                 if stream.trailers:
