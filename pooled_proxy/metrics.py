@@ -51,6 +51,7 @@ from prometheus_client.utils import floatToGoString
 from . import __version__
 from .exchange import ExchangeRecord
 from .health import PROBE_RESULTS
+from .proxy import PENDING
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -69,7 +70,7 @@ CLOSE_REASONS = (
     "upstream_close",  # the upstream ended it after a complete response (Connection: close)
     "upgraded",  # it carried a WebSocket tunnel (101), which ended
 )
-PROTOCOLS = ("http/1.1", "h2")
+PROTOCOLS = ("http/1.1", "h2", PENDING)
 
 # How the supervisor combines gauges of several workers; the others are summed (connections,
 # exchanges, queue lengths add up). These are states of one process, kept one series per
@@ -365,7 +366,7 @@ class ProxyCollector(Collector):
 
         clients = GaugeMetricFamily(
             "pooled_proxy_client_connections",
-            "Client connections being served, by protocol.",
+            "Open client connections, by protocol (pending: TLS handshake or first bytes awaited).",
             labels=["protocol"],
         )
         counts = proxy.connections_by_protocol

@@ -25,6 +25,10 @@ from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
 # closed (a browser's speculative preconnect must not hold the drain for drain_timeout).
 FIRST_REQUEST_GRACE = 1.0
 
+# The client-connections gauge's protocol for a connection whose protocol is not known yet:
+# its TLS handshake or its first bytes are awaited.
+PENDING = "pending"
+
 # Settings a reload cannot apply to a running process: the sockets, the worker processes, the
 # admin listener and the access log are set up once at start. (The TLS certificate and key
 # are not among them: a reload loads them again for new connections.)
@@ -111,8 +115,9 @@ class Proxy:
         # Cancel scopes of new connections waiting for their first request bytes.
         self.first_request_waits: set[trio.CancelScope] = set()
         self.client_connections = 0
-        # Open client connections by protocol ("http/1.1", "h2"): each front end counts its
-        # own while it serves a connection; the metrics read it at scrape time.
+        # Open client connections by protocol ("http/1.1", "h2", PENDING): each front end
+        # counts its own while it serves a connection, the listener those it has not handed
+        # to one yet; the metrics read it at scrape time.
         self.connections_by_protocol: Counter[str] = Counter()
         self._active_exchanges = 0
         self.exchanges_started = 0  # ever; the drain log counts the ones it waited for

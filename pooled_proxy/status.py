@@ -306,6 +306,7 @@ class StatusBoard:
                 "by_protocol": {
                     protocol: count
                     for protocol, count in sorted(proxy.connections_by_protocol.items())
+                    if count  # a protocol whose connections all closed stays in the Counter
                 },
             },
             "exchanges_in_flight": proxy.active_exchanges,

@@ -20,6 +20,7 @@ from pooled_proxy.config import (
     parse_config,
 )
 from pooled_proxy.metrics import ProxyMetrics
+from tests.h2client import H2Client
 from tests.helpers import HOST, H11Client, make_config
 from tests.operations import Scrape, start_operated_proxy
 from tests.test_stale import OneShotUpstream
@@ -329,3 +330,29 @@ async def test_process_build_and_reload_metrics(nursery, demo_upstream, tmp_path
     assert failed.value("pooled_proxy_config_last_reload_success_timestamp_seconds") == loaded
     assert fixed.value("pooled_proxy_config_last_reload_success") == 1
     assert fixed.value("pooled_proxy_config_last_reload_success_timestamp_seconds") > loaded
+
+
+async def test_client_connections_count_idle_ones_of_every_protocol(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_operated_proxy(nursery, make_config(port))
+    gauge = "pooled_proxy_client_connections"
+    with trio.fail_after(10):
+        h1 = [await H11Client.connect(proxy.running.port) for _ in range(3)]
+        h2 = [await H2Client.connect(proxy.running.port) for _ in range(2)]
+        silent = [await trio.open_tcp_stream(HOST, proxy.running.port) for _ in range(4)]
+        try:
+            for client in h1:
+                assert (await client.request("GET", "/echo")).status == 200
+            for h2_client in h2:
+                assert (await h2_client.get("/echo")).status == 200
+            # All idle now: keep-alive between requests, or connected and silent.
+            while proxy.running.proxy.client_connections < 9:
+                await trio.sleep(0.01)
+            scrape = await proxy.scrape()
+        finally:
+            for stream in [*(c.stream for c in h1), *(c.stream for c in h2), *silent]:
+                await stream.aclose()
+    assert scrape.value(gauge, protocol="http/1.1") == 3
+    assert scrape.value(gauge, protocol="h2") == 2
+    assert scrape.value(gauge, protocol="pending") == 4
+    assert scrape.value("pooled_proxy_exchanges_in_flight") == 0

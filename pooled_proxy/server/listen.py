@@ -17,7 +17,7 @@ import trio
 from ..answers import error_response
 from ..config import ServerAddress
 from ..errors import TooManyConnections
-from ..proxy import Proxy
+from ..proxy import PENDING, Proxy
 from .http1 import HTTP1Connection, _raw_response
 
 LOG = logging.getLogger("pooled_proxy.listen")
@@ -78,6 +78,7 @@ async def handle_client(
         if alpn == "h2" and h2_handler is not None:
             await h2_handler(stream, proxy, client_ip, scheme, b"")
             return
+        proxy.connections_by_protocol[PENDING] += 1
         try:
             # While draining, a new connection that sends nothing is idle: it is cut after a
             # short grace (its request may already be on the way).
@@ -86,6 +87,8 @@ async def handle_client(
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await trio.aclose_forcefully(stream)
             return
+        finally:
+            proxy.connections_by_protocol[PENDING] -= 1
         if first_request.cancelled_caught:
             await trio.aclose_forcefully(stream)
             return

@@ -15,7 +15,7 @@ from dataclasses import replace
 import trio
 
 from ..config import ServerAddress
-from ..proxy import Proxy
+from ..proxy import PENDING, Proxy
 from .listen import H2Handler, accept_until_drain, bound_address, handle_client, open_listeners
 
 LOG = logging.getLogger("pooled_proxy.tls")
@@ -26,6 +26,7 @@ async def handle_tls_client(
 ) -> None:
     # One header_timeout for the handshake and the first request head together.
     head_deadline = trio.current_time() + proxy.server.header_timeout
+    proxy.connections_by_protocol[PENDING] += 1
     try:
         with trio.fail_at(head_deadline):
             await stream.do_handshake()
@@ -33,6 +34,8 @@ async def handle_tls_client(
         LOG.debug("TLS handshake failed: %s", exc)
         await trio.aclose_forcefully(stream)
         return
+    finally:
+        proxy.connections_by_protocol[PENDING] -= 1
     await handle_client(
         stream,
         proxy,
