@@ -48,12 +48,13 @@ C = TypeVar("C", bound=PooledConnection)
 class Waiter(Generic[C]):
     """A request queued for a connection: it is handed either a connection or a connect slot."""
 
-    __slots__ = ("connection", "event", "may_connect")
+    __slots__ = ("connection", "event", "may_connect", "scope")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.connection: C | None = None
         self.may_connect = False
+        self.scope: trio.CancelScope | None = None  # the wait's (its deadline may move)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +288,7 @@ class UpstreamPool:
         self._queue_waits = 0
         self._queue_wait_seconds = 0.0
         self._closing = False
+        self._waits_end = math.inf  # no queue wait lasts past this (set by a drain)
         self._reaper_wakeup = trio.Event()
         self._reaper_target = math.inf
 
@@ -375,9 +377,10 @@ class UpstreamPool:
         state.waiters.append(waiter)
         started = trio.current_time()
         self._queue_waits += 1
+        deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
         try:
             # A plain scope (move_on_after adds a generator-based context manager per wait).
-            with trio.CancelScope(deadline=started + (self.config.queue_timeout or math.inf)):
+            with trio.CancelScope(deadline=deadline) as waiter.scope:
                 await waiter.event.wait()
         except BaseException:
             self._abandon(waiter)
@@ -392,10 +395,20 @@ class UpstreamPool:
         self._abandon(waiter)
         if self._closing:
             raise Draining("upstream pool is closing")
+        if trio.current_time() >= self._waits_end:
+            raise Draining("no upstream connection came free before drain_timeout")
         self._queue_timeouts += 1
         raise PoolTimeout(
             f"no connection to {self.server} within queue_timeout ({self.config.queue_timeout:g}s)"
         )
+
+    def end_waits_by(self, deadline: float) -> None:
+        """No request waits in the queue past ``deadline`` (the drain's): one still waiting
+        then is answered 503 rather than cut without a word when the drain ends."""
+        self._waits_end = min(self._waits_end, deadline)
+        for waiter in self._state.waiters:
+            if waiter.scope is not None:
+                waiter.scope.deadline = min(waiter.scope.deadline, deadline)
 
     def _abandon(self, waiter: Waiter[UpstreamConnection]) -> None:
         """A waiter gave up (timeout or cancel): return whatever it was handed."""

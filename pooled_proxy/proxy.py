@@ -29,6 +29,10 @@ FIRST_REQUEST_GRACE = 1.0
 # its TLS handshake or its first bytes are awaited.
 PENDING = "pending"
 
+# A request still waiting in a pool's queue this long before the drain deadline is answered
+# 503: it never reached an upstream, and its answer must get out before the cut.
+DRAIN_ANSWER_TIME = 0.1
+
 # Settings a reload cannot apply to a running process: the sockets, the worker processes, the
 # admin listener and the access log are set up once at start. (The TLS certificate and key
 # are not among them: a reload loads them again for new connections.)
@@ -144,7 +148,9 @@ class Proxy:
 
     def begin_drain(self) -> None:
         """Stop taking work: listeners close (``serve_listeners`` watches ``drain_started``),
-        idle client connections close now, new ones get ``FIRST_REQUEST_GRACE``."""
+        idle client connections close now, new ones get ``FIRST_REQUEST_GRACE``. Requests
+        queued for an upstream connection stay queued, up to ``DRAIN_ANSWER_TIME`` before
+        the drain deadline."""
         if self.draining:
             return
         self.draining = True
@@ -158,6 +164,11 @@ class Proxy:
         deadline = self.drain_started_at + FIRST_REQUEST_GRACE
         for scope in list(self.first_request_waits):
             scope.deadline = min(scope.deadline, deadline)
+        grace = self.server.drain_timeout
+        waits_end = self.drain_started_at + max(grace - DRAIN_ANSWER_TIME, grace / 2)
+        for group in self.forwarder.upstreams.values():
+            for pool in group.pools:
+                pool.end_waits_by(waits_end)
 
     @contextmanager
     def waiting_for_first_request(self) -> Iterator[trio.CancelScope]:

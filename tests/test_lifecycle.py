@@ -88,9 +88,13 @@ class Served:
     done_at: list[float]
 
 
-async def start_in_memory(nursery: trio.Nursery, **server: object) -> Served:
+async def start_in_memory(
+    nursery: trio.Nursery, upstream: dict[str, object] | None = None, **server: object
+) -> Served:
     demo = DemoUpstream(event_interval=1.0)
-    proxy = Proxy(make_config(9, server=server), connect=demo_connector(nursery, demo))
+    proxy = Proxy(
+        make_config(9, server=server, **(upstream or {})), connect=demo_connector(nursery, demo)
+    )
     listen = MemoryListen()
     done, done_at = trio.Event(), []
 
@@ -225,6 +229,57 @@ async def test_new_connection_gets_a_short_grace_for_its_first_request(autojump_
         assert trio.current_time() - t0 == pytest.approx(FIRST_REQUEST_GRACE, abs=0.01)
         await served.done.wait()
         assert served.done_at[0] - t0 == pytest.approx(FIRST_REQUEST_GRACE, abs=0.01)
+
+
+async def test_requests_queued_for_a_connection_are_served_or_answered_within_the_drain(
+    autojump_clock, nursery, caplog
+):
+    """Queued requests are in flight: each is served as a connection comes free, and one
+    still queued near the deadline gets a 503 (it never reached an upstream) instead of being
+    cut without an answer."""
+    with trio.fail_after(60):  # virtual seconds: a hang fails instead of blocking
+        caplog.set_level(logging.INFO, logger="pooled_proxy")
+        one_connection = {"max_connections": 1, "queue_timeout": 60.0}
+        served = await start_in_memory(nursery, upstream=one_connection, drain_timeout=3.5)
+        proxy, listen = served.proxy, served.listen
+        clients = [listen.connect() for _ in range(5)]
+        for client in clients:
+            await client.send(get("/slow?delay=1"), h11.EndOfMessage())
+            await trio.sleep(0.01)  # queued in this order
+        await wait_for(lambda: proxy.active_exchanges == 5)
+        assert proxy.forwarder.upstreams["app"].pools[0].statistics().waiting == 4
+
+        t0 = trio.current_time()
+        proxy.begin_drain()
+        answers: list[tuple[int, float]] = []
+        replies = []
+
+        async def read(client: H11Client) -> None:
+            try:
+                reply = await client.read_reply()
+            except h11.RemoteProtocolError:  # closed without a response
+                answers.append((0, trio.current_time() - t0))
+                return
+            answers.append((reply.status, trio.current_time() - t0))
+            replies.append(reply)
+
+        async with trio.open_nursery() as readers:
+            for client in clients:
+                readers.start_soon(read, client)
+        # One after another on the one connection (1 s each) while the drain lasts (3.5 s):
+        # the fourth is cut at the deadline mid-response; the fifth, still queued, is
+        # answered 503 just before it, with Retry-After.
+        assert [status for status, _ in answers] == [200, 200, 200, 503, 0]
+        done_at = [at for _, at in answers]
+        assert [done_at[1] - done_at[0], done_at[2] - done_at[1]] == pytest.approx([1.0, 1.0])
+        assert done_at[3:] == pytest.approx([3.4, 3.5])
+        assert all(reply.headers[b"connection"] == b"close" for reply in replies)
+        refusal = replies[-1]
+        assert refusal.headers[b"retry-after"] == b"1"
+        assert b"error=proxy_internal_error" in refusal.headers[b"proxy-status"]
+        await served.done.wait()
+    messages = [r.getMessage() for r in caplog.records if r.name == "pooled_proxy.lifecycle"]
+    assert any("waited for 5 exchange(s), 4 finished, 1 cut" in m for m in messages), messages
 
 
 # -- in-process, real sockets -------------------------------------------------------------------
