@@ -444,6 +444,8 @@ async def test_8_h2c_connections_10_streams_each_share_a_pool_of_8(nursery, demo
     assert statuses == [200] * 160
     assert upstream.stats.requests == 160
     assert upstream.stats.max_concurrent_connections <= 8
+    # Upstream connections are reused: at most one per pool slot for 2000 requests.
+    assert upstream.stats.connections_opened <= 8, upstream.stats
 
 
 async def test_upstream_trailers_are_relayed_as_h2_trailers(nursery):

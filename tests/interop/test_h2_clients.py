@@ -92,6 +92,8 @@ async def test_h2load_multiplexed_load(nursery, demo_upstream):
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.stats.requests == 1000
     assert upstream.stats.max_concurrent_connections <= 8
+    # Upstream connections are reused: at most one per pool slot for 1000 requests.
+    assert upstream.stats.connections_opened <= 8, upstream.stats
 
 
 async def test_nghttp_parallel_streams_and_sse(nursery, demo_upstream):

@@ -20,3 +20,5 @@ async def test_h2load_http11_keepalive_load(nursery, demo_upstream):
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.stats.max_concurrent_connections <= 8
     assert upstream.stats.requests == 1000
+    # Upstream connections are reused: at most one per pool slot for 1000 requests.
+    assert upstream.stats.connections_opened <= 8, upstream.stats

@@ -98,6 +98,8 @@ async def test_h2load_over_tls(nursery, demo_upstream, tls_setup: TlsSetup):
     assert result.status_2xx == 1000
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.stats.max_concurrent_connections <= 8
+    # Upstream connections are reused: at most one per pool slot for 1000 requests.
+    assert upstream.stats.connections_opened <= 8, upstream.stats
 
 
 async def test_nghttp_over_tls(nursery, demo_upstream, tls_setup: TlsSetup):
