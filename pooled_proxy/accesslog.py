@@ -53,6 +53,22 @@ def _connection(record: ExchangeRecord) -> str | None:
     return "reused" if record.upstream_reused else "new"
 
 
+def _json_failed(record: ExchangeRecord) -> str:
+    """The servers the request went on from, each with its error, as a JSON array."""
+    tries = ",".join(
+        f'{{"server":{_json_string(server)},"error":{_json_string(error)}}}'
+        for server, error in record.servers_failed
+    )
+    return f"[{tries}]"
+
+
+def _upstreams(record: ExchangeRecord) -> str:
+    """The servers tried, the one that served (or failed) last, as nginx's $upstream_addr."""
+    if record.servers_failed:
+        return ",".join([*(server for server, _ in record.servers_failed), record.upstream_server])
+    return record.upstream_server or "-"
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
@@ -114,6 +130,7 @@ def json_line(record: ExchangeRecord) -> str:
         f'"upstream":{_json_text(record.route_upstream)},'
         f'"upstream_server":{_json_text(record.upstream_server)},'
         f'"upstream_connection":{_json_text(_connection(record))},'
+        f'"upstream_failed":{_json_failed(record) if record.servers_failed else "[]"},'
         f'"retried":{"true" if record.retried else "false"},'
         f'"ttfb_ms":{_json_number(_ms(record.ttfb))},'
         f'"duration_ms":{_json_number(_ms(record.duration))},'
@@ -129,7 +146,8 @@ def combined_line(record: ExchangeRecord) -> str:
     ``127.0.0.1 - - [10/Oct/2025:13:55:36 +0000] "GET /x HTTP/1.1" 200 512 "-" "curl/8.5"
     in=0 upstream=127.0.0.1:9000 conn=reused ttfb=0.002 rt=0.003 error=- rid=5f0c...``
 
-    Times are seconds with millisecond precision; ``-`` marks an absent value.
+    Times are seconds with millisecond precision; ``-`` marks an absent value. ``upstream``
+    lists every server tried, comma-separated, when the request went on to a next one.
     """
     t = time.gmtime(record.wall_start)
     stamp = (
@@ -142,7 +160,7 @@ def combined_line(record: ExchangeRecord) -> str:
         f'{_text(record.client_ip) or "-"} - - [{stamp}] "{_escaped(request)}" '
         f"{record.status or '-'} {record.bytes_out or '-'} "
         f'"{_escaped(_header(record, b"referer"))}" "{_escaped(_header(record, b"user-agent"))}" '
-        f"in={record.bytes_in} upstream={record.upstream_server or '-'} "
+        f"in={record.bytes_in} upstream={_upstreams(record)} "
         f"conn={_connection(record) or '-'} ttfb={ttfb} rt={record.duration:.3f} "
         f"error={record.error or '-'} rid={_escaped(record.request_id)}\n"
     )

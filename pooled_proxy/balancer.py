@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import ssl
 from collections import deque
+from collections.abc import Collection
 from functools import partial
 
 import trio
@@ -80,6 +81,7 @@ class UpstreamGroup:
         self.probes = [ProbeState(check) if check else None for _ in self.pools]
         self._probes_on = check is not None
         self._next = itertools.cycle(range(len(self.pools)))
+        self.server_tries = config.server_tries
 
     def in_rotation(self, index: int, now: float) -> bool:
         """Whether server ``index`` takes requests: the one rule that combines the checks.
@@ -97,14 +99,17 @@ class UpstreamGroup:
     def has_server_in_rotation(self, now: float) -> bool:
         return any(self.in_rotation(i, now) for i in range(len(self.pools)))
 
-    def choose(self, *, exclude: UpstreamPool | None = None) -> tuple[UpstreamPool, ServerHealth]:
-        """The pool for the next exchange, skipping servers out of rotation (and ``exclude``)."""
+    def choose(
+        self, *, exclude: Collection[UpstreamPool] = ()
+    ) -> tuple[UpstreamPool, ServerHealth]:
+        """The pool for the next exchange, skipping servers out of rotation (and ``exclude``:
+        those the exchange already tried)."""
         pools = self.pools
         if len(pools) == 1 and not self._probes_on:
             return pools[0], self.health[0]
         now = trio.current_time()
         candidates = [
-            i for i in range(len(pools)) if self.in_rotation(i, now) and pools[i] is not exclude
+            i for i in range(len(pools)) if self.in_rotation(i, now) and pools[i] not in exclude
         ]
         if not candidates:
             raise UpstreamUnavailable(f"every server of upstream {self.name!r} is out of rotation")

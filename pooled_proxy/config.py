@@ -26,6 +26,10 @@ from .errors import ConfigError, ConfigProblem
 from .protocol.abnf import TOKEN
 
 DEFAULT_LISTEN = ("127.0.0.1:8080",)
+# The servers a request tries by default before its failure is answered. Each try may cost a
+# whole connect_timeout; three failing at once is an outage, which more tries only make the
+# client wait longer to hear about.
+NEXT_SERVER_TRIES = 3
 ANY_HOST = "*"  # a listen host: every interface, IPv4 and IPv6
 
 
@@ -119,6 +123,9 @@ class UpstreamConfig:
     max_fails: int = 3  # passive health: this many failures within fail_window ...
     fail_window: float = 10.0
     fail_timeout: float = 10.0  # ... skip the server this long (only when > 1 server)
+    # The most servers one request tries when they fail before it went up (``server_tries``);
+    # None: the default, every server up to NEXT_SERVER_TRIES.
+    next_server_tries: int | None = None
     host_header: str | None = None  # sent as Host instead of the client's
     # TLS to its https:// servers (tls_contexts.py builds the context once per load).
     tls_ca: Path | None = None  # trust only this CA bundle (default: the system's CAs)
@@ -132,6 +139,12 @@ class UpstreamConfig:
     def tls(self) -> bool:
         """Some server of it is ``https://``."""
         return any(server.tls for server in self.servers)
+
+    @property
+    def server_tries(self) -> int:
+        """The most servers one request tries: ``next_server_tries``, or by default each
+        server up to ``NEXT_SERVER_TRIES``; never more than the upstream has."""
+        return min(len(self.servers), self.next_server_tries or NEXT_SERVER_TRIES)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -525,8 +538,8 @@ _UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "max_idle": _int(0), "idle_timeout": _POSITIVE, "connect_timeout": _POSITIVE,
     "response_header_timeout": _POSITIVE, "read_timeout": _ZERO_OK, "queue_size": _int(0),
     "queue_timeout": _ZERO_OK, "max_requests_per_connection": _int(0), "max_fails": _int(1),
-    "fail_window": _POSITIVE, "fail_timeout": _POSITIVE, "tls_server_name": _server_name,
-    "tls_verify": _bool, "host_header": _host_header,
+    "fail_window": _POSITIVE, "fail_timeout": _POSITIVE, "next_server_tries": _int(1),
+    "tls_server_name": _server_name, "tls_verify": _bool, "host_header": _host_header,
 })  # fmt: skip
 _UPSTREAM_TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
 _HEALTH_CHECK_FIELDS: Mapping[str, _Conv] = MappingProxyType({

@@ -115,6 +115,9 @@ class ExchangeRecord:
     upstream_server: str = ""
     upstream_reused: bool | None = None
     retried: bool = False
+    # The servers tried before ``upstream_server``, each with the Proxy-Status error that
+    # made the request go on to the next one (see Forwarder: next server).
+    servers_failed: tuple[tuple[str, str], ...] = ()
     connect_time: float | None = None  # opening the upstream connection, when a new one was opened
     upstream_header_time: float | None = None  # request sent upstream -> response head received
     ttfb: float | None = None

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import trio
 
 from .answers import error_response
-from .balancer import UpstreamGroup
+from .balancer import ServerHealth, UpstreamGroup
 from .config import Config, UpstreamConfig
 from .errors import (
     ClientDisconnected,
@@ -26,6 +26,7 @@ from .errors import (
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamUnavailable,
 )
 from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, ResponseSink
 from .headers import (
@@ -204,23 +205,8 @@ class Forwarder:
         record.error = exc.proxy_status
         if isinstance(exc, (UpstreamError, ProxyInternalError)):
             # A client's mistake is its answer and its access log line; an upstream's failure
-            # (with its address, which the answer leaves out) and the proxy's own are logged,
-            # once per server and kind a second (an outage fails every request alike).
-            suppressed = self.warnings.admit(
-                (record.upstream_server, exc.proxy_status), trio.current_time()
-            )
-            if suppressed is not None:
-                LOG.log(
-                    logging.WARNING if exc.blame == "upstream" else logging.ERROR,
-                    "%s %s%s: %s%s",
-                    record.method.decode("latin-1"),
-                    record.target.decode("latin-1"),
-                    f" (request {record.request_id.decode('ascii')})" if record.request_id else "",
-                    exc.detail,
-                    f" ({suppressed} more like it since the last one, not logged)"
-                    if suppressed
-                    else "",
-                )
+            # (with its address, which the answer leaves out) and the proxy's own are logged.
+            self._log_failure(record, exc)
         try:
             if sink.head_sent:
                 await sink.reset()
@@ -236,6 +222,47 @@ class Forwarder:
             await sink.send_head(status, headers, body=body, end=True)
         except ClientDisconnected:
             pass
+
+    def _log_failure(self, record: ExchangeRecord, exc: ProxyError, then: str = "") -> None:
+        """Log a failure of ``record.upstream_server`` (or of the proxy) once per server and
+        kind a second: an outage fails every request alike. ``then``: what the proxy did
+        about it, if it did not answer with it."""
+        suppressed = self.warnings.admit(
+            (record.upstream_server, exc.proxy_status), trio.current_time()
+        )
+        if suppressed is not None:
+            LOG.log(
+                logging.WARNING if exc.blame == "upstream" else logging.ERROR,
+                "%s %s%s: %s%s%s",
+                record.method.decode("latin-1"),
+                record.target.decode("latin-1"),
+                f" (request {record.request_id.decode('ascii')})" if record.request_id else "",
+                exc.detail,
+                then,
+                f" ({suppressed} more like it since the last one, not logged)"
+                if suppressed
+                else "",
+            )
+
+    def _next_server(
+        self,
+        group: UpstreamGroup,
+        failed: tuple[UpstreamPool, ...],
+        record: ExchangeRecord,
+        exc: UpstreamError,
+    ) -> tuple[UpstreamPool, ServerHealth] | None:
+        """The server to try after the last of ``failed`` failed with ``exc`` before the
+        request could have reached it or the client heard anything, or None when the
+        upstream's ``server_tries`` are used up or no other server is up."""
+        if len(failed) >= group.server_tries:
+            return None
+        try:
+            choice = group.choose(exclude=failed)
+        except UpstreamUnavailable:
+            return None
+        self._log_failure(record, exc, f"; trying {choice[0].server}")
+        record.servers_failed += ((record.upstream_server, exc.proxy_status),)
+        return choice
 
     async def _forward(self, exchange: Exchange) -> None:
         head = exchange.head
@@ -277,18 +304,22 @@ class Forwarder:
         # 64 KiB, see Exchange.whole_body) and the method is idempotent. A streamed body
         # starts going up with the head, so it counts as sent.
         replayable = upload is None and (whole_body is None or head.idempotent)
-        exclude: UpstreamPool | None = None
-        for attempt in (0, 1):
-            pool, health = group.choose(exclude=exclude)
+        pool, health = group.choose()
+        failed: tuple[UpstreamPool, ...] = ()  # servers this request left for another
+        stale_retried = False
+        while True:
             record.upstream_server = str(pool.server)
             try:
                 connection, reused = await pool.acquire(exchange.on_wait, replayable=replayable)
             except (UpstreamConnectError, ConnectTimeout) as exc:
+                # Nothing was sent: any request may go on to the next server.
                 health.record_failure(trio.current_time(), exc)
-                if attempt == 0 and len(group.pools) > 1:
-                    exclude = pool
-                    continue
-                raise
+                failed += (pool,)
+                choice = self._next_server(group, failed, record, exc)
+                if choice is None:
+                    raise
+                pool, health = choice
+                continue
             record.upstream_reused = reused
             connection.on_wait = exchange.on_wait
             if not reused:
@@ -307,26 +338,34 @@ class Forwarder:
                     whole_body=whole_body,
                 )
             except UpstreamClosed as exc:
-                if reused and connection.received_bytes == 0 and not exchange.sink.head_sent:
+                # Closed or reset with nothing of the response received: sending the request
+                # again is safe if nothing of its body went up, or the body is held and the
+                # method idempotent.
+                unanswered = connection.received_bytes == 0 and not exchange.sink.head_sent
+                resendable = unanswered and (
+                    replayable or (upload is not None and not upload.started)
+                )
+                if reused and unanswered:
                     # The keep-alive race: the upstream closed this idle connection just as
                     # we reused it (the pool learns the server's idle timeout from it).
                     pool.closed_under_us(connection)
-                    race = True
-                else:
-                    race = False
                 pool.release(connection, reusable=False)
-                if (
-                    race
-                    and attempt == 0
-                    and (replayable or (upload is not None and not upload.started))
-                ):
-                    # Nothing of the body went up, or it is held and idempotent: sending
-                    # the request again on a fresh connection is safe.
+                if reused and resendable and not stale_retried:
+                    # Not the server's fault: once, on a fresh connection.
+                    stale_retried = True
                     self.stale_retries += 1
                     record.retried = True
                     LOG.debug("stale connection to %s, retrying on a new one", pool.server)
+                    pool, health = group.choose(exclude=failed)
                     continue
                 health.record_failure(trio.current_time(), exc)
+                if resendable and not reused:
+                    # A fresh connection the server dropped: the server failed, not the race.
+                    failed += (pool,)
+                    choice = self._next_server(group, failed, record, exc)
+                    if choice is not None:
+                        pool, health = choice
+                        continue
                 raise
             except UpstreamError as exc:
                 # An invalid response or a timeout is the server failing too (passive health),

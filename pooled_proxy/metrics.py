@@ -4,10 +4,11 @@ Two sources, so that serving traffic costs nothing beyond one observer call per 
 
 - **Per exchange** (:meth:`ProxyMetrics.observe`, an ``ExchangeRecord`` observer): request
   counts by route, upstream and status class, durations, upstream connect and response-header
-  latency, bytes, the proxy's own error answers, stale-connection retries. They are kept as
-  plain numbers (a dict lookup and an add; a bisect for a histogram) and turned into metric
-  families when Prometheus scrapes: prometheus_client's own Counter and Histogram take a
-  lock per value they touch, which cost the proxy several microseconds per exchange.
+  latency, bytes, the proxy's own error answers, stale-connection retries, servers left
+  for the next one. They are kept as plain numbers (a dict lookup and an add; a bisect for
+  a histogram) and turned into metric families when Prometheus scrapes: prometheus_client's
+  own Counter and Histogram take a lock per value they touch, which cost the proxy several
+  microseconds per exchange.
 - **At scrape time** (:class:`ProxyCollector`): gauges and pool counters read from
   ``UpstreamPool.statistics()`` snapshots and the proxy's live counters, so the pools keep
   plain integers and nothing is pushed to Prometheus objects on the hot path; the build and
@@ -265,6 +266,12 @@ class ProxyMetrics:
             "Requests retried on a new connection after a reused one turned out closed.",
             ["upstream", "server"],
         )
+        self._next_server = _Counter(
+            "pooled_proxy_upstream_next_server",
+            "Requests that went on to another server after this one failed before anything "
+            "was sent or answered, by the failure (the Proxy-Status error).",
+            ["upstream", "server", "reason"],
+        )
         self._event_streams = _Counter(
             "pooled_proxy_event_streams",
             "Server-Sent Events responses relayed (finished ones; see _active for live ones).",
@@ -272,7 +279,8 @@ class ProxyMetrics:
         )
         self.registry.register(_ExchangeCollector((
             self._requests, self._duration, self._ttfb, self._connect, self._header,
-            self._bytes_in, self._bytes_out, self._errors, self._retries, self._event_streams,
+            self._bytes_in, self._bytes_out, self._errors, self._retries, self._next_server,
+            self._event_streams,
         )))  # fmt: skip
         register_process_collectors(self.registry)
         self.collector: ProxyCollector | None = None
@@ -312,6 +320,8 @@ class ProxyMetrics:
             )
         if record.retried:
             self._retries.inc((record.route_upstream, record.upstream_server))
+        for server, error in record.servers_failed:
+            self._next_server.inc((record.route_upstream, server, error))
 
     # Read by the admin's status endpoints: once a second, and per admin request.
 

@@ -197,6 +197,9 @@ def _reference_json_line(record: ExchangeRecord) -> str:
                 "upstream_connection": None
                 if record.upstream_reused is None
                 else ("reused" if record.upstream_reused else "new"),
+                "upstream_failed": [
+                    {"server": server, "error": error} for server, error in record.servers_failed
+                ],
                 "retried": record.retried,
                 "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1000.0, 3),
                 "duration_ms": round(record.duration * 1000.0, 3),
@@ -219,8 +222,11 @@ def _reference_json_line(record: ExchangeRecord) -> str:
     number=st.integers(0, 10**12),
     seconds=st.none() | st.floats(0, 1e5, allow_nan=False),
     flags=st.tuples(st.booleans(), st.booleans(), st.none() | st.booleans()),
+    failed=st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), max_size=3),
 )
-def test_the_json_line_is_json_dumps_of_its_fields(wall_start, text, words, number, seconds, flags):
+def test_the_json_line_is_json_dumps_of_its_fields(
+    wall_start, text, words, number, seconds, flags, failed
+):
     record = ExchangeRecord(
         start=0.0,
         wall_start=wall_start,
@@ -235,6 +241,7 @@ def test_the_json_line_is_json_dumps_of_its_fields(wall_start, text, words, numb
         route_upstream=words[:2],
         upstream_server=words,
         retried=flags[0],
+        servers_failed=tuple(failed),
         event_stream=flags[1],
         upstream_reused=flags[2],
         ttfb=seconds,

@@ -169,6 +169,7 @@ def test_full_config_round_trips(in_tmp: Path) -> None:
         max_fails = 5
         fail_window = "20s"
         fail_timeout = "2m"
+        next_server_tries = 2
 
         [upstreams.web]
         servers = ["127.0.0.1:3000"]
@@ -231,6 +232,7 @@ def test_full_config_round_trips(in_tmp: Path) -> None:
                 max_fails=5,
                 fail_window=20.0,
                 fail_timeout=120.0,
+                next_server_tries=2,
             ),
             "web": UpstreamConfig(name="web", servers=(ServerAddress("127.0.0.1", 3000),)),
         },
@@ -531,6 +533,16 @@ ERROR_CASES = [
         "[upstreams.api]\nservers = [\n  '127.0.0.1:9000',\n  'backend',\n]\n",
         'proxy.toml:4: upstreams.api.servers[1]: bad address "backend": missing port',
         id="server-missing-port-multiline",
+    ),
+    pytest.param(
+        "[upstreams.api]\nservers = ['h:1', 'h:2']\nnext_server_tries = 0\n",
+        "proxy.toml:3: upstreams.api.next_server_tries: must be at least 1, got 0",
+        id="next-server-tries-zero",
+    ),
+    pytest.param(
+        "[upstreams.api]\nservers = ['h:1', 'h:2']\n\nnext_server_tries = 'all'\n",
+        "proxy.toml:4: upstreams.api.next_server_tries: expected an integer, got string",
+        id="next-server-tries-not-a-number",
     ),
     pytest.param(
         "[upstreams.api]\nservers = []\n",
