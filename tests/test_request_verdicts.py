@@ -120,3 +120,14 @@ async def test_an_http_version_the_proxy_does_not_speak_is_505(proxy_port, versi
     assert answer.startswith(b"HTTP/1.1 505 ")
     assert b"proxy-status: pooled-proxy; error=http_request_error" in answer
     assert upstream.stats.requests == 0
+
+
+async def test_an_empty_host_is_refused_after_an_http10_request_without_one(proxy_port):
+    # A verdict depends on the request alone: an HTTP/1.0 request with no Host passes, and
+    # must not make the next request's empty Host pass too.
+    port, upstream = proxy_port
+    with trio.fail_after(5):
+        without_host = await _over_http1(port, b"GET / HTTP/1.0\r\n\r\n")
+        empty_host = await _over_http1(port, _h1_request(b"GET", b"http", b"", b"/", []))
+    assert (without_host, empty_host) == (OK, BAD)
+    assert upstream.stats.requests == 1

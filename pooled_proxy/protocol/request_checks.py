@@ -34,8 +34,9 @@ _NAMES = re.compile(TOKEN + rb"(?:\x00" + TOKEN + rb")*")
 _VALUES = re.compile(FIELD_VALUE + rb"(?:\x00" + FIELD_VALUE + rb")*")
 _VALUE = re.compile(FIELD_VALUE)
 _SCHEMES = (b"http", b"https")
-# The last authority accepted: most requests name the same one as the one before, and then
-# a comparison replaces the regex match.
+# The last authority that matched the grammar: most requests name the same one as the one
+# before, and then a comparison replaces the regex match. Only a match is remembered: the
+# empty authority an HTTP/1.0 request may have is no pass for a later request.
 _accepted_authority = b"\x00"
 
 
@@ -72,10 +73,10 @@ def check_request(
             raise ClientError("request target * is for OPTIONS only")
     global _accepted_authority
     if authority != _accepted_authority:
-        if not _AUTHORITY.fullmatch(authority) and (authority or version != b"1.0"):
-            # (An HTTP/1.0 client may send no Host at all.)
+        if _AUTHORITY.fullmatch(authority):
+            _accepted_authority = authority
+        elif authority or version != b"1.0":  # (an HTTP/1.0 client may send no Host at all)
             raise ClientError(f"invalid authority {authority[:40]!r}")
-        _accepted_authority = authority
     if fields and not syntax_checked:
         _check_fields(fields)
 
