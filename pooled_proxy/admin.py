@@ -178,6 +178,7 @@ class AdminServer:
         elif path == PAGE_PATH:
             status, body, headers = 200, status_page(), list(PAGE_HEADERS)
         elif path == EVENTS_PATH:
+            # No checkpoint from here to _send_events counting the stream.
             if self.event_streams >= self.max_event_streams:
                 status, body = 503, b"too many event streams\n"
                 headers = [(b"content-type", TEXT)]
@@ -222,8 +223,7 @@ class AdminServer:
                 if request.method == b"HEAD":
                     pass
                 elif body is None:
-                    await stream.send_all(data)
-                    await self._send_events(conn, stream)
+                    await self._send_events(conn, stream, head=data)
                     return
                 else:
                     data += conn.send(h11.Data(data=body))
@@ -244,20 +244,25 @@ class AdminServer:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await stream.aclose()
 
-    async def _send_events(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
-        """The status now, then once per sample, until the client goes away (or the process
-        exits); the stream never ends on its own."""
+    async def _send_events(
+        self, conn: h11.Connection, stream: trio.abc.Stream, head: bytes
+    ) -> None:
+        """The response ``head``, the status now, then once per sample, until the client goes
+        away (or the process exits); the stream never ends on its own."""
         source = self.status
         assert source is not None
+        # Counted before anything waits: _route checked the bound with no checkpoint since,
+        # so streams asked for at once cannot all pass it.
         self.event_streams += 1
         try:
             data = b"retry: %d\n\n" % EVENTS_RETRY_MS + await self._event_data(source)
             while True:
                 # A viewer that stops reading is let go, not waited for.
                 with trio.move_on_after(REQUEST_TIMEOUT) as timeout:
-                    await stream.send_all(conn.send(h11.Data(data=data)))
+                    await stream.send_all(head + conn.send(h11.Data(data=data)))
                 if timeout.cancelled_caught:
                     return
+                head = b""
                 await source.next_tick()
                 data = await self._event_data(source)
         finally:

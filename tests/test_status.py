@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -299,6 +300,28 @@ async def test_too_many_event_streams_get_a_503(nursery, demo_upstream):
             head = await client.head(proxy.admin_url + "/events")
     assert (second.status_code, second.text) == (503, "too many event streams\n")
     assert head.status_code == 503
+
+
+async def test_event_streams_asked_for_at_once_stay_within_the_bound(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_operated_proxy(nursery, make_config(port))
+    proxy.admin.max_event_streams = 1
+    assert proxy.admin.address is not None
+    request = b"GET /events HTTP/1.1\r\nHost: admin\r\n\r\n"
+    # Every request is in the admin's sockets before it runs at all: plain blocking sockets,
+    # written without yielding to the event loop the admin server shares with this test.
+    viewers = [socket.create_connection(("127.0.0.1", proxy.admin.address.port)) for _ in range(4)]
+    for viewer in viewers:
+        viewer.sendall(request)
+    statuses = []
+    with trio.fail_after(5):
+        for viewer in viewers:
+            async with trio.SocketStream(trio.socket.from_stdlib_socket(viewer)) as stream:
+                head = b""
+                while b"\r\n" not in head:
+                    head += await stream.receive_some(4096)
+                statuses.append(int(head.split(b" ", 2)[1]))
+    assert sorted(statuses) == [200, 503, 503, 503]
 
 
 async def test_status_counts_clients_by_protocol_streams_tunnels_and_the_drain(
