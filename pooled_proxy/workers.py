@@ -29,7 +29,6 @@ worker end is inherited as ``report_fd``) and sums them (metrics_group.py).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from .reload import log_problems, read_config, watch_file
 from .runtime import tune_gc_for_serving
 from .sdnotify import ENV as NOTIFY_ENV
 from .sdnotify import Notifier
+from .server.listen import bind_reuse_port
 from .status import GroupStatus, JsonObject
 
 LOG = logging.getLogger("pooled_proxy.workers")
@@ -91,26 +91,10 @@ def _reserve(address: ServerAddress) -> list[socket.socket]:
     infos = socket.getaddrinfo(
         address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
-    sockets: list[socket.socket] = []
     try:
-        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
-            try:
-                sock = socket.socket(family, type_, proto)
-            except OSError as exc:
-                if exc.errno == errno.EAFNOSUPPORT:
-                    continue
-                raise
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
+        return bind_reuse_port(infos)
     except OSError as exc:
-        for sock in sockets:
-            sock.close()
         raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-    return sockets
 
 
 def _describe(code: int) -> str:

@@ -10,7 +10,8 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import trio
 
@@ -21,6 +22,9 @@ from ..proxy import PENDING, Proxy
 from .http1 import HTTP1Connection, _raw_response
 
 LOG = logging.getLogger("pooled_proxy.listen")
+
+# One answer of getaddrinfo: family, type, proto, canonname, sockaddr.
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REFUSE_TIMEOUT = 1.0  # how long a connection over max_connections may take to be told so
@@ -136,33 +140,47 @@ async def refuse_over_limit(stream: trio.abc.Stream, limit: int) -> None:
     await trio.aclose_forcefully(stream)
 
 
-async def open_reuse_port_listeners(address: ServerAddress) -> list[trio.SocketListener]:
-    """Like ``trio.open_tcp_listeners``, with SO_REUSEPORT: worker processes each bind the
-    same port and the kernel spreads new connections between them."""
-    infos = await trio.socket.getaddrinfo(
-        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    socks: list[trio.socket.SocketType] = []
+def bind_reuse_port(infos: Iterable[AddressInfo]) -> list[socket.socket]:
+    """A socket bound (not listening) with SO_REUSEPORT for each of ``infos`` (what
+    ``getaddrinfo`` answered; a family this system lacks is skipped, as for "*" without IPv6):
+    processes that all do this share the ports, nobody else can bind them."""
+    socks: list[socket.socket] = []
     try:
         for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
             try:
-                sock = trio.socket.socket(family, type_, proto)
+                sock = socket.socket(family, type_, proto)
             except OSError as exc:
                 if exc.errno == errno.EAFNOSUPPORT:
-                    continue  # "*" on a system without IPv6
+                    continue
                 raise
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind(sockaddr)
+            sock.bind(sockaddr)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+async def open_reuse_port_listeners(address: ServerAddress) -> list[trio.SocketListener]:
+    """Like ``trio.open_tcp_listeners``, with SO_REUSEPORT: worker processes each bind the
+    same port and the kernel spreads new connections between them."""
+    infos = await trio.socket.getaddrinfo(
+        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks = bind_reuse_port(infos)
+    try:
+        for sock in socks:
             sock.listen(0xFFFF)  # the kernel caps it at net.core.somaxconn
     except BaseException:
         for sock in socks:
             sock.close()
         raise
-    return [trio.SocketListener(sock) for sock in socks]
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
 
 
 async def open_listeners(
