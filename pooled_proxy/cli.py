@@ -31,7 +31,7 @@ from .proxy import Proxy
 from .runtime import tune_gc_for_serving
 from .sdnotify import Notifier
 from .status import StatusBoard
-from .tls_contexts import load_tls_contexts
+from .tls_contexts import TlsContexts, load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy")
 
@@ -177,11 +177,12 @@ def _config_path(args: argparse.Namespace) -> str:
     return path
 
 
-def _load(path: str) -> Config:
-    """Everything that can be checked without binding: ``check`` and ``run`` both call this."""
+def _load(path: str) -> tuple[Config, TlsContexts]:
+    """Everything that can be checked without binding: ``check`` and ``run`` both call this.
+    A TLS file that does not load is a config error, before listening; the contexts built
+    to find out are the ones the proxy then uses."""
     config = load_config(path)
-    load_tls_contexts(config)  # a TLS file that does not load is a config error, before listening
-    return config
+    return config, load_tls_contexts(config)
 
 
 def describe(config: Config, mode: str, path: str | None) -> list[str]:
@@ -217,14 +218,21 @@ def _log_start(config: Config, mode: str, path: str | None = None) -> None:
         LOG.info("%s", line)
 
 
-def _serve(config: Config, mode: str, path: str | None = None, *, watch: bool = False) -> int:
+def _serve(
+    config: Config,
+    mode: str,
+    path: str | None = None,
+    *,
+    watch: bool = False,
+    tls: TlsContexts | None = None,
+) -> int:
     configure_logging(config.log.level)
     _log_start(config, mode, path)
     if path is not None and config.server.workers > 1:
         from .workers import supervise
 
         return supervise(config, path, watch=watch)
-    return _run_trio(partial(run_with_operations, config, config_path=path, watch=watch))
+    return _run_trio(partial(run_with_operations, config, config_path=path, watch=watch, tls=tls))
 
 
 def _run_trio(async_fn: Callable[[], Awaitable[object]]) -> int:
@@ -257,11 +265,13 @@ async def run_with_operations(
     watch: bool = False,
     launch_config: Config | None = None,
     supervisor_link: socket.socket | None = None,
+    tls: TlsContexts | None = None,
 ) -> None:
     """The proxy with its access log, and metrics plus the admin listener if ``[admin]`` is set;
     SIGHUP (and with ``watch`` any change of the file) reloads ``config_path``, SIGUSR1 reopens
     the access log file; systemd hears of it all if ``$NOTIFY_SOCKET`` is set. A worker gets
-    ``supervisor_link``: it keeps metrics and answers the supervisor's requests for them."""
+    ``supervisor_link``: it keeps metrics and answers the supervisor's requests for them.
+    ``tls``: the config's SSL contexts, if the caller built them already."""
     access_log = AccessLog.from_config(config.log)
     keep_metrics = config.admin is not None or supervisor_link is not None
     metrics = ProxyMetrics() if keep_metrics else None
@@ -270,7 +280,7 @@ async def run_with_operations(
         observers.append(metrics.observe)
     if access_log is not None:
         observers.append(access_log)
-    proxy = Proxy(config, observers=tuple(observers), launch_config=launch_config)
+    proxy = Proxy(config, observers=tuple(observers), launch_config=launch_config, tls=tls)
     services: list[Service] = []
     if metrics is not None:
         metrics.bind(proxy)
@@ -369,14 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             path = _config_path(args)
-            config = _load(path)
+            config, _ = _load(path)
             print(
                 f"{path}: ok ({len(config.upstreams)} upstream(s), {len(config.routes)} route(s))"
             )
             return EXIT_OK
         if args.command == "run":
             path = _config_path(args)
-            return _serve(_load(path), "run", path, watch=args.watch)
+            config, tls = _load(path)
+            return _serve(config, "run", path, watch=args.watch, tls=tls)
         if args.command == "dev":
             return _dev(args)
         if args.command == "demo":
