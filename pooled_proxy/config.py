@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError, ConfigProblem
-from .protocol.abnf import TOKEN
+from .protocol.abnf import AUTHORITY, ORIGIN_FORM, TOKEN
 
 DEFAULT_LISTEN = ("127.0.0.1:8080",)
 # The servers a request tries by default before its failure is answered. Each try may cost a
@@ -467,7 +467,8 @@ def _server_name(value: object) -> str:
     return name
 
 
-_AUTHORITY = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+")
+# The grammar the proxy holds a client's Host to, for the Host it sends in a client's place.
+_AUTHORITY = re.compile(AUTHORITY.decode("ascii"))
 
 
 def _host_header(value: object) -> str:
@@ -494,9 +495,12 @@ def _header_name(value: object) -> str:
     return name.lower()
 
 
+_ORIGIN_FORM = re.compile(ORIGIN_FORM.decode("ascii"))
+
+
 def _probe_path(value: object) -> str:
     path = _string(value)
-    if not path.startswith("/") or not re.fullmatch(r"[!-~]+", path):
+    if not _ORIGIN_FORM.fullmatch(path):
         raise ValueError(f'must start with "/" and have no spaces or controls, got "{value}"')
     return path
 

@@ -423,6 +423,17 @@ def test_host_header_is_a_host_name(in_tmp: Path) -> None:
             'got "a b"'
         )
     ]
+    # The grammar a client's Host is held to: one port, digits only; an IP literal in [].
+    for bad in ("a:b:8443", "app.test:80a", ":8443", "[app.test]", "app%zz"):
+        config_text = f'[upstreams.app]\nservers = ["127.0.0.1:9000"]\nhost_header = "{bad}"\n'
+        assert problems(config_text) == [
+            (
+                "proxy.toml:3: upstreams.app.host_header: expected a host name, with an optional "
+                f'":port"; got "{bad}"'
+            )
+        ]
+    config = load('[upstreams.app]\nservers = ["127.0.0.1:9000"]\nhost_header = "[::1]:8443"\n')
+    assert config.upstreams["app"].host_header == "[::1]:8443"
 
 
 def test_parse_config_from_text(tmp_path: Path) -> None:
