@@ -14,7 +14,9 @@ from .config import UpstreamConfig
 from .errors import ProxyError, UpstreamUnavailable
 from .health import ProbeState, first_probe_offset, run_prober
 from .pool import Connector, UpstreamPool
+from .pool_h2 import H2Pool
 from .tls_contexts import upstream_ssl_context
+from .upstream_api import ServerPool
 
 
 class ServerHealth:
@@ -65,14 +67,16 @@ class UpstreamGroup:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """``ssl_context``: for its https:// servers (built here if it has some and none is
-        given)."""
+        given). ``connect`` opens its HTTP/1.1 servers' connections (tests fake it)."""
         self.name = config.name
         self.config = config
         self.host_header = config.host_header.encode() if config.host_header else None
         if ssl_context is None and config.tls:
             ssl_context = upstream_ssl_context(config)
-        self.pools = [
-            UpstreamPool(server, config, connect=connect, ssl_context=ssl_context)
+        self.pools: list[ServerPool] = [
+            H2Pool(server, config, ssl_context=ssl_context)
+            if server.h2
+            else UpstreamPool(server, config, connect=connect, ssl_context=ssl_context)
             for server in config.servers
         ]
         self.health = [ServerHealth(config) for _ in self.pools]
@@ -99,9 +103,7 @@ class UpstreamGroup:
     def has_server_in_rotation(self, now: float) -> bool:
         return any(self.in_rotation(i, now) for i in range(len(self.pools)))
 
-    def choose(
-        self, *, exclude: Collection[UpstreamPool] = ()
-    ) -> tuple[UpstreamPool, ServerHealth]:
+    def choose(self, *, exclude: Collection[ServerPool] = ()) -> tuple[ServerPool, ServerHealth]:
         """The pool for the next exchange, skipping servers out of rotation (and ``exclude``:
         those the exchange already tried)."""
         pools = self.pools

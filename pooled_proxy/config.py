@@ -17,7 +17,7 @@ import re
 import tomllib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +35,8 @@ ANY_HOST = "*"  # a listen host: every interface, IPv4 and IPv6
 
 @dataclass(frozen=True, slots=True)
 class ServerAddress:
-    """One upstream server or one listen address; ``tls`` is set by an ``https://`` prefix.
+    """One upstream server or one listen address; ``tls`` is set by an ``https://`` prefix,
+    ``h2`` (the server speaks HTTP/2) by an ``h2c://`` prefix or its upstream's ``protocol``.
 
     A listen address's empty ``host`` (written ``*``) is every interface of every address
     family the system has: IPv4, and IPv6 where there is IPv6.
@@ -44,6 +45,7 @@ class ServerAddress:
     host: str
     port: int
     tls: bool = False
+    h2: bool = False
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host or ANY_HOST
@@ -111,6 +113,7 @@ class UpstreamConfig:
     name: str
     servers: tuple[ServerAddress, ...]
     balance: str = "round_robin"  # or "least_conn"
+    protocol: str = "http/1.1"  # or "h2": every server speaks HTTP/2 (ServerAddress.h2)
     max_connections: int = 100  # per server, in use + idle
     max_idle: int = 32
     idle_timeout: float = 60.0
@@ -183,30 +186,35 @@ def parse_duration(value: str) -> float:
     return number / 1000 if unit == "ms" else number * _UNIT_SECONDS[unit]
 
 
-_SCHEMES = {"http://": (False, 80), "https://": (True, 443)}
+# prefix -> (TLS, default port, HTTP/2 with prior knowledge)
+_SCHEMES = {
+    "http://": (False, 80, False),
+    "https://": (True, 443, False),
+    "h2c://": (False, 80, True),
+}
 
 
 def parse_address(value: str, *, default_port: int | None = None) -> ServerAddress:
-    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"*:8080"``, ``"http://h:p"``, ``"https://h"``
-    -> address (``*`` gives the empty host: every interface).
+    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"*:8080"``, ``"http://h:p"``, ``"https://h"``,
+    ``"h2c://h:p"`` -> address (``*`` gives the empty host: every interface).
 
-    A scheme sets ``tls`` and the default port (80/443); without one the port is required
-    unless ``default_port`` is given. Port 0 is accepted (tests listen on it); callers that
+    A scheme sets ``tls``, ``h2`` and the default port (80/443); without one the port is
+    required unless ``default_port`` is given. Port 0 is accepted (tests listen on it); callers that
     connect reject it themselves.
     """
 
     def bad(why: str) -> ValueError:
         return ValueError(f'bad address "{value}": {why}')
 
-    rest, tls = value, False
-    for prefix, (scheme_tls, scheme_port) in _SCHEMES.items():
+    rest, tls, h2 = value, False, False
+    for prefix, (scheme_tls, scheme_port, scheme_h2) in _SCHEMES.items():
         if value.lower().startswith(prefix):
-            rest, tls, default_port = value[len(prefix) :], scheme_tls, scheme_port
+            rest, tls, h2, default_port = value[len(prefix) :], scheme_tls, scheme_h2, scheme_port
             rest = rest.removesuffix("/")
             break
     else:
         if "://" in value:
-            raise bad("the scheme must be http:// or https://")
+            raise bad("the scheme must be http://, https:// or h2c://")
     if not rest or any(ch in rest for ch in "/?#@ \t"):
         raise bad("expected host:port")
     port_text: str | None
@@ -227,10 +235,10 @@ def parse_address(value: str, *, default_port: int | None = None) -> ServerAddre
     if port_text is None:
         if default_port is None:
             raise bad("missing port")
-        return ServerAddress(host, default_port, tls)
+        return ServerAddress(host, default_port, tls, h2)
     if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise bad("the port must be a number from 0 to 65535")
-    return ServerAddress(host, int(port_text), tls)
+    return ServerAddress(host, int(port_text), tls, h2)
 
 
 # ------------------------------------------------------------------------------ line index
@@ -538,7 +546,8 @@ _SERVER_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "drain_timeout": _ZERO_OK, "request_id": _bool, "request_id_header": _header_name,
 })  # fmt: skip
 _UPSTREAM_FIELDS: Mapping[str, _Conv] = MappingProxyType({
-    "balance": _choice("round_robin", "least_conn"), "max_connections": _int(1),
+    "balance": _choice("round_robin", "least_conn"), "protocol": _choice("http/1.1", "h2"),
+    "max_connections": _int(1),
     "max_idle": _int(0), "idle_timeout": _POSITIVE, "connect_timeout": _POSITIVE,
     "response_header_timeout": _POSITIVE, "read_timeout": _ZERO_OK, "queue_size": _int(0),
     "queue_timeout": _ZERO_OK, "max_requests_per_connection": _int(0), "max_fails": _int(1),
@@ -790,8 +799,37 @@ def _upstreams(c: _Checker, raw: dict[str, Any]) -> dict[str, UpstreamConfig]:
             c.add(key + ("servers",), "must list at least one server")
         elif servers is not None:
             _upstream_tls(c, table, key, servers)
+            servers = _upstream_protocol(c, table, key, servers, kw)
             out[name] = UpstreamConfig(name=name, servers=servers, **kw)
     return out
+
+
+def _upstream_protocol(
+    c: _Checker,
+    table: dict[str, Any],
+    key: _KeyPath,
+    servers: tuple[ServerAddress, ...],
+    kw: dict[str, Any],
+) -> tuple[ServerAddress, ...]:
+    """The servers of one upstream speak one protocol: ``protocol = "h2"`` makes every one
+    an HTTP/2 server (TLS with ALPN h2 for https://, prior knowledge for http://); without
+    it, ``h2c://`` servers are HTTP/2 and may not be mixed with HTTP/1.1 ones."""
+    h2c = [i for i, server in enumerate(servers) if server.h2]
+    protocol = table.get("protocol")
+    if protocol == "h2":
+        return tuple(replace(server, h2=True) for server in servers)
+    if h2c and protocol == "http/1.1":
+        c.add(key + ("protocol",), 'is "http/1.1", but h2c:// servers speak HTTP/2')
+    elif h2c and len(h2c) < len(servers):
+        first_h1 = next(i for i in range(len(servers)) if i not in h2c)
+        c.add(
+            key + ("servers", first_h1),
+            "is HTTP/1.1 among h2c:// servers: one upstream speaks one protocol (set protocol = "
+            '"h2" to speak HTTP/2 to http:// and https:// servers too)',
+        )
+    elif h2c:
+        kw["protocol"] = "h2"
+    return servers
 
 
 def _upstream_tls(
@@ -995,6 +1033,7 @@ def dev_config(
         upstreams[name] = UpstreamConfig(
             name=name,
             servers=(server,),
+            protocol="h2" if server.h2 else "http/1.1",
             max_connections=16,
             max_idle=4,
             idle_timeout=30.0,

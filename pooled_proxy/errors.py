@@ -162,6 +162,14 @@ class UpstreamClosed(UpstreamError):
     reason = "upstream closed the connection before a complete response"
 
 
+class StreamNotProcessed(UpstreamClosed):
+    """An HTTP/2 upstream did not process the request: its stream is above the last stream id
+    of the server's GOAWAY, the server refused it (REFUSED_STREAM), or the connection went
+    away before it was sent. RFC 9113 section 8.7: it may be sent again, whatever its method."""
+
+    reason = "upstream did not process the request"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     proxy_status = "http_response_timeout"
@@ -181,6 +189,16 @@ class ResponseHeaderTimeout(UpstreamTimeout):
 class ReadTimeout(UpstreamTimeout):
     proxy_status = "http_response_timeout"
     reason = "upstream stopped sending the response body"
+
+
+class DeadlineExceeded(ProxyError):
+    """The deadline the client gave its request (gRPC's ``grpc-timeout``) passed. The client
+    chose it: it says nothing about the upstream's health."""
+
+    status = 504
+    proxy_status = "http_response_timeout"
+    reason = "the request's deadline passed"
+    blame = "client"
 
 
 class UpstreamUnavailable(UpstreamError):

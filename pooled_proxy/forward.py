@@ -18,17 +18,20 @@ from .config import Config, UpstreamConfig
 from .errors import (
     ClientDisconnected,
     ConnectTimeout,
+    DeadlineExceeded,
     NoRoute,
     ProxyError,
     ProxyInternalError,
     ReadTimeout,
     ResponseHeaderTimeout,
+    StreamNotProcessed,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
     UpstreamUnavailable,
 )
 from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, ResponseSink
+from .grpc import grpc_error_headers, grpc_timeout, is_grpc
 from .headers import (
     Headers,
     client_response_headers,
@@ -37,7 +40,7 @@ from .headers import (
     upstream_request_headers,
 )
 from .log_limit import WarningLimiter
-from .pool import Connector, UpstreamPool
+from .pool import Connector
 from .request_ids import choose_request_id
 from .routing import Router, rewrite_target
 from .tunnel import (
@@ -48,6 +51,7 @@ from .tunnel import (
     upgrade_request_headers,
 )
 from .upstream import ResponseHead, UpstreamConnection
+from .upstream_api import ServerPool, UpstreamChannel
 
 LOG = logging.getLogger("pooled_proxy.forward")
 
@@ -90,7 +94,7 @@ class _Upload:
 
     async def run(
         self,
-        connection: UpstreamConnection,
+        connection: UpstreamChannel,
         header_timeout: float,
         exchange_scope: trio.CancelScope,
     ) -> None:
@@ -183,7 +187,17 @@ class Forwarder:
         """Serve one exchange completely: the client gets a response or an aborted stream."""
         record = exchange.record
         try:
-            await self._forward(exchange)
+            # Only HTTP/2 clients make gRPC calls: HTTP/1.1 requests skip the look.
+            timeout = (
+                grpc_timeout(exchange.head.headers) if exchange.head.http_version == b"2" else None
+            )
+            if timeout is None:
+                await self._forward(exchange)
+            else:
+                with trio.CancelScope(deadline=record.start + timeout) as deadline:
+                    await self._forward(exchange)
+                if deadline.cancelled_caught:
+                    raise DeadlineExceeded(f"grpc-timeout {timeout:g}s passed")
         except ClientDisconnected as exc:
             record.error = exc.proxy_status
         except ProxyError as exc:
@@ -212,9 +226,14 @@ class Forwarder:
                 await sink.reset()
                 return
             status, headers, body = error_response(exc)
-            record.status = status
             if record.request_id:
                 headers.append((self.request_id_header, record.request_id))
+            if record.protocol == b"HTTP/2" and is_grpc(record.request_headers):
+                # A gRPC client reads grpc-status, not a text 502 (see grpc.py).
+                record.status = 200
+                await sink.send_head(200, grpc_error_headers(exc, headers), end=True)
+                return
+            record.status = status
             if record.method == b"HEAD":
                 # No body on a HEAD response (h11 refuses one, and the client reads none).
                 await sink.send_head(status, headers, end=True)
@@ -247,10 +266,10 @@ class Forwarder:
     def _next_server(
         self,
         group: UpstreamGroup,
-        failed: tuple[UpstreamPool, ...],
+        failed: tuple[ServerPool, ...],
         record: ExchangeRecord,
         exc: UpstreamError,
-    ) -> tuple[UpstreamPool, ServerHealth] | None:
+    ) -> tuple[ServerPool, ServerHealth] | None:
         """The server to try after the last of ``failed`` failed with ``exc`` before the
         request could have reached it or the client heard anything, or None when the
         upstream's ``server_tries`` are used up or no other server is up."""
@@ -267,13 +286,13 @@ class Forwarder:
     async def _forward(self, exchange: Exchange) -> None:
         head = exchange.head
         record = exchange.record
+        record.request_headers = head.headers
         route = self.router.match(head.authority, head.path)
         if route is None:
             raise NoRoute(f"no route for host {head.authority.decode('latin-1')!r}")
         group = self.upstreams[route.upstream]
         record.route = (route.host or "*") + route.path_prefix
         record.route_upstream = group.name
-        record.request_headers = head.headers
         target = rewrite_target(route, head.target)
         headers = upstream_request_headers(
             head.headers,
@@ -305,8 +324,8 @@ class Forwarder:
         # starts going up with the head, so it counts as sent.
         replayable = upload is None and (whole_body is None or head.idempotent)
         pool, health = group.choose()
-        failed: tuple[UpstreamPool, ...] = ()  # servers this request left for another
-        stale_retried = False
+        failed: tuple[ServerPool, ...] = ()  # servers this request left for another
+        stale_retried = unprocessed_retried = False
         while True:
             record.upstream_server = str(pool.server)
             try:
@@ -337,6 +356,16 @@ class Forwarder:
                     upgrade=exchange.upgrade if upgrade is not None else None,
                     whole_body=whole_body,
                 )
+            except StreamNotProcessed:
+                # An HTTP/2 server did not process it (GOAWAY, REFUSED_STREAM): whatever its
+                # method, it may be sent again, once, if nothing of it is lost (RFC 9113 8.7).
+                pool.release(connection, reusable=False)
+                if not unprocessed_retried and (upload is None or not upload.started):
+                    unprocessed_retried = True
+                    record.retried = True
+                    LOG.debug("%s did not process the request, sending it again", pool.server)
+                    continue
+                raise
             except UpstreamClosed as exc:
                 # Closed or reset with nothing of the response received: sending the request
                 # again is safe if nothing of its body went up, or the body is held and the
@@ -397,7 +426,7 @@ class Forwarder:
 
     async def _exchange(
         self,
-        connection: UpstreamConnection,
+        connection: UpstreamChannel,
         upstream: UpstreamConfig,
         head: RequestHead,
         target: bytes,
@@ -456,7 +485,7 @@ class Forwarder:
 
     async def _relay_response(
         self,
-        connection: UpstreamConnection,
+        connection: UpstreamChannel,
         upstream: UpstreamConfig,
         upload: _Upload | None,
         header_deadline: float,
@@ -494,7 +523,11 @@ class Forwarder:
                 )
             if not response.informational:
                 break
-            if response.status_code == 101 and upgrade is not None:
+            if (
+                response.status_code == 101
+                and upgrade is not None
+                and isinstance(connection, UpstreamConnection)  # HTTP/2 has no 101
+            ):
                 await self._tunnel(connection, upstream, response, upgrade, record)
                 return None
             if response.status_code == 100:
@@ -509,7 +542,7 @@ class Forwarder:
             record.upstream_header_time = now - sent_at
         response_headers = client_response_headers(
             response.headers,
-            protocol=b"1.1",
+            protocol=connection.http_version,
             date=http_date,
             request_id=(self.request_id_header, record.request_id) if record.request_id else None,
         )

@@ -21,7 +21,7 @@ import trio
 
 from .config import HealthCheckConfig, ServerAddress
 from .errors import UpstreamError
-from .pool import UpstreamPool
+from .upstream_api import ServerPool
 
 LOG = logging.getLogger("pooled_proxy.health")
 
@@ -58,7 +58,7 @@ class ProbeState:
         return True
 
 
-async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> str:
+async def probe(pool: ServerPool, config: HealthCheckConfig) -> str:
     """Run one probe of ``pool``'s server; its result, one of PROBE_RESULTS."""
     server: ServerAddress = pool.server
     with trio.move_on_after(config.timeout):
@@ -84,9 +84,7 @@ async def probe(pool: UpstreamPool, config: HealthCheckConfig) -> str:
     return "timeout"
 
 
-async def run_prober(
-    upstream: str, pool: UpstreamPool, state: ProbeState, *, offset: float
-) -> None:
+async def run_prober(upstream: str, pool: ServerPool, state: ProbeState, *, offset: float) -> None:
     """Probe ``pool``'s server every interval (the first after ``offset``) until cancelled."""
     config, server = state.config, pool.server
     next_at = trio.current_time() + offset

@@ -26,8 +26,10 @@ ALPN_PROTOCOLS = ["h2", "http/1.1"]
 # RFC 9113 section 9.2: HTTP/2 over TLS needs TLS 1.2 or later with an ephemeral key exchange
 # and an AEAD cipher; TLS 1.3 suites are all fine and not affected by set_ciphers.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-# Upstream connections speak HTTP/1.1: say so, so a server that also speaks h2 does not pick it.
+# What an upstream's connections speak, said by ALPN: an HTTP/1.1 upstream says so, so that a
+# server that also speaks h2 does not pick it; an HTTP/2 one (protocol = "h2") offers h2 only.
 UPSTREAM_ALPN = ["http/1.1"]
+UPSTREAM_ALPN_H2 = ["h2"]
 
 
 def _no_passphrase() -> bytes:
@@ -57,7 +59,8 @@ class _FileProblem(Exception):
 
 def upstream_ssl_context(upstream: UpstreamConfig) -> ssl.SSLContext:
     """The client context for the ``https://`` servers of ``upstream``: its ``tls_ca`` (else
-    the system's CAs), hostname checks unless ``tls_verify = false``, its client certificate."""
+    the system's CAs), hostname checks unless ``tls_verify = false``, its client certificate,
+    and ALPN for the protocol it speaks."""
     if not upstream.tls_verify:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
@@ -78,7 +81,12 @@ def upstream_ssl_context(upstream: UpstreamConfig) -> ssl.SSLContext:
         except (ssl.SSLError, OSError) as exc:
             why = f"cannot load the client certificate with its key ({upstream.tls_cert}, "
             raise _FileProblem("tls_cert", f"{why}{upstream.tls_key}): {exc}") from None
-    context.set_alpn_protocols(UPSTREAM_ALPN)
+    if upstream.protocol == "h2":
+        # RFC 9113 section 9.2, as for the listener: TLS 1.2 needs an AEAD suite.
+        context.set_ciphers(TLS12_CIPHERS)
+        context.set_alpn_protocols(UPSTREAM_ALPN_H2)
+    else:
+        context.set_alpn_protocols(UPSTREAM_ALPN)
     return context
 
 

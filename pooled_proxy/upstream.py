@@ -93,9 +93,24 @@ async def open_connection(
     ssl_context: ssl.SSLContext | None = None,
     server_name: str | None = None,
 ) -> UpstreamConnection:
-    """A new connection to ``server``; an https:// one goes through a TLS handshake with
+    """A new connection to ``server``; see :func:`open_stream`."""
+    stream = await open_stream(
+        server, connect_timeout=connect_timeout, ssl_context=ssl_context, server_name=server_name
+    )
+    return UpstreamConnection(stream, server)
+
+
+async def open_stream(
+    server: ServerAddress,
+    *,
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> trio.abc.Stream:
+    """A new byte stream to ``server``; an https:// one goes through a TLS handshake with
     ``ssl_context`` (its upstream's, built once), sending ``server_name`` (default: the
-    server's host) as SNI and checking the certificate against it."""
+    server's host) as SNI and checking the certificate against it. Failures are raised as
+    :mod:`pooled_proxy.errors` connect errors."""
     if server.tls and ssl_context is None:
         raise UpstreamTlsError(f"no TLS context for {server}")
     try:
@@ -118,7 +133,7 @@ async def open_connection(
         raise ConnectTimeout(f"connect to {server} timed out after {connect_timeout:g}s") from None
     except (OSError, trio.BrokenResourceError) as exc:
         raise _connect_error(server, exc) from None
-    return UpstreamConnection(stream, server)
+    return stream
 
 
 def _connect_error(server: ServerAddress, exc: BaseException) -> UpstreamConnectError:
@@ -191,6 +206,8 @@ def _socket_of(stream: trio.abc.Stream) -> Any:
 
 class UpstreamConnection:
     """An h11 client connection. Used by one exchange at a time; the pool owns it in between."""
+
+    http_version = b"1.1"  # for Via
 
     def __init__(self, stream: trio.abc.Stream, server: ServerAddress) -> None:
         self.server = server

@@ -702,6 +702,23 @@ ERROR_CASES = [
         id="ready-requires-not-bool",
     ),
     pytest.param(
+        '[upstreams.a]\nservers = ["h2c://h:1"]\nprotocol = "http/1.1"\n',
+        'proxy.toml:3: upstreams.a.protocol: is "http/1.1", but h2c:// servers speak HTTP/2',
+        id="h2c-server-with-protocol-http1",
+    ),
+    pytest.param(
+        '[upstreams.a]\nservers = [\n  "h2c://h:1",\n  "http://h:2",\n]\n',
+        "proxy.toml:4: upstreams.a.servers[1]: is HTTP/1.1 among h2c:// servers: one upstream "
+        'speaks one protocol (set protocol = "h2" to speak HTTP/2 to http:// and https:// '
+        "servers too)",
+        id="h2c-mixed-with-http1",
+    ),
+    pytest.param(
+        '[upstreams.a]\nservers = ["h:1"]\nprotocol = "h3"\n',
+        'proxy.toml:3: upstreams.a.protocol: must be one of http/1.1, h2; got "h3"',
+        id="unknown-protocol",
+    ),
+    pytest.param(
         '[upstreams."my.api"]\nservers = ["h:1"]\nbalance = 1\n',
         'proxy.toml:3: upstreams."my.api".balance: expected a string, got integer',
         id="quoted-table-name",
@@ -866,6 +883,8 @@ def test_parse_duration_rejects(text: str, why: str) -> None:
         ("http://h/", 1234, ServerAddress("h", 80)),
         ("https://h", None, ServerAddress("h", 443, tls=True)),
         ("HTTPS://[::1]:8443", None, ServerAddress("::1", 8443, tls=True)),
+        ("h2c://h:50051", None, ServerAddress("h", 50051, h2=True)),
+        ("h2c://h", None, ServerAddress("h", 80, h2=True)),
     ],
 )
 def test_parse_address(text: str, default_port: int | None, expected: ServerAddress) -> None:
@@ -992,3 +1011,31 @@ def test_lines_survive_crlf_escapes_and_literal_strings() -> None:
         "<config>:7: server.workers: must be at least 1, got 0",
         '<config>:10: upstreams."a b".t: unknown key',
     ]
+
+
+def test_upstream_protocol(in_tmp: Path) -> None:
+    """h2c:// servers make an HTTP/2 upstream; protocol = "h2" makes every server one (TLS
+    with ALPN h2 for https://, prior knowledge for http://); the default is HTTP/1.1."""
+    config = load(
+        """\
+        [upstreams.grpc]
+        servers = ["h2c://10.0.0.5:50051", "h2c://10.0.0.6:50051"]
+        [upstreams.tls]
+        servers = ["https://api.internal", "http://10.0.0.7:8080"]
+        protocol = "h2"
+        [upstreams.web]
+        servers = ["10.0.0.8:80"]
+        [[routes]]
+        upstream = "web"
+        """
+    )
+    grpc, tls, web = (config.upstreams[name] for name in ("grpc", "tls", "web"))
+    assert grpc.protocol == tls.protocol == "h2"
+    assert [s.h2 for s in grpc.servers + tls.servers] == [True] * 4
+    assert [s.tls for s in tls.servers] == [True, False]
+    assert (web.protocol, web.servers[0].h2) == ("http/1.1", False)
+
+
+def test_dev_config_takes_an_h2c_upstream() -> None:
+    app = dev_config("h2c://localhost:50051").upstreams["app"]
+    assert (app.protocol, app.servers) == ("h2", (ServerAddress("localhost", 50051, h2=True),))

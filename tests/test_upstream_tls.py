@@ -363,3 +363,19 @@ def test_a_config_with_tls_upstreams_builds_each_context_once(tmp_path, ca):
     proxy = Proxy(config)
     pools = proxy.forwarder.upstreams["app"].pools
     assert pools[0].ssl_context is pools[1].ssl_context is proxy.tls.upstreams["app"]
+
+
+async def test_an_h2_upstream_that_does_not_select_h2_by_alpn_is_a_502(nursery, ca, tmp_path):
+    """protocol = "h2" offers only h2 by ALPN; an HTTP/1.1-only TLS server selects nothing."""
+    upstream = await start_tls_upstream(nursery, ca.issue_cert(HOST))
+    write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    path = write_config(tmp_path, upstream.port, 'tls_ca = "ca.pem"', 'protocol = "h2"')
+    running = await proxy_for(nursery, path)
+    with trio.fail_after(5):
+        async with await H11Client.connect(running.port) as client:
+            reply = await client.request("GET", "/echo")
+    assert reply.status == 502
+    assert reply.headers[b"proxy-status"] == (
+        b'pooled-proxy; error=tls_protocol_error; details="the server did not select h2 by ALPN"'
+    )
+    assert upstream.demo.stats.requests == 0

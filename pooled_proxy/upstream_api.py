@@ -1,0 +1,86 @@
+"""What the forwarder, the balancer and the metrics use of an upstream server's pool and of
+what it hands out, whichever protocol the server speaks: an HTTP/1.1 connection
+(upstream.py, pool.py) or an HTTP/2 stream (upstream_h2.py, pool_h2.py)."""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .config import ServerAddress, UpstreamConfig
+from .headers import Headers
+from .pool import PoolStatistics
+from .upstream import ResponseHead
+
+
+class UpstreamChannel(Protocol):
+    """The upstream side of one exchange."""
+
+    server: ServerAddress
+    # Called before a read has to wait for the upstream (see Exchange.on_wait).
+    on_wait: Callable[[], None] | None
+    connect_time: float | None  # opening its connection took this, when it was new
+    received_bytes: int  # of the response so far: none means the upstream never answered
+    trailers: Headers  # once the response ended
+    upgraded: bool  # switched protocols (HTTP/1.1's 101): a tunnel owns it now
+    http_version: bytes  # as Via names it: b"1.1", b"2"
+
+    async def send_request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        *,
+        end: bool,
+        checked: bool = False,
+        body: bytes = b"",
+    ) -> None: ...
+
+    async def send_body(self, chunk: bytes) -> None: ...
+
+    async def end_body(self) -> None: ...
+
+    async def receive_response_head(self, deadline: float = math.inf) -> ResponseHead: ...
+
+    def buffered_body(self) -> tuple[bytes, bool]: ...
+
+    async def receive_data(self, deadline: float = math.inf) -> bytes | None: ...
+
+    def close(self) -> None:
+        """Give up on the exchange (a timeout); the pool is told with ``release`` after."""
+
+
+class ServerPool(Protocol):
+    """The pool of one upstream server."""
+
+    server: ServerAddress
+    config: UpstreamConfig
+    ssl_context: ssl.SSLContext | None
+
+    @property
+    def load(self) -> int: ...
+
+    async def acquire(
+        self, on_wait: Callable[[], None] | None = None, *, replayable: bool = True
+    ) -> tuple[UpstreamChannel, bool]: ...
+
+    async def open_unpooled(self) -> UpstreamChannel:
+        """For a health probe: outside the pool's accounting; ``close()`` ends it all."""
+        ...
+
+    # ``connection`` is what this pool's acquire() handed out (each pool its own kind).
+    def release(self, connection: Any, *, reusable: bool, close_reason: str = "error") -> None: ...
+
+    def closed_under_us(self, connection: Any) -> None:
+        """The server closed a reused connection as the exchange began on it."""
+
+    def end_waits_by(self, deadline: float) -> None:
+        """No request waits in the queue past ``deadline`` (the drain's)."""
+
+    def statistics(self) -> PoolStatistics: ...
+
+    async def run_reaper(self) -> None: ...
+
+    def close(self) -> None: ...
