@@ -154,7 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         "  POOLED_PROXY_CONFIG=/etc/pooled-proxy/pooled-proxy.toml pooled-proxy healthcheck",
     )  # fmt: skip
     _config_arguments(health)
-    health.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="default: 2")
+    # Longer than the supervisor's wait for a busy worker's report (workers.REPORT_TIMEOUT),
+    # shorter than the Dockerfile's HEALTHCHECK --timeout of 3 s.
+    health.add_argument(
+        "--timeout", type=float, default=2.5, metavar="SECONDS", help="default: 2.5"
+    )
     return parser
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -304,3 +305,16 @@ def test_readme_says_how_to_build_and_run_the_image():
     for port in (*(a.port for a in config.server.listen), config.admin.listen.port):
         assert f":{port}" in run
     assert "kubectl apply -f docker/kubernetes.yaml" in readme
+
+
+def test_the_healthcheck_outwaits_a_busy_worker_within_dockers_timeout():
+    # With workers, /readyz waits up to REPORT_TIMEOUT for each worker's report: a probe that
+    # gives up sooner would call a merely busy proxy unhealthy, one that waits past Docker's
+    # own --timeout would never be heard.
+    from pooled_proxy.cli import _parser
+    from pooled_proxy.workers import REPORT_TIMEOUT
+
+    probe = _parser().parse_args(["healthcheck"]).timeout
+    docker = re.search(r"HEALTHCHECK .*--timeout=(\d+)s", DOCKERFILE.read_text())
+    assert docker is not None
+    assert REPORT_TIMEOUT < probe < int(docker.group(1))
