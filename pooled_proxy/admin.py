@@ -14,6 +14,7 @@ listeners and the handler nursery, and is cancelled only when the process is abo
   Server-Sent Events, one a sample): see status.py.
 - ``/``: the status page, one self-contained HTML file (status_page.html) that follows
   ``/events``.
+- ``/inspect`` and below: the request inspector, when it is on (inspector/endpoints.py).
 
 With ``workers > 1`` the supervisor serves it, for the whole group (workers.py).
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from functools import cache
 from importlib import resources
 from typing import Protocol
@@ -47,7 +50,7 @@ STATUS_PATHS = (PAGE_PATH, UPSTREAMS_PATH, CONFIG_PATH, STATUS_PATH, EVENTS_PATH
 
 MAX_RECEIVE = 16 * 1024
 MAX_HEAD = 16 * 1024
-MAX_BODY = 64 * 1024  # admin requests carry no body; a larger one closes the connection
+MAX_BODY = 1024 * 1024  # a replay's edits at most; a larger body is answered 413
 REQUEST_TIMEOUT = 30.0  # to receive a whole request, keep-alive idle time included
 CLOSE_TIMEOUT = 2.0
 MAX_EVENT_STREAMS = 32  # open /events streams (status pages) at once; more get a 503
@@ -72,14 +75,21 @@ PAGE_HEADERS = [
 EVENTS_HEADERS = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]
 _REASONS = {
     200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
 
-# Status, headers and body; a body of None is an event stream that follows the head.
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes | None]
+# The events of an event stream, each ready to send, until the viewer goes away.
+EventStream = Callable[[], AsyncGenerator[bytes, None]]
+# Status, headers and body; an EventStream body follows the head for as long as it runs.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes | EventStream]
 
 
 @cache
@@ -105,8 +115,22 @@ class MetricsSource(Protocol):
         ...
 
 
+class AdminRoutes(Protocol):
+    """More endpoints under a path prefix (the inspector's), with their own methods."""
+
+    def handles(self, path: str) -> bool: ...
+
+    async def answer(
+        self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> Answer: ...
+
+
 class _Close(Exception):
     """The client went away, misbehaved or was too slow: close without answering."""
+
+
+class _TooLarge(Exception):
+    """A request body over MAX_BODY: answered 413, then the connection is closed."""
 
 
 class AdminServer:
@@ -119,14 +143,16 @@ class AdminServer:
         listen: ServerAddress,
         *,
         status: StatusSource | None = None,
+        routes: AdminRoutes | None = None,
     ) -> None:
         """``status`` (whose owner runs its sampler) serves /upstreams, /config, /status,
-        /events and the page; without it they are not found."""
+        /events and the page; without it they are not found. ``routes``: the inspector's."""
         self.proxy = proxy
         self.metrics = metrics
         self.listen = listen
         self.address: ServerAddress | None = None
         self.status = status
+        self.routes = routes
         self.event_streams = 0
         self._event: tuple[int, bytes] = (-1, b"")
         self.max_event_streams = MAX_EVENT_STREAMS
@@ -144,26 +170,50 @@ class AdminServer:
         task_status.started(self.address)
         await trio.serve_listeners(self._serve_connection, listeners)
 
-    async def answer(self, method: bytes, target: bytes, accept: bytes) -> Answer:
+    async def answer(
+        self,
+        method: bytes,
+        target: bytes,
+        accept: bytes,
+        *,
+        headers: dict[bytes, bytes] | None = None,
+        request_body: bytes = b"",
+    ) -> Answer:
         """Status, headers and body for one admin request."""
         path = target.split(b"?", 1)[0].decode("latin-1")
-        body: bytes | None
+        body: bytes | EventStream
+        routes = self.routes if self.routes is not None and self.routes.handles(path) else None
         try:
-            status, headers, body = await self._route(path, accept)
+            if routes is not None:
+                status, headers_out, body = await routes.answer(
+                    method, target, headers or {}, request_body
+                )
+                return self._finish(status, headers_out, body)  # its own methods
+            status, headers_out, body = await self._route(path, accept)
         except (TypeError, ValueError):
             # A status that cannot be rendered is a bug to log, not a reason to stop serving.
             LOG.exception("admin: %s failed", path)
-            status, headers, body = 500, [(b"content-type", TEXT)], b"internal error\n"
+            status, headers_out, body = 500, [(b"content-type", TEXT)], b"internal error\n"
+            if routes is not None:
+                return self._finish(status, headers_out, body)
         if status != 404 and method not in (b"GET", b"HEAD"):
             status, body = 405, b"method not allowed\n"
-            headers = [(b"content-type", TEXT), (b"allow", b"GET, HEAD")]
-        if body is not None:
+            headers_out = [(b"content-type", TEXT), (b"allow", b"GET, HEAD")]
+        return self._finish(status, headers_out, body)
+
+    def _finish(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | EventStream
+    ) -> Answer:
+        if not isinstance(body, bytes) and self.event_streams >= self.max_event_streams:
+            status, body = 503, b"too many event streams\n"
+            headers = [(b"content-type", TEXT)]
+        if isinstance(body, bytes):
             headers.append((b"content-length", str(len(body)).encode()))
         headers.append((b"cache-control", b"no-store"))
         return status, headers, body
 
     async def _route(self, path: str, accept: bytes) -> Answer:
-        body: bytes | None
+        body: bytes | EventStream
         source = self.status
         if path == METRICS_PATH:
             body, content_type = await self.metrics.scrape(accept.decode("latin-1"))
@@ -178,12 +228,7 @@ class AdminServer:
         elif path == PAGE_PATH:
             status, body, headers = 200, status_page(), list(PAGE_HEADERS)
         elif path == EVENTS_PATH:
-            # No checkpoint from here to _send_events counting the stream.
-            if self.event_streams >= self.max_event_streams:
-                status, body = 503, b"too many event streams\n"
-                headers = [(b"content-type", TEXT)]
-            else:
-                status, body, headers = 200, None, list(EVENTS_HEADERS)
+            status, body, headers = 200, self._status_events, list(EVENTS_HEADERS)
         else:
             if path == UPSTREAMS_PATH:
                 snapshot = await source.status()
@@ -208,12 +253,20 @@ class AdminServer:
         try:
             while True:
                 with trio.move_on_after(REQUEST_TIMEOUT) as timeout:
-                    request = await _read_request(conn, stream)
+                    try:
+                        request, request_body = await _read_request(conn, stream)
+                    except _TooLarge:
+                        await self._refuse_large(conn, stream)
+                        return
                 if timeout.cancelled_caught or request is None:
                     return
                 headers = dict(request.headers)
                 status, response_headers, body = await self.answer(
-                    request.method, request.target, headers.get(b"accept", b"")
+                    request.method,
+                    request.target,
+                    headers.get(b"accept", b""),
+                    headers=headers,
+                    request_body=request_body,
                 )
                 data = conn.send(
                     h11.Response(
@@ -222,8 +275,8 @@ class AdminServer:
                 )
                 if request.method == b"HEAD":
                     pass
-                elif body is None:
-                    await self._send_events(conn, stream, head=data)
+                elif not isinstance(body, bytes):
+                    await self._send_events(conn, stream, body, head=data)
                     return
                 else:
                     data += conn.send(h11.Data(data=body))
@@ -244,29 +297,41 @@ class AdminServer:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await stream.aclose()
 
+    async def _refuse_large(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+        body = b"request body too large\n"
+        headers = [(b"content-type", TEXT), (b"connection", b"close")]
+        status, headers, _ = self._finish(413, headers, body)
+        data = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS[413]))
+        await stream.send_all(data + conn.send(h11.Data(data=body)))
+
     async def _send_events(
-        self, conn: h11.Connection, stream: trio.abc.Stream, head: bytes
+        self, conn: h11.Connection, stream: trio.abc.Stream, events: EventStream, head: bytes
     ) -> None:
-        """The response ``head``, the status now, then once per sample, until the client goes
-        away (or the process exits); the stream never ends on its own."""
-        source = self.status
-        assert source is not None
-        # Counted before anything waits: _route checked the bound with no checkpoint since,
+        """The response ``head`` with the first event, then each event as it comes, until the
+        client goes away (or the process exits)."""
+        # Counted before anything waits: _finish checked the bound with no checkpoint since,
         # so streams asked for at once cannot all pass it.
         self.event_streams += 1
         try:
-            data = b"retry: %d\n\n" % EVENTS_RETRY_MS + await self._event_data(source)
-            while True:
-                # A viewer that stops reading is let go, not waited for.
-                with trio.move_on_after(REQUEST_TIMEOUT) as timeout:
-                    await stream.send_all(head + conn.send(h11.Data(data=data)))
-                if timeout.cancelled_caught:
-                    return
-                head = b""
-                await source.next_tick()
-                data = await self._event_data(source)
+            async with aclosing(events()) as each:
+                async for data in each:
+                    # A viewer that stops reading is let go, not waited for.
+                    with trio.move_on_after(REQUEST_TIMEOUT) as timeout:
+                        await stream.send_all(head + conn.send(h11.Data(data=data)))
+                    if timeout.cancelled_caught:
+                        return
+                    head = b""
         finally:
             self.event_streams -= 1
+
+    async def _status_events(self) -> AsyncGenerator[bytes, None]:
+        """The status now, then once per sample; it never ends on its own."""
+        source = self.status
+        assert source is not None
+        yield b"retry: %d\n\n" % EVENTS_RETRY_MS + await self._event_data(source)
+        while True:
+            await source.next_tick()
+            yield await self._event_data(source)
 
     async def _event_data(self, source: StatusSource) -> bytes:
         """The status as one Server-Sent Event, built once per sample for every viewer."""
@@ -277,10 +342,12 @@ class AdminServer:
         return self._event[1]
 
 
-async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
-    """The next request, its (ignored) body read through; None when the client closed."""
+async def _read_request(
+    conn: h11.Connection, stream: trio.abc.Stream
+) -> tuple[h11.Request | None, bytes]:
+    """The next request and its body; None when the client closed."""
     request: h11.Request | None = None
-    body = 0
+    body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -288,10 +355,10 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Re
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
-            body += len(event.data)
-            if body > MAX_BODY:
-                raise _Close
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise _TooLarge
         elif isinstance(event, h11.EndOfMessage):
-            return request
+            return request, bytes(body)
         else:  # ConnectionClosed
-            return None
+            return None, b""

@@ -101,12 +101,14 @@ def _parser() -> argparse.ArgumentParser:
         "A local proxy in front of the app(s) you develop, with config/dev.toml's settings:\n"
         "loopback only, combined access log, no read timeout (debuggers, SSE), and a 2s\n"
         "drain so that Ctrl-C does not keep you waiting. UPSTREAM is a URL, host:port, or a\n"
-        "local port (:3000 or 3000, meaning localhost:3000).",
+        "local port (:3000 or 3000, meaning localhost:3000). The request inspector shows\n"
+        "the last 200 exchanges on the admin listener: http://127.0.0.1:9901/inspect.",
         "  pooled-proxy dev 3000\n"
         "  pooled-proxy dev :3000 --listen 8000\n"
         "  pooled-proxy dev 3000 --route /api=http://127.0.0.1:3001   # two apps\n"
         "  pooled-proxy dev https://staging.example.com --change-host-header\n"
-        "  pooled-proxy dev 3000 --access-log /tmp/access.log",
+        "  pooled-proxy dev 3000 --access-log /tmp/access.log\n"
+        "  pooled-proxy dev 3000 --admin 4040    # the inspector on http://127.0.0.1:4040/inspect",
     )  # fmt: skip
     dev.add_argument("url", nargs="?", metavar="UPSTREAM", help="the app for every path")
     dev.add_argument("--to", metavar="UPSTREAM", help="the same as UPSTREAM (Caddy's spelling)")
@@ -133,6 +135,18 @@ def _parser() -> argparse.ArgumentParser:
         default="stdout",
         metavar="FILE",
         help='where the access log goes: a file, "stdout" (default) or "off"',
+    )
+    dev.add_argument(
+        "--admin",
+        default="127.0.0.1:9901",
+        metavar="ADDRESS",
+        help="the admin listener, with the request inspector at /inspect "
+        "(default: 127.0.0.1:9901; a port alone for 127.0.0.1)",
+    )
+    dev.add_argument(
+        "--no-inspect",
+        action="store_true",
+        help="do not record exchanges for the inspector",
     )
 
     demo = _subcommand(
@@ -212,6 +226,10 @@ def describe(config: Config, mode: str, path: str | None) -> list[str]:
         )
     admin = config.admin
     lines.append(f"admin: http://{admin.listen}" if admin is not None else "admin: off")
+    if admin is not None and config.inspect.enabled:
+        lines.append(
+            f"inspector: http://{admin.listen}/inspect (the last {config.inspect.keep} exchanges)"
+        )
     log = config.log
     lines.append(f"access log: {log.access}" + ("" if log.access == "off" else f" ({log.format})"))
     return lines
@@ -284,7 +302,14 @@ async def run_with_operations(
         observers.append(metrics.observe)
     if access_log is not None:
         observers.append(access_log)
-    proxy = Proxy(config, observers=tuple(observers), launch_config=launch_config, tls=tls)
+    inspector = None
+    if config.inspect.enabled and config.admin is not None:
+        from .inspector.recorder import Inspector
+
+        inspector = Inspector(config.inspect)
+    proxy = Proxy(
+        config, observers=tuple(observers), tap=inspector, launch_config=launch_config, tls=tls
+    )
     services: list[Service] = []
     if metrics is not None:
         metrics.bind(proxy)
@@ -292,7 +317,16 @@ async def run_with_operations(
     if board is not None:
         services.append(board.run_sampler)
     if metrics is not None and config.admin is not None:
-        services.append(AdminServer(proxy, metrics, config.admin.listen, status=board).serve)
+        routes = None
+        if inspector is not None:
+            from .inspector.endpoints import InspectorEndpoints
+            from .inspector.replay import Replayer
+
+            replayer = Replayer(proxy, inspector)
+            services.append(replayer.run)
+            routes = InspectorEndpoints(inspector, replayer)
+        admin = AdminServer(proxy, metrics, config.admin.listen, status=board, routes=routes)
+        services.append(admin.serve)
     if metrics is not None and board is not None and supervisor_link is not None:
         from .metrics_group import report
         from .workers import answer_supervisor
@@ -354,6 +388,8 @@ def dev_config_from_args(args: argparse.Namespace) -> Config:
         routes=routes,
         change_host_header=args.change_host_header,
         access=args.access_log,
+        admin=args.admin,
+        inspect=not args.no_inspect,
     )
 
 

@@ -93,6 +93,19 @@ class LogConfig:
     level: str = "info"  # debug | info | warning | error
 
 
+DEFAULT_MASKED_HEADERS = ("authorization", "cookie", "set-cookie", "proxy-authorization")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InspectConfig:
+    """The request inspector, served on the admin listener (``pooled-proxy dev`` turns it on)."""
+
+    enabled: bool = False
+    keep: int = 200  # the last exchanges kept
+    max_body_bytes: int = 65536  # of each body, the start kept for viewing
+    mask_headers: tuple[str, ...] = DEFAULT_MASKED_HEADERS  # lower-case; values never shown
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheckConfig:
     """Active health checks of each server of an upstream: ``GET path`` every ``interval``."""
@@ -163,6 +176,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     admin: AdminConfig | None = None
     log: LogConfig = LogConfig()
+    inspect: InspectConfig = InspectConfig()
     upstreams: Mapping[str, UpstreamConfig]  # a read-only MappingProxyType
     routes: tuple[RouteConfig, ...]
     path: Path | None = None  # the file it came from
@@ -562,6 +576,23 @@ _HEALTH_CHECK_FIELDS: Mapping[str, _Conv] = MappingProxyType({
 _ROUTE_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "upstream": _string, "host": _route_host, "path_prefix": _path_prefix, "strip_prefix": _bool,
 })  # fmt: skip
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
+def _header_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of header names, got {_kind(value)}")
+    names = []
+    for item in value:
+        if not isinstance(item, str) or not _HEADER_NAME.fullmatch(item):
+            raise ValueError(f'expected header names such as "authorization", got {item!r}')
+        names.append(item.lower())
+    return tuple(names)
+
+
+_INSPECT_FIELDS: Mapping[str, _Conv] = MappingProxyType({
+    "enabled": _bool, "keep": _int(1), "max_body_bytes": _int(0), "mask_headers": _header_names,
+})  # fmt: skip
 _LOG_FIELDS: Mapping[str, _Conv] = MappingProxyType({
     "access": _string, "format": _choice("json", "combined"),
     "level": _choice("debug", "info", "warning", "error"),
@@ -759,6 +790,23 @@ def _log(c: _Checker, raw: object) -> LogConfig:
     return LogConfig(**kw)
 
 
+def _inspect(
+    c: _Checker, raw: object, server: ServerConfig, admin: AdminConfig | None
+) -> InspectConfig:
+    key: _KeyPath = ("inspect",)
+    table = c.table(raw, key, _INSPECT_FIELDS)
+    if table is None:
+        return InspectConfig()
+    inspect = InspectConfig(**c.fields(table, key, _INSPECT_FIELDS))
+    if inspect.enabled and admin is None:
+        c.add(key + ("enabled",), "needs [admin] listen: the inspector is served there")
+    elif inspect.enabled and server.workers > 1:
+        # Each worker would record only the exchanges it serves, while the admin listener is
+        # the supervisor's: one list could not show them all.
+        c.add(key + ("enabled",), f"needs server.workers = 1 (got {server.workers})")
+    return inspect
+
+
 def _check_listen_overlap(c: _Checker, server: ServerConfig, admin: AdminConfig | None) -> None:
     """Two listeners on one address: the second bind would fail once ``run`` starts. Skipped
     when a listen address was already reported (its default would stand in for it)."""
@@ -884,10 +932,11 @@ def _routes(c: _Checker, raw: object, names: Iterable[str]) -> list[RouteConfig]
 
 
 def _build(c: _Checker, data: dict[str, Any], source: Path | None) -> Config | None:
-    c.table(data, (), ("server", "admin", "log", "upstreams", "routes"))
+    c.table(data, (), ("server", "admin", "log", "inspect", "upstreams", "routes"))
     server = _server(c, data["server"]) if "server" in data else ServerConfig()
     admin = _admin(c, data["admin"]) if "admin" in data else None
     log = _log(c, data["log"]) if "log" in data else LogConfig()
+    inspect = _inspect(c, data["inspect"], server, admin) if "inspect" in data else InspectConfig()
     _check_listen_overlap(c, server, admin)
     raw_upstreams = c.table(data.get("upstreams", {}), ("upstreams",), data.get("upstreams", {}))
     names = list(raw_upstreams or {})
@@ -902,8 +951,9 @@ def _build(c: _Checker, data: dict[str, Any], source: Path | None) -> Config | N
             c.add(("routes",), "no routes: with several upstreams, add [[routes]] tables")
     if c.problems:
         return None
-    return Config(server=server, admin=admin, log=log, upstreams=MappingProxyType(upstreams),
-                  routes=tuple(routes), path=source)  # fmt: skip
+    return Config(server=server, admin=admin, log=log, inspect=inspect,
+                  upstreams=MappingProxyType(upstreams), routes=tuple(routes),
+                  path=source)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- entry points
@@ -1011,13 +1061,16 @@ def dev_config(
     routes: Iterable[tuple[str, str]] = (),
     change_host_header: bool = False,
     access: str = "stdout",
+    admin: str | None = None,
+    inspect: bool = False,
 ) -> Config:
     """A ready config for ``pooled-proxy dev``, with config/dev.toml's settings: the upstream
     ``upstream_url`` (named "app") for every path, and each ``(path_prefix, url)`` of
     ``routes`` in front of it (longest prefix first; the prefix is kept in the path); combined
     logs for humans to ``access``. ``change_host_header`` sends each upstream its own name as
-    Host instead of the client's (a remote or virtual-hosted app). Raises ValueError on a bad
-    URL, address or prefix."""
+    Host instead of the client's (a remote or virtual-hosted app). ``admin``: where the admin
+    listener listens (``dev_listen`` form), with the request inspector if ``inspect``.
+    Raises ValueError on a bad URL, address or prefix."""
     pairs = [(_path_prefix(prefix), url) for prefix, url in routes]
     if upstream_url is not None:
         pairs.append(("/", upstream_url))
@@ -1049,9 +1102,19 @@ def dev_config(
         why = _not_writable(access)
         if why is not None:
             raise ValueError(f"--access-log: {why}")
+    if inspect and admin is None:
+        raise ValueError("the inspector needs an admin listener (--admin ADDRESS)")
+    listen_address = dev_listen(listen)
+    admin_config = None
+    if admin is not None:
+        admin_config = AdminConfig(listen=dev_listen(admin))
+        if listen_overlap(listen_address, admin_config.listen):
+            raise ValueError(f'--admin "{admin}" is the address the proxy listens on')
     return Config(
-        server=ServerConfig(listen=(dev_listen(listen),), header_timeout=30.0, drain_timeout=2.0),
+        server=ServerConfig(listen=(listen_address,), header_timeout=30.0, drain_timeout=2.0),
+        admin=admin_config,
         log=LogConfig(access=access, format="combined"),
+        inspect=InspectConfig(enabled=inspect),
         upstreams=MappingProxyType(upstreams),
         routes=tuple(route_list),
     )

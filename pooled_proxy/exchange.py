@@ -149,3 +149,22 @@ class Exchange:
     # watching the client for a disconnect only then, so an exchange answered at once
     # costs no watch at all.
     on_wait: Callable[[], None] | None = None
+
+
+class ExchangeTap(Protocol):
+    """Sees every exchange go by (the request inspector). The forwarder calls it only when one
+    is set, and never waits on it: a tap copies what passes and never holds it back."""
+
+    def started(self, exchange: Exchange) -> Exchange:
+        """The exchange to serve in its place: the same head and record, with a body and a
+        sink that let the tap see what passes through them."""
+        ...
+
+    def upstream_request(self, record: ExchangeRecord, target: bytes, headers: Headers) -> None:
+        """The request head as it goes upstream, rewritten (once per attempt)."""
+
+    def upstream_response(self, record: ExchangeRecord, status: int, headers: Headers) -> None:
+        """The upstream's response head as it arrived, before the client's is made from it."""
+
+    def finished(self, record: ExchangeRecord) -> None:
+        """The exchange is over; ``record`` says how it went."""

@@ -30,7 +30,14 @@ from .errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from .exchange import ClientUpgrade, Exchange, ExchangeRecord, RequestHead, ResponseSink
+from .exchange import (
+    ClientUpgrade,
+    Exchange,
+    ExchangeRecord,
+    ExchangeTap,
+    RequestHead,
+    ResponseSink,
+)
 from .grpc import grpc_error_headers, grpc_timeout, is_grpc
 from .headers import (
     Headers,
@@ -151,11 +158,14 @@ class Forwarder:
         *,
         connect: Connector | None = None,
         observers: tuple[ExchangeObserver, ...] = (),
+        tap: ExchangeTap | None = None,
         upstreams: Mapping[str, UpstreamGroup] | None = None,
         tls: Mapping[str, ssl.SSLContext] | None = None,
     ) -> None:
         """``upstreams``: groups carried over from the previous generation; ``tls``: the
-        SSL context of each upstream with https:// servers, for the groups made here."""
+        SSL context of each upstream with https:// servers, for the groups made here;
+        ``tap``: sees every exchange (the inspector). Without one, an exchange pays for
+        nothing but the tests of ``self.tap``."""
         self.config = config
         self.router = Router(config.routes)
         self.upstreams: dict[str, UpstreamGroup] = dict(upstreams or {})
@@ -165,7 +175,8 @@ class Forwarder:
                 self.upstreams[name] = UpstreamGroup(
                     upstream_config, connect=connect, ssl_context=tls.get(name)
                 )
-        self.observers = observers
+        self.tap = tap
+        self.observers = (*observers, tap.finished) if tap is not None else observers
         server = config.server
         # The lower-case name of the request-ID field, or b"" when request IDs are off.
         self.request_id_header = server.request_id_header.encode() if server.request_id else b""
@@ -186,6 +197,8 @@ class Forwarder:
     async def forward(self, exchange: Exchange) -> None:
         """Serve one exchange completely: the client gets a response or an aborted stream."""
         record = exchange.record
+        if self.tap is not None:
+            exchange = self.tap.started(exchange)
         try:
             # Only HTTP/2 clients make gRPC calls: HTTP/1.1 requests skip the look.
             timeout = (
@@ -343,6 +356,8 @@ class Forwarder:
             connection.on_wait = exchange.on_wait
             if not reused:
                 record.connect_time = connection.connect_time
+            if self.tap is not None:
+                self.tap.upstream_request(record, target, headers)
             try:
                 whole = await self._exchange(
                     connection,
@@ -533,6 +548,8 @@ class Forwarder:
             if response.status_code == 100:
                 await sink.send_informational(100, [])
 
+        if self.tap is not None:
+            self.tap.upstream_response(record, response.status_code, response.headers)
         record.status = response.status_code
         now = trio.current_time()
         record.ttfb = now - record.start
@@ -582,6 +599,8 @@ class Forwarder:
         record: ExchangeRecord,
     ) -> None:
         """After the upstream's 101: relay it, then copy raw bytes both ways until it ends."""
+        if self.tap is not None:
+            self.tap.upstream_response(record, 101, response.headers)
         record.status = 101
         record.ttfb = trio.current_time() - record.start
         upstream_stream, upstream_data = connection.detach()

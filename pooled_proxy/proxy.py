@@ -16,6 +16,7 @@ import trio
 
 from .balancer import UpstreamGroup
 from .config import Config, ServerConfig, TlsConfig
+from .exchange import ExchangeTap
 from .forward import ExchangeObserver, Forwarder
 from .pool import Connector
 from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
@@ -41,6 +42,7 @@ RESTART_ONLY = (
     "server.tls.listen",
     "server.workers",
     "admin",
+    "inspect",
     "log.access",
     "log.format",
 )
@@ -49,7 +51,10 @@ RESTART_ONLY = (
 def _restart_only(config: Config) -> tuple[object, ...]:
     server, log = config.server, config.log
     tls_listen = server.tls.listen if server.tls is not None else None
-    return (server.listen, tls_listen, server.workers, config.admin, log.access, log.format)
+    return (
+        server.listen, tls_listen, server.workers, config.admin, config.inspect, log.access,
+        log.format,
+    )  # fmt: skip
 
 
 def _running_tls(running: TlsConfig | None, new: TlsConfig | None) -> TlsConfig | None:
@@ -90,6 +95,7 @@ class Proxy:
         *,
         connect: Connector | None = None,
         observers: tuple[ExchangeObserver, ...] = (),
+        tap: ExchangeTap | None = None,
         launch_config: Config | None = None,
         tls: TlsContexts | None = None,
     ) -> None:
@@ -102,8 +108,9 @@ class Proxy:
         self.launch_config = launch_config or config
         self._connect = connect
         self._observers = observers
+        self._tap = tap
         self.forwarder = Forwarder(
-            config, connect=connect, observers=observers, tls=self.tls.upstreams
+            config, connect=connect, observers=observers, tap=tap, tls=self.tls.upstreams
         )
         self.reloads = 0
         # For the metrics: whether the last reload attempt succeeded, and the wall-clock time
@@ -283,6 +290,7 @@ class Proxy:
                 workers=running.server.workers,
             ),
             admin=running.admin,
+            inspect=running.inspect,
             log=replace(config.log, access=running.log.access, format=running.log.format),
         )
         for name, group in kept.items():
@@ -291,6 +299,7 @@ class Proxy:
             effective,
             connect=self._connect,
             observers=self._observers,
+            tap=self._tap,
             upstreams=kept,
             tls=tls.upstreams,
         )

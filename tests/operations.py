@@ -14,7 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pooled_proxy.accesslog import AccessLog
 from pooled_proxy.admin import AdminServer
-from pooled_proxy.config import Config, ServerAddress
+from pooled_proxy.config import Config, InspectConfig, ServerAddress
+from pooled_proxy.inspector.endpoints import InspectorEndpoints
+from pooled_proxy.inspector.recorder import Inspector
+from pooled_proxy.inspector.replay import Replayer
 from pooled_proxy.metrics import ProxyMetrics
 from pooled_proxy.status import SAMPLE_INTERVAL, StatusBoard
 from tests.helpers import HOST, RunningProxy, start_proxy
@@ -27,6 +30,7 @@ class OperatedProxy:
     admin: AdminServer
     log: io.StringIO
     access_log: AccessLog
+    inspector: Inspector | None = None
 
     @property
     def url(self) -> str:
@@ -54,18 +58,28 @@ async def start_operated_proxy(
     *,
     log_format: str = "json",
     sample_interval: float = SAMPLE_INTERVAL,
+    inspect: InspectConfig | None = None,
 ) -> OperatedProxy:
-    """The proxy as ``pooled-proxy run`` assembles it, with the access log in memory."""
+    """The proxy as ``pooled-proxy run`` assembles it, with the access log in memory, and the
+    request inspector with ``inspect``."""
     metrics = ProxyMetrics()
     log = io.StringIO()
     access_log = AccessLog(log, log_format)
-    running = await start_proxy(nursery, config, observers=(metrics.observe, access_log))
+    inspector = Inspector(inspect) if inspect is not None else None
+    running = await start_proxy(
+        nursery, config, observers=(metrics.observe, access_log), tap=inspector
+    )
     metrics.bind(running.proxy)
     board = StatusBoard(running.proxy, metrics, interval=sample_interval)
     await nursery.start(board.run_sampler)
-    admin = AdminServer(running.proxy, metrics, ServerAddress(HOST, 0), status=board)
+    routes = None
+    if inspector is not None:
+        replayer = Replayer(running.proxy, inspector)
+        await nursery.start(replayer.run)
+        routes = InspectorEndpoints(inspector, replayer)
+    admin = AdminServer(running.proxy, metrics, ServerAddress(HOST, 0), status=board, routes=routes)
     await nursery.start(admin.serve)
-    return OperatedProxy(running, metrics, admin, log, access_log)
+    return OperatedProxy(running, metrics, admin, log, access_log, inspector)
 
 
 class Scrape:

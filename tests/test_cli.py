@@ -104,8 +104,9 @@ def test_dev_proxies_one_upstream_without_a_config_file():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    dev_args = [f"http://127.0.0.1:{upstream_port}", "--listen", f"127.0.0.1:{proxy_port}"]
     proxy = subprocess.Popen(
-        [*CLI, "dev", f"http://127.0.0.1:{upstream_port}", "--listen", f"127.0.0.1:{proxy_port}"],
+        [*CLI, "dev", *dev_args, "--admin", "127.0.0.1:0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -254,8 +255,11 @@ def test_every_subcommand_help_has_a_description_and_examples(command):
 
 
 def start_dev(*args: str) -> subprocess.Popen[str]:
+    """``pooled-proxy dev``, with its admin listener on a port of its own choosing unless
+    ``args`` name one (the default, 9901, may be taken on this machine)."""
+    admin = () if "--admin" in args else ("--admin", "127.0.0.1:0")
     return subprocess.Popen(
-        [*CLI, "dev", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*CLI, "dev", *args, *admin], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -277,7 +281,7 @@ def kill_all(*processes: subprocess.Popen) -> None:  # type: ignore[type-arg]
 
 
 def test_dev_takes_caddys_shorthand_routes_two_apps_and_says_what_it_does(tmp_path):
-    app_port, api_port, proxy_port = free_port(), free_port(), free_port()
+    app_port, api_port, proxy_port, admin_port = free_port(), free_port(), free_port(), free_port()
     access_log = tmp_path / "access.log"
     app, api = demo_upstream_process(app_port), demo_upstream_process(api_port)
     proxy = start_dev(
@@ -285,6 +289,7 @@ def test_dev_takes_caddys_shorthand_routes_two_apps_and_says_what_it_does(tmp_pa
         "--listen", str(proxy_port),
         "--route", f"/api=http://127.0.0.1:{api_port}",
         "--access-log", str(access_log),
+        "--admin", str(admin_port),
     )  # fmt: skip
     try:
         wait_for_port(app_port, app)
@@ -299,6 +304,10 @@ def test_dev_takes_caddys_shorthand_routes_two_apps_and_says_what_it_does(tmp_pa
         assert api_reply.status_code == 404 and "no such endpoint: /api/echo" in api_reply.text
         # The client's Host goes up unchanged without --change-host-header.
         assert dict(page.json()["headers"])["host"] == f"127.0.0.1:{proxy_port}"
+        # The inspector is on, on the admin port.
+        inspected = httpx.get(f"http://127.0.0.1:{admin_port}/inspect/exchanges", timeout=5)
+        rows = [(row["target"], row["upstream"]) for row in inspected.json()["exchanges"]]
+        assert rows == [("/api/echo", "api"), ("/echo", "app")]
         assert stop(proxy) == 0
         log = proxy.stderr.read() if proxy.stderr else ""
     finally:
@@ -309,7 +318,8 @@ def test_dev_takes_caddys_shorthand_routes_two_apps_and_says_what_it_does(tmp_pa
         f"listen: http://127.0.0.1:{proxy_port}",
         f"route */api -> upstream api: http://127.0.0.1:{api_port}",
         f"route */ -> upstream app: http://localhost:{app_port}",
-        "admin: off",
+        f"admin: http://127.0.0.1:{admin_port}",
+        f"inspector: http://127.0.0.1:{admin_port}/inspect (the last 200 exchanges)",
         f"access log: {access_log} (combined)",
     ]
     assert f"listening on http://127.0.0.1:{proxy_port}" in log
