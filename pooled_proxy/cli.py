@@ -28,6 +28,7 @@ from .lifecycle import Service
 from .lifecycle import run as run_proxy
 from .metrics import ProxyMetrics
 from .proxy import Proxy
+from .route_hooks import load_route_hooks
 from .runtime import tune_gc_for_serving
 from .sdnotify import Notifier
 from .status import StatusBoard
@@ -200,7 +201,9 @@ def _load(path: str) -> tuple[Config, TlsContexts]:
     A TLS file that does not load is a config error, before listening; the contexts built
     to find out are the ones the proxy then uses."""
     config = load_config(path)
-    return config, load_tls_contexts(config)
+    tls = load_tls_contexts(config)
+    load_route_hooks(config)  # so is a hook that does not import (the proxy reuses its modules)
+    return config, tls
 
 
 def describe(config: Config, mode: str, path: str | None) -> list[str]:
@@ -220,9 +223,10 @@ def describe(config: Config, mode: str, path: str | None) -> list[str]:
         )
         extra = " (prefix stripped)" if route.strip_prefix and route.path_prefix != "/" else ""
         host = f" Host: {upstream.host_header}" if upstream.host_header else ""
+        hooks = f" (hooks: {', '.join(route.hooks)})" if route.hooks else ""
         lines.append(
-            f"route {route.host or '*'}{route.path_prefix}{extra} -> upstream {upstream.name}: "
-            f"{servers}{host}"
+            f"route {route.host or '*'}{route.path_prefix}{extra}{hooks} -> upstream "
+            f"{upstream.name}: {servers}{host}"
         )
     admin = config.admin
     lines.append(f"admin: http://{admin.listen}" if admin is not None else "admin: off")

@@ -111,6 +111,23 @@ class ProxyInternalError(ProxyError):
     public_detail = False
 
 
+class HookError(ProxyInternalError):
+    """A route's Python hook raised, or returned something other than None or a Response.
+    The operator's code failed: answered 500, logged with its traceback, and never counted
+    against the upstream (no upstream was contacted for it)."""
+
+    proxy_status = "hook_error"
+    reason = "a hook of this route failed"
+
+
+class HookTimeout(HookError):
+    """A route's hook ran past its ``hook_timeout`` and was cancelled."""
+
+    status = 504
+    proxy_status = "hook_timeout"
+    reason = "a hook of this route took too long"
+
+
 class UpstreamError(ProxyError):
     """The upstream server failed: passive health counts it (see forward.py)."""
 

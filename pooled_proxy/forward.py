@@ -19,6 +19,7 @@ from .errors import (
     ClientDisconnected,
     ConnectTimeout,
     DeadlineExceeded,
+    HookError,
     NoRoute,
     ProxyError,
     ProxyInternalError,
@@ -49,6 +50,7 @@ from .headers import (
 from .log_limit import WarningLimiter
 from .pool import Connector
 from .request_ids import choose_request_id
+from .route_hooks import RouteHooks, load_route_hooks, run_hooks
 from .routing import Router, rewrite_target
 from .tunnel import (
     TunnelStats,
@@ -161,13 +163,16 @@ class Forwarder:
         tap: ExchangeTap | None = None,
         upstreams: Mapping[str, UpstreamGroup] | None = None,
         tls: Mapping[str, ssl.SSLContext] | None = None,
+        hooks: RouteHooks | None = None,
     ) -> None:
         """``upstreams``: groups carried over from the previous generation; ``tls``: the
         SSL context of each upstream with https:// servers, for the groups made here;
         ``tap``: sees every exchange (the inspector). Without one, an exchange pays for
-        nothing but the tests of ``self.tap``."""
+        nothing but the tests of ``self.tap``; ``hooks``: the routes' hooks, imported here
+        unless the caller already did."""
         self.config = config
         self.router = Router(config.routes)
+        self.hooks = hooks if hooks is not None else load_route_hooks(config)
         self.upstreams: dict[str, UpstreamGroup] = dict(upstreams or {})
         tls = tls or {}
         for name, upstream_config in config.upstreams.items():
@@ -274,6 +279,7 @@ class Forwarder:
                 f" ({suppressed} more like it since the last one, not logged)"
                 if suppressed
                 else "",
+                exc_info=exc.__cause__ if isinstance(exc, HookError) else None,
             )
 
     def _next_server(
@@ -303,8 +309,14 @@ class Forwarder:
         route = self.router.match(head.authority, head.path)
         if route is None:
             raise NoRoute(f"no route for host {head.authority.decode('latin-1')!r}")
-        group = self.upstreams[route.upstream]
         record.route = (route.host or "*") + route.path_prefix
+        sink, upstream_name = exchange.sink, route.upstream
+        if route.hooks:
+            hooked = await run_hooks(self.hooks[route], exchange, upstream_name, self.upstreams)
+            if hooked is None:
+                return  # a hook answered
+            head, upstream_name, sink = hooked
+        group = self.upstreams[upstream_name]
         record.route_upstream = group.name
         target = rewrite_target(route, head.target)
         headers = upstream_request_headers(
@@ -366,7 +378,7 @@ class Forwarder:
                     target,
                     headers,
                     upload,
-                    exchange.sink,
+                    sink,
                     record,
                     upgrade=exchange.upgrade if upgrade is not None else None,
                     whole_body=whole_body,
@@ -385,7 +397,7 @@ class Forwarder:
                 # Closed or reset with nothing of the response received: sending the request
                 # again is safe if nothing of its body went up, or the body is held and the
                 # method idempotent.
-                unanswered = connection.received_bytes == 0 and not exchange.sink.head_sent
+                unanswered = connection.received_bytes == 0 and not sink.head_sent
                 resendable = unanswered and (
                     replayable or (upload is not None and not upload.started)
                 )
@@ -432,11 +444,9 @@ class Forwarder:
             pool.release(connection, reusable=upload is None or upload.done)
             health.record_success()
             if whole is not None:
-                await exchange.sink.send_head(
-                    whole.status, whole.headers, body=whole.body, end=True
-                )
+                await sink.send_head(whole.status, whole.headers, body=whole.body, end=True)
             else:
-                await exchange.sink.end(trailers or None)
+                await sink.end(trailers or None)
             return
 
     async def _exchange(

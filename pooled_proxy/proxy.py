@@ -19,6 +19,7 @@ from .config import Config, ServerConfig, TlsConfig
 from .exchange import ExchangeTap
 from .forward import ExchangeObserver, Forwarder
 from .pool import Connector
+from .route_hooks import RouteHooks
 from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
 
 # A client that connected just before the drain started is about to send its request: its
@@ -98,6 +99,7 @@ class Proxy:
         tap: ExchangeTap | None = None,
         launch_config: Config | None = None,
         tls: TlsContexts | None = None,
+        hooks: RouteHooks | None = None,
     ) -> None:
         self.config = config
         # The SSL contexts of the config (built here unless the caller already did).
@@ -110,7 +112,12 @@ class Proxy:
         self._observers = observers
         self._tap = tap
         self.forwarder = Forwarder(
-            config, connect=connect, observers=observers, tap=tap, tls=self.tls.upstreams
+            config,
+            connect=connect,
+            observers=observers,
+            tap=tap,
+            tls=self.tls.upstreams,
+            hooks=hooks,
         )
         self.reloads = 0
         # For the metrics: whether the last reload attempt succeeded, and the wall-clock time
@@ -261,7 +268,9 @@ class Proxy:
 
     # -- reload --------------------------------------------------------------------------------
 
-    def reload(self, config: Config, tls: TlsContexts | None = None) -> ReloadSummary:
+    def reload(
+        self, config: Config, tls: TlsContexts | None = None, hooks: RouteHooks | None = None
+    ) -> ReloadSummary:
         """Swap in a new config (already validated) for new requests.
 
         Upstreams whose settings are unchanged keep their pools, idle connections included;
@@ -269,7 +278,8 @@ class Proxy:
         finish on the forwarder they started with. Restart-only settings keep their running
         values (reported in ``needs_restart``). The TLS files are read again (``tls``, built
         off the event loop by the caller, else here): new connections, to clients and to
-        upstreams, use them; open ones keep the certificates they were made with.
+        upstreams, use them; open ones keep the certificates they were made with. Likewise the
+        routes' ``hooks``: new requests run the new ones.
         """
         if tls is None:
             tls = load_tls_contexts(config)
@@ -302,6 +312,7 @@ class Proxy:
             tap=self._tap,
             upstreams=kept,
             tls=tls.upstreams,
+            hooks=hooks,
         )
         # With TLS turned on or off, the listeners keep what they started with until a restart.
         same_listeners = effective.server.tls is not None and tls.server is not None

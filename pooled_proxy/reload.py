@@ -19,6 +19,7 @@ import trio
 from .config import Config, load_config, parse_config
 from .errors import ConfigError
 from .proxy import Proxy
+from .route_hooks import RouteHooks, load_route_hooks
 from .sdnotify import Notifier
 from .tls_contexts import TlsContexts, load_tls_contexts
 
@@ -29,17 +30,17 @@ WATCH_INTERVAL = 0.25  # seconds between two looks at the file's stat()
 FileSignature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
 
 
-def read_config(path: str) -> tuple[Config, str, TlsContexts]:
-    """The config in ``path``, the exact text it was parsed from, and its TLS contexts
-    (blocking: run it in a thread). Raises ConfigError, naming an unreadable file or a TLS
-    file that does not load as ``check`` does."""
+def read_config(path: str) -> tuple[Config, str, TlsContexts, RouteHooks]:
+    """The config in ``path``, the exact text it was parsed from, its TLS contexts and its
+    routes' hooks (blocking: run it in a thread). Raises ConfigError, naming an unreadable
+    file, a TLS file that does not load or a hook that does not import as ``check`` does."""
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError):
         load_config(path)  # raises the ConfigError that names the problem
         raise  # the file became readable in between: report the first failure anyway
     config = parse_config(text, path, base_dir=Path(path).parent)
-    return config, text, load_tls_contexts(config)
+    return config, text, load_tls_contexts(config), load_route_hooks(config)
 
 
 def log_problems(error: ConfigError, path: str) -> None:
@@ -73,7 +74,7 @@ class Reloader:
 
     async def _reload(self, why: str) -> bool:
         try:
-            config, _, tls = await trio.to_thread.run_sync(read_config, self.path)
+            config, _, tls, hooks = await trio.to_thread.run_sync(read_config, self.path)
         except ConfigError as exc:
             log_problems(exc, self.path)
             self.proxy.last_reload_ok = False
@@ -83,7 +84,7 @@ class Reloader:
                       self.path, exc)  # fmt: skip
             self.proxy.last_reload_ok = False
             return False
-        summary = self.proxy.reload(config, tls)
+        summary = self.proxy.reload(config, tls, hooks)
         logging.getLogger().setLevel(config.log.level.upper())
         LOG.info("config reloaded (%s) from %s: %s", why, self.path, summary)
         for key in summary.needs_restart:

@@ -48,11 +48,14 @@ class Router:
 
 
 def rewrite_target(route: RouteConfig, target: bytes) -> bytes:
-    """The request target sent upstream: with ``strip_prefix``, the route's prefix removed."""
+    """The request target sent upstream: with ``strip_prefix``, the route's prefix removed
+    (when the target still has it: a hook may have changed it)."""
     if not route.strip_prefix or route.path_prefix == "/":
         return target
     prefix = route.path_prefix.rstrip("/").encode("latin-1")
     rest = target[len(prefix) :]
+    if not target.startswith(prefix) or rest[:1] not in (b"", b"/", b"?"):
+        return target
     if not rest.startswith(b"/"):
         rest = b"/" + rest
     return rest

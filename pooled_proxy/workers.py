@@ -431,7 +431,7 @@ class Supervisor:
 
     async def _check_and_pass_on(self, why: str) -> None:
         try:
-            config, text, _ = await trio.to_thread.run_sync(read_config, self.path)
+            config, text, _, _ = await trio.to_thread.run_sync(read_config, self.path)
         except ConfigError as exc:
             log_problems(exc, self.path)
             self.last_reload_ok = False
@@ -510,7 +510,7 @@ class Supervisor:
 def supervise(config: Config, path: str, *, watch: bool = False) -> int:
     """Run the supervisor for ``config`` (loaded from ``path``) until it is told to stop."""
     try:
-        _, text, _ = read_config(path)
+        _, text, _, _ = read_config(path)
     except (ConfigError, OSError, UnicodeDecodeError) as exc:
         LOG.error("cannot read %s again: %s", path, exc)
         return EXIT_RUNTIME

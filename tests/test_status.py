@@ -203,8 +203,9 @@ upstream = "app"
     assert running["upstreams"]["app"]["servers"] == [f"{HOST}:{port}"]
     assert running["upstreams"]["app"]["max_connections"] == 7
     assert running["routes"] == [
-        {"upstream": "app", "host": None, "path_prefix": "/", "strip_prefix": False}
-    ]
+        {"upstream": "app", "host": None, "path_prefix": "/", "strip_prefix": False,
+         "hooks": [], "hook_timeout": None}
+    ]  # fmt: skip
     assert second["config"]["upstreams"]["app"]["max_connections"] == 9
     key_pem = key.read_text()
     assert "PRIVATE KEY" in key_pem and "PRIVATE KEY" not in raw  # the contents, never
