@@ -312,7 +312,9 @@ class Forwarder:
         record.route = (route.host or "*") + route.path_prefix
         sink, upstream_name = exchange.sink, route.upstream
         if route.hooks:
-            hooked = await run_hooks(self.hooks[route], exchange, upstream_name, self.upstreams)
+            hooked = await run_hooks(
+                self.hooks[route], exchange, upstream_name, self.upstreams, self.request_id_header
+            )
             if hooked is None:
                 return  # a hook answered
             head, upstream_name, sink = hooked

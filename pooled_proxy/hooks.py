@@ -203,13 +203,11 @@ class Request:
             self._headers.add(name, value)
 
     @classmethod
-    def _for(
-        cls, head: RequestHead, upstream: str, upstreams: Collection[str], request_id: str
-    ) -> Request:
+    def _for(cls, head: RequestHead, upstream: str, upstreams: Collection[str]) -> Request:
         """The view of a client's request: a copy of ``head``, so that the client's own head
         (which the front end and the access log read) stays as it came."""
         request = cls.__new__(cls)
-        request._setup(replace(head, headers=list(head.headers)), upstream, upstreams, request_id)
+        request._setup(replace(head, headers=list(head.headers)), upstream, upstreams, "")
         return request
 
     def _setup(

@@ -34,6 +34,7 @@ from .errors import ConfigError, ConfigProblem, HookError, HookTimeout
 from .exchange import Exchange, ExchangeRecord, RequestHead, ResponseSink
 from .headers import Headers, http_date
 from .hooks import Hook, Request, Response, ResponseCallback, ResponseHead
+from .request_ids import choose_request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,34 +185,54 @@ async def _run_chain(chain: HookChain, request: Request) -> Response | None:
     raise HookTimeout(f"hook {current.name} ran past hook_timeout ({chain.timeout:g}s)")
 
 
-async def _answer(exchange: Exchange, response: Response) -> None:
-    """Send a hook's own answer to the client."""
+async def _answer(exchange: Exchange, response: Response, request_id_header: bytes) -> None:
+    """Send a hook's own answer to the client (with the request ID, as every answer has)."""
     fields, body = response._head()
     fields.insert(0, (b"date", http_date()))
     record = exchange.record
+    if record.request_id:
+        fields.append((request_id_header, record.request_id))
     record.status = response.status
     if exchange.head.method == b"HEAD":
         await exchange.sink.send_head(response.status, fields, end=True)
         return
     await exchange.sink.send_head(response.status, fields, body=body, end=True)
-    record.bytes_out += len(body)
+
+
+def _with_request_id(fields: Headers, request_id_header: bytes) -> bytes:
+    """Choose the request's ID now, so that the hooks see it, and carry it in the request's
+    fields as the one field of its name: the upstream then gets that same ID."""
+    client_value = next((value for name, value in fields if name == request_id_header), None)
+    request_id = choose_request_id(client_value)
+    fields[:] = [field for field in fields if field[0] != request_id_header]
+    fields.append((request_id_header, request_id))
+    return request_id
 
 
 async def run_hooks(
-    chain: HookChain, exchange: Exchange, upstream: str, upstreams: Collection[str]
+    chain: HookChain,
+    exchange: Exchange,
+    upstream: str,
+    upstreams: Collection[str],
+    request_id_header: bytes,
 ) -> tuple[RequestHead, str, ResponseSink] | None:
     """Run a route's hooks on ``exchange``: None when one of them answered the client, else
     the request head to send, the upstream to send it to and the sink for the response (the
-    client's, or one that runs the response callbacks first)."""
-    request = Request._for(exchange.head, upstream, upstreams, "")
+    client's, or one that runs the response callbacks first). ``request_id_header``: the
+    request-ID field's name, b"" when request IDs are off."""
+    request = Request._for(exchange.head, upstream, upstreams)
+    record = exchange.record
+    if request_id_header:
+        record.request_id = _with_request_id(request._head.headers, request_id_header)
+        request._request_id = record.request_id.decode("ascii")
     response = await _run_chain(chain, request)
     if response is not None:
-        await _answer(exchange, response)
+        await _answer(exchange, response, request_id_header)
         return None
     callbacks = request._response_callbacks
     sink = exchange.sink
     if callbacks:
-        sink = _HookedSink(sink, request, callbacks, chain.timeout, exchange.record)
+        sink = _HookedSink(sink, request, callbacks, chain.timeout, record)
     return request._head, request.upstream, sink
 
 

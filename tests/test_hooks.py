@@ -108,6 +108,7 @@ CHANGE_REQUEST = """
         request.headers.set("x-tenant", "acme")
         request.headers.remove("x-secret")
         request.headers.add("x-hops", request.headers.get("x-hops", "0") + "+1")
+        request.headers.set("x-id-seen-by-hook", request.request_id or "none")
         request.path = "/echo"
 
     async def method(request: Request) -> None:
@@ -127,15 +128,23 @@ async def test_hooks_change_the_request_head_the_upstream_sees(nursery, demo_ups
                 "/elsewhere?q=1",
                 headers=[("x-tenant", "evil"), ("x-secret", "s"), ("x-hops", "0")],
             )
+            no_id = await client.request("GET", "/x")
+            with_id = await client.request("GET", "/x", headers=[("x-request-id", "abc-123")])
     assert reply.status == 200
     seen = echoed(reply.body)
     assert (seen["method"], seen["path"]) == ("PUT", "/echo?q=1")
     headers = seen["headers"]
     assert headers["x-tenant"] == "acme" and "x-secret" not in headers  # type: ignore[operator]
     assert headers["x-hops"] == "0+1"  # type: ignore[index]
-    assert upstream.stats.requests == 1
+    assert upstream.stats.requests == 3
+    # The hook sees the request's ID: the one the upstream gets and the client gets back.
+    for reply, expected in ((no_id, None), (with_id, "abc-123")):
+        seen_id = echoed(reply.body)["headers"]["x-id-seen-by-hook"]  # type: ignore[index]
+        assert seen_id == echoed(reply.body)["headers"]["x-request-id"]  # type: ignore[index]
+        assert seen_id.encode() == reply.headers[b"x-request-id"] != b"none"
+        assert expected is None or seen_id == expected
     # The client's own request is left as it came, for the access log (and the front end).
-    (record,) = records
+    record = records[0]
     assert (b"x-secret", b"s") in record.request_headers and record.method == b"GET"
 
 
@@ -212,6 +221,7 @@ async def test_a_hook_answers_401_and_the_upstream_never_hears_of_it(
     assert missing.headers[b"www-authenticate"] == b'Bearer realm="pooled-proxy"'
     assert missing.headers[b"content-length"] == str(len(missing.body)).encode()
     assert b"date" in missing.headers and b"proxy-status" not in missing.headers
+    assert missing.headers[b"x-request-id"] != wrong.headers[b"x-request-id"]
     assert wrong.headers[b"www-authenticate"].endswith(b'error="invalid_token"')
     assert head.status == 401 and head.body == b""
     assert upstream.stats.connections_opened == 0
@@ -298,7 +308,8 @@ async def test_a_failing_hook_is_a_500_hook_error_and_the_proxy_serves_on(
     assert served.status == 200 and upstream.stats.requests == 1
     (logged,) = [r for r in caplog.records if r.name == "pooled_proxy.forward"]
     assert logged.levelname == "ERROR" and detail in logged.getMessage()
-    assert f"hook {module}:{hook}" in logged.getMessage() and "GET /f/echo" in logged.getMessage()
+    request_id = failed.headers[b"x-request-id"].decode()
+    assert f"GET /f/echo (request {request_id}): hook {module}:{hook}" in logged.getMessage()
     if hook == "boom":
         assert logged.exc_info is not None and logged.exc_info[0] is KeyError  # the traceback
     # The operator's code failed, not the upstream: passive health saw nothing.
