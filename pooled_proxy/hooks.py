@@ -1,18 +1,19 @@
 """Python hooks per route: the types a hook sees and returns, and helpers for common cases.
 
-A hook is an ``async def`` that takes a :class:`Request` and returns ``None`` (go on to the
-next hook, then to the upstream) or a :class:`Response` (answer the client with it; the
-upstream is not contacted)::
+A hook takes a :class:`Request` and returns ``None`` (go on to the next hook, then to the
+upstream) or a :class:`Response` (answer the client with it; the upstream is not contacted).
+An ``async def`` may wait for something (a lookup in another service) and runs under the
+route's ``hook_timeout``; a plain ``def`` cannot wait, so it needs no timer and costs less::
 
     from pooled_proxy.hooks import Request, Response, check_bearer_token
 
     async def require_token(request: Request) -> Response | None:
-        return check_bearer_token(request, {"s3cret"})
+        return check_bearer_token(request, await known_tokens())
 
-    async def add_tenant_header(request: Request) -> None:
+    def add_tenant_header(request: Request) -> None:
         request.headers.set("x-tenant", request.host.split(".")[0])
 
-and a route names it: ``hooks = ["myhooks:require_token", "myhooks:add_tenant_header"]``.
+and a route names them: ``hooks = ["myhooks:require_token", "myhooks:add_tenant_header"]``.
 
 A hook may change the request head (method, target, host, header fields), send it to another
 configured upstream (``request.upstream = "canary"``), and register a callback that may change
@@ -54,7 +55,9 @@ __all__ = [
 ]
 
 # Fields that frame a message or belong to one hop (and Host, which is ``Request.host``): the
-# proxy writes them itself. A hook that sets, adds or removes one gets a ValueError.
+# proxy writes them itself. A hook that sets, adds or removes one gets a ValueError. Every other
+# change is checked against the grammar the front ends check requests with (protocol/abnf.py),
+# so a request the HTTP/1.1 front end vouched for (``RequestHead.checked``) stays one.
 MANAGED_FIELDS: Final = frozenset({
     "connection", "content-length", "expect", "host", "keep-alive", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade",
@@ -102,15 +105,10 @@ class HeaderFields:
     as does a name that is not a token or a value with a control character.
     """
 
-    __slots__ = ("_fields", "_head")
+    __slots__ = ("_fields",)
 
-    def __init__(self, fields: list[tuple[bytes, bytes]], head: RequestHead | None = None) -> None:
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         self._fields = fields
-        self._head = head  # the request head to mark as changed, when these are its fields
-
-    def _changed(self) -> None:
-        if self._head is not None:
-            self._head.checked = False
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of field ``name``, or ``default`` when there is none."""
@@ -135,18 +133,15 @@ class HeaderFields:
         else:
             fields[at] = (key, raw)
             fields[at + 1 :] = [field for field in fields[at + 1 :] if field[0] != key]
-        self._changed()
 
     def add(self, name: str, value: str) -> None:
         """Add a field ``name: value`` after the others (a name may repeat)."""
         self._fields.append((_field_name(name), _field_value(name, value)))
-        self._changed()
 
     def remove(self, name: str) -> None:
         """Remove every field ``name`` (nothing happens when there is none)."""
         key = _field_name(name)
         self._fields[:] = [field for field in self._fields if field[0] != key]
-        self._changed()
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
@@ -214,7 +209,7 @@ class Request:
         self, head: RequestHead, upstream: str, upstreams: Collection[str], request_id: str
     ) -> None:
         self._head = head
-        self._headers = HeaderFields(head.headers, head)
+        self._headers = HeaderFields(head.headers)
         self._upstream = upstream
         self._upstreams = upstreams
         self._response_callbacks: list[ResponseCallback] | None = None
@@ -232,7 +227,6 @@ class Request:
         if raw != self._head.method and _FRAMING_METHODS & {value, self.method}:
             raise ValueError(f"the method cannot be changed from {self.method} to {value}")
         self._head.method = raw
-        self._head.checked = False
 
     @property
     def target(self) -> str:
@@ -245,7 +239,6 @@ class Request:
         if not _ORIGIN_FORM.fullmatch(raw):
             raise ValueError(f'a target starts with "/" and has no space or control: {value!r}')
         self._head.target = raw
-        self._head.checked = False
 
     @property
     def path(self) -> str:
@@ -277,7 +270,6 @@ class Request:
         if not _AUTHORITY.fullmatch(raw):
             raise ValueError(f"invalid host {value!r}")
         self._head.authority = raw
-        self._head.checked = False
 
     @property
     def headers(self) -> HeaderFields:
@@ -407,8 +399,9 @@ class Response:
         return fields, body
 
 
-Hook = Callable[[Request], Awaitable[Response | None]]
-"""What a route's ``hooks`` name: ``async def hook(request: Request) -> Response | None``."""
+Hook = Callable[[Request], Awaitable[Response | None]] | Callable[[Request], Response | None]
+"""What a route's ``hooks`` name: ``async def hook(request: Request) -> Response | None``, or
+the same as a plain ``def`` (no timer: it cannot wait)."""
 
 ResponseCallback = Callable[[ResponseHead], Awaitable[None] | None]
 """What :meth:`Request.on_response` takes: a function or ``async def`` of a ResponseHead."""
@@ -466,7 +459,7 @@ def add_request_header(name: str, value: str) -> Hook:
     _field_value(name, value)
     _field_name(name)
 
-    async def hook(request: Request) -> None:
+    def hook(request: Request) -> None:
         request.headers.add(name, value)
 
     return hook
@@ -478,7 +471,7 @@ def remove_request_headers(*names: str) -> Hook:
     for name in names:
         _field_name(name)
 
-    async def hook(request: Request) -> None:
+    def hook(request: Request) -> None:
         for name in names:
             request.headers.remove(name)
 
@@ -493,7 +486,7 @@ def add_response_header(name: str, value: str) -> Hook:
     def add(response: ResponseHead) -> None:
         response.headers.add(name, value)
 
-    async def hook(request: Request) -> None:
+    def hook(request: Request) -> None:
         request.on_response(add)
 
     return hook
@@ -509,7 +502,7 @@ def remove_response_headers(*names: str) -> Hook:
         for name in names:
             response.headers.remove(name)
 
-    async def hook(request: Request) -> None:
+    def hook(request: Request) -> None:
         request.on_response(remove)
 
     return hook

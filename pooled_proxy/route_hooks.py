@@ -9,8 +9,9 @@ what the modules themselves import is not imported again. Anything wrong (no suc
 an exception while importing it, no such function, not an ``async def`` of one argument) is
 a ``ConfigError`` on the line of that hook in its route.
 
-Running: a route's hooks run in order, each under ``hook_timeout`` (one cancel scope whose
-deadline moves on per hook); the first that returns a Response answers the client. A hook
+Running: a route's hooks run in order, each ``async def`` under ``hook_timeout`` (one cancel
+scope whose deadline moves on per hook; a chain of plain functions, which cannot wait, runs
+without one); the first that returns a Response answers the client. A hook
 that raises is a :class:`HookError` (500), one that runs too long a :class:`HookTimeout`
 (504): both are the operator's code failing, answered and logged by the forwarder as the
 proxy's own errors, never counted against an upstream.
@@ -24,8 +25,10 @@ import os
 import sys
 import traceback
 from collections.abc import Awaitable, Collection, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
+from typing import cast
 
 import trio
 
@@ -41,6 +44,7 @@ from .request_ids import choose_request_id
 class LoadedHook:
     name: str  # "module:function", as the config names it
     function: Hook
+    waits: bool  # an async def (else a plain function, which returns at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,7 @@ class HookChain:
 
     hooks: tuple[LoadedHook, ...]
     timeout: float
+    waits: bool  # some hook is an async def: the chain runs under a timer
 
 
 RouteHooks = Mapping[RouteConfig, HookChain]  # the chain of each route that has hooks
@@ -100,7 +105,7 @@ def _where(exc: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
-def _resolve(spec: str, folder: str | None) -> Hook:
+def _resolve(spec: str, folder: str | None) -> LoadedHook:
     """The hook named ``spec``; ValueError says why it cannot be one."""
     module_name, _, attribute = spec.partition(":")
     try:
@@ -119,20 +124,18 @@ def _resolve(spec: str, folder: str | None) -> Hook:
             target = getattr(target, part)
         except AttributeError:
             raise ValueError(f'module "{module_name}" has no "{attribute}"') from None
-    # An async def, or an object whose __call__ is one.
-    if not callable(target) or not (
-        inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(target.__call__)
-    ):
-        kind = "not an async def" if callable(target) else f"a {type(target).__name__}"
-        raise ValueError(f'"{spec}" is {kind}: a hook is an "async def hook(request)"')
+    if not callable(target):
+        kind = type(target).__name__
+        raise ValueError(f'"{spec}" is a {kind}: a hook is a function, "async def hook(request)"')
     try:
         inspect.signature(target).bind(None)
     except TypeError:
         raise ValueError(f'"{spec}" must take one argument, the request') from None
     except ValueError:
         pass  # no signature to read (a builtin): let it be tried
-    hook: Hook = target
-    return hook
+    # An async def, or an object whose __call__ is one.
+    waits = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(target.__call__)
+    return LoadedHook(spec, target, waits)
 
 
 def load_route_hooks(config: Config) -> RouteHooks:
@@ -148,12 +151,12 @@ def load_route_hooks(config: Config) -> RouteHooks:
         hooks = []
         for j, spec in enumerate(route.hooks):
             try:
-                hooks.append(LoadedHook(spec, _resolve(spec, folder)))
+                hooks.append(_resolve(spec, folder))
             except ValueError as exc:
                 problems.append(problem_after_load(config, ("routes", i, "hooks", j), str(exc)))
         if route.hooks:
             timeout = route.hook_timeout or config.server.hook_timeout
-            chains[route] = HookChain(tuple(hooks), timeout)
+            chains[route] = HookChain(tuple(hooks), timeout, any(hook.waits for hook in hooks))
     if problems:
         raise ConfigError(problems)
     return MappingProxyType(chains)
@@ -162,25 +165,34 @@ def load_route_hooks(config: Config) -> RouteHooks:
 # ------------------------------------------------------------------------------------- running
 
 
-def _raised(name: str, exc: Exception) -> HookError:
-    return HookError(f"hook {name} raised {exc!r}")
+def _checked(hook: LoadedHook, result: object) -> Response | None:
+    if result is None or isinstance(result, Response):
+        return result
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()  # never awaited: no "was never awaited" warning
+        why = "an awaitable (make it an async def: only those are awaited)"
+    else:
+        why = f"a {type(result).__name__}"
+    raise HookError(f"hook {hook.name} returned {why}, not None or a Response")
 
 
 async def _run_chain(chain: HookChain, request: Request) -> Response | None:
+    # A timer only for a chain with an async def: a plain function cannot be interrupted.
+    scope = trio.CancelScope() if chain.waits else None
     current = chain.hooks[0]
-    with trio.CancelScope() as scope:
+    with scope or nullcontext():
         for current in chain.hooks:
-            scope.deadline = trio.current_time() + chain.timeout
             try:
-                result = await current.function(request)
+                result = current.function(request)
+                if scope is not None and current.waits:
+                    scope.deadline = trio.current_time() + chain.timeout
+                    result = await cast(Awaitable[Response | None], result)
             except Exception as exc:
-                raise _raised(current.name, exc) from exc
-            if result is None:
-                continue
-            if not isinstance(result, Response):
-                kind = type(result).__name__
-                raise HookError(f"hook {current.name} returned a {kind}, not None or a Response")
-            return result
+                raise HookError(f"hook {current.name} raised {exc!r}") from exc
+            if result is not None:
+                return _checked(current, result)
         return None
     raise HookTimeout(f"hook {current.name} ran past hook_timeout ({chain.timeout:g}s)")
 

@@ -111,7 +111,7 @@ CHANGE_REQUEST = """
         request.headers.set("x-id-seen-by-hook", request.request_id or "none")
         request.path = "/echo"
 
-    async def method(request: Request) -> None:
+    def method(request: Request) -> None:  # a plain function: it cannot wait
         request.method = "PUT"
 """
 
@@ -273,6 +273,9 @@ FAILING = """
     async def wrong_result(request):
         return 401
 
+    def not_awaited(request):
+        return boom(request)
+
     async def forbidden_change(request):
         request.headers.set("content-length", "0")
 
@@ -287,6 +290,7 @@ FAILING = """
     [
         ("boom", "raised KeyError('no such tenant')"),
         ("wrong_result", "returned a int, not None or a Response"),
+        ("not_awaited", "returned an awaitable (make it an async def"),
         ("forbidden_change", "cannot be changed by a hook"),
     ],
 )
@@ -482,8 +486,7 @@ BROKEN = {
     "raises_on_import": ("x = 1\nraise RuntimeError('no key file')\n", None,
                          "RuntimeError('no key file') (at {file}:2)"),
     "missing_function": ("async def other(request): pass\n", None, 'has no "hook"'),
-    "not_async": ("def hook(request): pass\n", None, "is not an async def"),
-    "not_callable": ("hook = 3\n", None, "is a int: a hook is an"),
+    "not_callable": ("hook = 3\n", None, 'is a int: a hook is a function, "async def hook'),
     "no_argument": ("async def hook(): pass\n", None, "must take one argument, the request"),
 }  # fmt: skip
 
