@@ -30,7 +30,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
 
 from .exchange import RequestHead
@@ -201,8 +201,12 @@ class Request:
     def _for(cls, head: RequestHead, upstream: str, upstreams: Collection[str]) -> Request:
         """The view of a client's request: a copy of ``head``, so that the client's own head
         (which the front end and the access log read) stays as it came."""
+        copy = object.__new__(RequestHead)
+        for name in RequestHead.__slots__:  # every field, without dataclasses.replace's checks
+            setattr(copy, name, getattr(head, name))
+        copy.headers = list(head.headers)
         request = cls.__new__(cls)
-        request._setup(replace(head, headers=list(head.headers)), upstream, upstreams, "")
+        request._setup(copy, upstream, upstreams, "")
         return request
 
     def _setup(
