@@ -27,7 +27,7 @@ def _known(key: str) -> bool:
     return any(matches)
 
 
-async def require_api_key(request: Request) -> Response | None:
+def require_api_key(request: Request) -> Response | None:
     key = request.headers.get("x-api-key") or bearer_token(request)
     if key is None or not _known(key):
         why = "a valid API key is required (X-Api-Key or Authorization: Bearer)"

@@ -17,7 +17,7 @@ CANARY_SHARE = 0.05  # of new users
 COOKIE_MAX_AGE = 24 * 3600
 
 
-async def route_by_cookie(request: Request) -> None:
+def route_by_cookie(request: Request) -> None:
     choice = cookie(request, "canary")
     if choice not in ("0", "1"):
         choice = "1" if random.random() < CANARY_SHARE else "0"

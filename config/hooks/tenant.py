@@ -8,7 +8,7 @@ from __future__ import annotations
 from pooled_proxy.hooks import Request
 
 
-async def add_tenant_header(request: Request) -> None:
+def add_tenant_header(request: Request) -> None:
     name = request.host.rpartition(":")[0] or request.host  # without the port
     tenant = name.split(".", 1)[0] if "." in name else "default"
     request.headers.set("x-tenant", tenant)  # replaces any the client sent
