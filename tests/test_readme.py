@@ -118,6 +118,9 @@ def test_every_config_example_in_the_readme_loads(tmp_path: Path):
         (tmp_path / cert).parent.mkdir(exist_ok=True)
         shutil.copy(demo_tls / "demo-cert.pem", tmp_path / cert)
         shutil.copy(demo_tls / "demo-key.pem", tmp_path / key)
+    # The Python hooks example names the module the README shows.
+    (hooks_module,) = [b for b in fenced_blocks(README, "python") if b.startswith("# myhooks.py")]
+    (tmp_path / "myhooks.py").write_text(hooks_module)
     blocks = fenced_blocks(README, "toml")
     assert len(blocks) >= 5  # the two-app file, the schema, and a recipe per common case
     for number, block in enumerate(blocks):
