@@ -45,7 +45,7 @@ from .errors import (
 )
 from .headers import Headers, connection_tokens, keep_alive_timeout
 from .protocol.abnf import TOKEN_CHAR
-from .protocol.h1_checks import ResponseChecker, Violation
+from .protocol.http1.parse import ResponseChecker, Violation
 
 MAX_RECEIVE = 64 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024

@@ -17,7 +17,7 @@ import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pooled_proxy.protocol.h1_checks import RequestChecker, Violation
+from pooled_proxy.protocol.http1.parse import RequestChecker, Violation
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.server.http1 import HTTP1Connection
 from tests.faulty_upstream import FaultyUpstream, SeenRequest, read_until_close

@@ -33,8 +33,11 @@ def _io_modules_loaded_by(*modules: str) -> list[str]:
 
 
 def test_protocol_modules_load_no_io() -> None:
-    modules = sorted(f"pooled_proxy.protocol.{p.stem}" for p in PROTOCOL_DIR.glob("*.py"))
-    assert "pooled_proxy.protocol.h1_checks" in modules
+    modules = sorted(
+        "pooled_proxy." + ".".join(p.relative_to(PROTOCOL_DIR.parent).with_suffix("").parts)
+        for p in PROTOCOL_DIR.rglob("*.py")
+    )
+    assert "pooled_proxy.protocol.http1.connection" in modules
     assert _io_modules_loaded_by(*modules) == []
 
 

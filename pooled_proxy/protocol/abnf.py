@@ -1,8 +1,8 @@
-"""The HTTP grammar the checks share, as regex sources (bytes), named after the RFCs' rules.
+"""The HTTP grammar both protocols share, as regex sources (bytes), named after the RFCs' rules.
 
-One definition for the HTTP/1.1 framing checks (h1_checks.py), the request validation both
-front ends build their requests through (request_checks.py) and the upstream writer's fast
-path (upstream.py), so that what one accepts the others accept too.
+One definition for the request validation both front ends build their requests through
+(request_checks.py) and the HTTP/1.1 codec (http1/_abnf.py builds its message grammar on it),
+so that what one accepts the others accept too.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ refused here first, as the client's mistake (400; 505 for an HTTP version we do 
 never as an upstream server's failure.
 
 Over HTTP/1.1 the method, the target's bytes and every field already passed the framing checks
-(h1_checks.py), which read them with this same grammar (abnf.py): the front end says so with
-``syntax_checked`` and they are not looked at twice. HTTP/2 forbids the ``Connection`` header
+of the HTTP/1.1 parser (http1/parse.py), which read them with this same grammar (abnf.py): the
+front end says so with ``syntax_checked`` and they are not looked at twice. HTTP/2 forbids the ``Connection`` header
 (RFC 9113 8.2.2; h2 refuses it), so the one rule about what it names lives in the HTTP/1.1
 checks alone.
 

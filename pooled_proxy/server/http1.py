@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
 from ..headers import Headers, comma_tokens, trailer_fields
-from ..protocol.h1_checks import Head, RequestChecker, Violation
+from ..protocol.http1.parse import Head, RequestChecker, Violation
 from ..protocol.request_checks import check_request
 from ..proxy import Proxy
 from ..tunnel import requested_upgrade

@@ -1,4 +1,5 @@
-"""Strict HTTP/1.1 framing checks, run over the raw bytes before h11 parses them.
+"""The HTTP/1.1 parser: strict framing checks over every byte received, before anything else
+reads them, and the parse of every head they accept.
 
 h11 is a correct parser but a lenient one, and leniency is what request smuggling feeds on:
 it unfolds obsolete line folding, merges repeated identical ``Content-Length`` headers
@@ -9,7 +10,8 @@ head larger than its limit if it arrives in one piece. A peer (a CDN in front of
 upstream behind us) that reads such bytes differently sees different message boundaries.
 
 So every byte the front end or the upstream client receives goes through a checker here
-first, and only bytes it accepts reach h11. The checker parses the stream itself, as strictly
+first, and only bytes it accepts are read further (by the connection objects in
+connection.py, from the heads parsed here, or by h11). The checker parses the stream itself, as strictly
 as RFC 9112 allows a recipient to: CRLF line ends only, no NUL, CR or LF inside a line, no
 other control characters in field values, no obs-fold, no whitespace between a field name and
 its colon, at most one ``Content-Length`` (plain digits) and one ``Transfer-Encoding``
@@ -21,47 +23,48 @@ A request's method must be a token and its target visible ASCII, and its ``Conne
 not name ``Content-Length``, ``Transfer-Encoding`` or ``Host``: those frame the request, and
 stripping them as hop-by-hop would forward it framed otherwise. With this the method, the
 target's bytes and every field of a request head it accepts also pass the request validation
-both front ends share (request_checks.py, the same grammar from abnf.py), which then does not
-look at them again.
+both front ends share (request_checks.py, the same grammar), which then does not look at them
+again.
 
-Sans-IO: bytes in, a :class:`Violation` out (with the status a client should get); no trio.
+Sans-IO: bytes in, each head parsed (:class:`Head`) or a :class:`Violation` out (with the
+status a client should get); no trio.
 """
 
 from __future__ import annotations
 
-import re
 from enum import Enum, auto
 
-from .abnf import FIELD_CHAR, FIELD_VALUE, TARGET_CHAR, TOKEN
+from ._abnf import (
+    BARE_CR_OR_LF,
+    CHUNK_LINE,
+    CONTENT_LENGTH,
+    FIELD_LINE,
+    FIELD_LINES,
+    FIELD_VALUE_RE,
+    OWS,
+    REQUEST_LINE,
+    START_LINE,
+    STATUS_LINE,
+    TARGET_RE,
+    TOKEN_RE,
+)
 
-__all__ = ["RequestChecker", "ResponseChecker", "Violation", "check_head"]
+__all__ = [
+    "Head",
+    "RequestChecker",
+    "ResponseChecker",
+    "Violation",
+    "check_head",
+    "response_has_no_body",
+]
 
-# A field name is a token (so no space before the colon).
-_TOKEN = re.compile(TOKEN)
-_FIELD_VALUE = re.compile(FIELD_VALUE)  # after trimming OWS
-# A whole valid field line: the name, then the value without the OWS around it.
-_FIELD = rb"(" + TOKEN + rb"):[ \t]*(" + FIELD_VALUE + rb")[ \t]*"
-_FIELD_LINE = re.compile(_FIELD)  # one line, in one match
-_FIELD_LINES = re.compile(rb"(?:" + _FIELD + rb"\r\n)*")  # the whole header block at once
-_START_LINE = re.compile(FIELD_CHAR + rb"+")  # no control bytes
-_TARGET = re.compile(TARGET_CHAR + rb"+")
-_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
-# The method a token, the target visible ASCII: what the request validation and h11 accept.
-_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") (" + TARGET_CHAR + rb"+) HTTP/([0-9]\.[0-9])")
-_STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: .*)?")
-# A chunk line: size (16 hex digits reach 2**64; more is an overflow attempt), an optional
-# extension without control bytes, trailing whitespace as h11 allows it. h11 allows no
-# whitespace before the ";", and neither do we.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(;" + FIELD_CHAR + rb"*)?[ \t]*")
-# A lone CR (followed by anything but LF) or a lone LF: never a line end here.
-_BARE_CR_OR_LF = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
-_OWS = b" \t"
 LF = b"\n"
 MAX_CHUNK_LINE = 4096  # size plus extensions; real clients send a few bytes
 
 
 class Violation(Exception):
-    """Bytes that break HTTP/1.1 framing; ``status`` is the answer a client should get.
+    """Bytes received that break HTTP/1.1 (framing, or h11's own reading of the rest);
+    ``status`` is the answer a client should get.
 
     ``clean_bytes``: how many bytes of the ``feed()`` that raised it came before the block
     (head, chunk line, trailers) at fault. They are whole messages or body bytes, safe to
@@ -72,6 +75,12 @@ class Violation(Exception):
         super().__init__(message)
         self.status = status
         self.clean_bytes = 0
+
+
+def response_has_no_body(method: bytes, status: int) -> bool:
+    """RFC 9112 6.3: a final response that ends at its head, whatever its headers say about
+    a body. The one place this rule is written, for both directions."""
+    return method == b"HEAD" or status == 204 or status == 304
 
 
 class _Framing(Enum):
@@ -116,16 +125,16 @@ def _field_lines(
     """Validate header (or trailer) lines; names are returned lower-case."""
     if max_count is not None and len(lines) > max_count:
         raise Violation(f"more than {max_count} {what} fields", 431)
-    if _FIELD_LINES.fullmatch(b"\r\n".join(lines) + b"\r\n"):
+    if FIELD_LINES.fullmatch(b"\r\n".join(lines) + b"\r\n"):
         # All valid (one regex over the block): split them without matching each again.
         fields: list[tuple[bytes, bytes]] = []
         for line in lines:
             name, _, value = line.partition(b":")
-            fields.append((name.lower(), value.strip(_OWS)))
+            fields.append((name.lower(), value.strip(OWS)))
         return fields
     fields = []
     for line in lines:
-        match = _FIELD_LINE.fullmatch(line)
+        match = FIELD_LINE.fullmatch(line)
         if match is not None:
             fields.append((match.group(1).lower(), match.group(2)))
             continue
@@ -135,11 +144,11 @@ def _field_lines(
         name, colon, value = line.partition(b":")
         if not colon:
             raise Violation(f"{what} line without a colon")
-        if not _TOKEN.fullmatch(name):
+        if not TOKEN_RE.fullmatch(name):
             # Catches "Name :" (whitespace before the colon) and empty or non-token names.
             raise Violation(f"invalid {what} field name {name[:40]!r}")
-        value = value.strip(_OWS)
-        if not _FIELD_VALUE.fullmatch(value):
+        value = value.strip(OWS)
+        if not FIELD_VALUE_RE.fullmatch(value):
             raise Violation(f"control character in the value of {what} field {name.decode()!r}")
         fields.append((name.lower(), value))
     return fields
@@ -158,20 +167,20 @@ def check_head(
     if not scanned:
         if b"\x00" in raw:
             raise Violation("NUL in head")
-        if _BARE_CR_OR_LF.search(raw):
+        if BARE_CR_OR_LF.search(raw):
             raise Violation("bare CR or LF in head")
     lines = raw[:-4].split(b"\r\n")
     head = Head()
     head.start_line = lines[0]
-    if not _START_LINE.fullmatch(lines[0]):
+    if not START_LINE.fullmatch(lines[0]):
         raise Violation("control character in start line" if lines[0] else "empty start line")
     if request:
-        match = _REQUEST_LINE.fullmatch(lines[0])
+        match = REQUEST_LINE.fullmatch(lines[0])
         if match is None:
             raise Violation(_request_line_fault(lines[0]))
         head.method, head.target, head.version = match.groups()
     else:
-        match = _STATUS_LINE.fullmatch(lines[0])
+        match = STATUS_LINE.fullmatch(lines[0])
         if match is None:
             raise Violation("malformed status line")
         head.version = lines[0][5:8]
@@ -183,7 +192,7 @@ def check_head(
         if name == b"content-length":
             if head.content_length is not None:
                 raise Violation("repeated Content-Length")
-            if not _CONTENT_LENGTH.fullmatch(value):
+            if not CONTENT_LENGTH.fullmatch(value):
                 raise Violation(f"invalid Content-Length {value[:40]!r}")
             head.content_length = int(value)
         elif name == b"transfer-encoding":
@@ -210,9 +219,9 @@ def check_head(
 def _request_line_fault(line: bytes) -> str:
     method, _, rest = line.partition(b" ")
     target = rest.rpartition(b" ")[0]
-    if not _TOKEN.fullmatch(method):
+    if not TOKEN_RE.fullmatch(method):
         return f"invalid method {method[:40]!r}"
-    if target and not _TARGET.fullmatch(target):
+    if target and not TARGET_RE.fullmatch(target):
         return f"invalid request target {target[:40]!r}"
     return "malformed request line"
 
@@ -224,7 +233,7 @@ _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 def _check_connection_options(value: bytes) -> None:
     for option in value.split(b","):
-        option = option.strip(_OWS).lower()
+        option = option.strip(OWS).lower()
         if option in _FRAMING_FIELDS:
             raise Violation(
                 f"Connection names {option.decode()}, which frames the request: not hop-by-hop"
@@ -376,7 +385,7 @@ class _StreamChecker:
         scan_from = max(0, self._scanned - 1)
         if block.find(b"\x00", scan_from, complete) >= 0:
             raise Violation(f"NUL in {what}")
-        bad = _BARE_CR_OR_LF.search(block, scan_from, complete)
+        bad = BARE_CR_OR_LF.search(block, scan_from, complete)
         if bad is not None:
             raise Violation(f"bare {'LF' if bad.group() == LF else 'CR'} in {what}")
         if complete > limit:
@@ -420,7 +429,7 @@ class _StreamChecker:
             self._state = self._after_message()
 
     def _on_chunk_line(self, raw: bytes) -> None:
-        match = _CHUNK_LINE.fullmatch(raw, 0, len(raw) - 2)
+        match = CHUNK_LINE.fullmatch(raw, 0, len(raw) - 2)
         if match is None:
             raise Violation(f"invalid chunk size line {raw[:40]!r}")
         size = int(match.group(1), 16)
@@ -483,7 +492,7 @@ class ResponseChecker(_StreamChecker):
             return _Framing.NONE
         self._final = status >= 200
         # RFC 9112 6.3: these responses end at the head, whatever they say about a body.
-        if status < 200 or status in (204, 304) or self._method == b"HEAD":
+        if status < 200 or response_has_no_body(self._method, status):
             return _Framing.NONE
         if head.chunked:
             return _Framing.CHUNKED

@@ -1,4 +1,4 @@
-"""pooled_proxy.protocol.h1_checks without sockets: exact verdicts on raw bytes, plus
+"""pooled_proxy.protocol.http1.parse without sockets: exact verdicts on raw bytes, plus
 hypothesis properties (any split of the bytes gives the same verdict; whatever the checker
 accepts, h11 frames into the same messages)."""
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pooled_proxy.protocol.h1_checks import RequestChecker, ResponseChecker, Violation, check_head
+from pooled_proxy.protocol.http1.parse import RequestChecker, ResponseChecker, Violation, check_head
 
 GOOD_GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
 GOOD_POST = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
