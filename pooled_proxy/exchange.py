@@ -30,10 +30,6 @@ class RequestHead:
     client_ip: bytes
     has_body: bool
     content_length: int | None = None
-    # The method, target and every header already passed the HTTP/1.1 framing checks, and
-    # none of them changes how h11 would frame the request upstream (no body, no
-    # Connection, Upgrade or Expect): the upstream connection may write it as it is.
-    checked: bool = False
 
     @property
     def path(self) -> bytes:
@@ -144,10 +140,11 @@ class Exchange:
     # Set by the HTTP/1.1 front end for a bodiless request asking for a WebSocket upgrade:
     # forward() then keeps the Upgrade headers and turns a 101 into a byte tunnel.
     upgrade: ClientUpgrade | None = None
-    # Called (maybe more than once) before the forwarder waits on something other than the
-    # client: a pool queue, a connect, the upstream's answer. The HTTP/1.1 front end starts
-    # watching the client for a disconnect only then, so an exchange answered at once
-    # costs no watch at all.
+    # Called by the forwarder (maybe more than once) before it waits on something other than
+    # the client: a pool queue, a connect, the upstream's answer; it asks the pool and the
+    # upstream connection, which answer without waiting, whether it must. The HTTP/1.1 front
+    # end starts watching the client for a disconnect only then, so an exchange answered at
+    # once costs no watch at all.
     on_wait: Callable[[], None] | None = None
 
 

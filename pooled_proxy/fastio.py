@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 
 import trio
 from trio.lowlevel import (
@@ -28,6 +27,8 @@ from trio.lowlevel import (
     wait_readable,
     wait_writable,
 )
+
+MAX_RECEIVE = 64 * 1024  # the most one read takes, for the HTTP/1.1 shells
 
 
 def _fd(stream: trio.SocketStream) -> int:
@@ -82,30 +83,28 @@ async def _write_when_writable(fd: int, view: memoryview, sent: int) -> None:
 async def receive_some(
     stream: trio.abc.Stream,
     max_bytes: int,
-    before_wait: Callable[[], None] | None = None,
     deadline: float = math.inf,
+    *,
+    wait_first: bool = False,
 ) -> bytes:
     """``stream.receive_some(max_bytes)``: ``b""`` at the end of the stream;
     ``trio.TooSlowError`` if nothing came by ``deadline`` (a timer is only set if it waits).
 
-    ``before_wait`` is called when nothing has arrived yet and the call is about to wait
-    (on any stream but a plain TCP one: always, as that cannot be known in advance).
+    ``wait_first``: the caller just found nothing to read (``receive_now``), so the call
+    waits for the socket before it reads instead of trying once more at once.
     """
     if type(stream) is not trio.SocketStream:
-        if before_wait is not None:
-            before_wait()
         if deadline == math.inf:
             return bytes(await stream.receive_some(max_bytes))
         with trio.CancelScope(deadline=deadline):
             return bytes(await stream.receive_some(max_bytes))
         raise trio.TooSlowError
-    await checkpoint_if_cancelled()
-    data = receive_now(stream, max_bytes)
-    if data is not None:
-        await cancel_shielded_checkpoint()
-        return data
-    if before_wait is not None:
-        before_wait()
+    if not wait_first:
+        await checkpoint_if_cancelled()
+        data = receive_now(stream, max_bytes)
+        if data is not None:
+            await cancel_shielded_checkpoint()
+            return data
     fd = _fd(stream)
     if deadline == math.inf:
         return await _read_when_readable(fd, max_bytes)

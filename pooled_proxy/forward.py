@@ -356,7 +356,13 @@ class Forwarder:
         while True:
             record.upstream_server = str(pool.server)
             try:
-                connection, reused = await pool.acquire(exchange.on_wait, replayable=replayable)
+                connection = pool.take_idle(replayable=replayable)
+                if connection is not None:
+                    reused = True
+                else:
+                    if exchange.on_wait is not None:
+                        exchange.on_wait()
+                    connection, reused = await pool.acquire(replayable=replayable)
             except (UpstreamConnectError, ConnectTimeout) as exc:
                 # Nothing was sent: any request may go on to the next server.
                 health.record_failure(trio.current_time(), exc)
@@ -367,7 +373,6 @@ class Forwarder:
                 pool, health = choice
                 continue
             record.upstream_reused = reused
-            connection.on_wait = exchange.on_wait
             if not reused:
                 record.connect_time = connection.connect_time
             if self.tap is not None:
@@ -384,6 +389,7 @@ class Forwarder:
                     record,
                     upgrade=exchange.upgrade if upgrade is not None else None,
                     whole_body=whole_body,
+                    on_wait=exchange.on_wait,
                 )
             except StreamNotProcessed:
                 # An HTTP/2 server did not process it (GOAWAY, REFUSED_STREAM): whatever its
@@ -464,6 +470,7 @@ class Forwarder:
         *,
         upgrade: ClientUpgrade | None = None,
         whole_body: bytes | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> _WholeResponse | None:
         """Send the request and relay the response; see ``_relay_response`` for what it returns.
 
@@ -476,7 +483,6 @@ class Forwarder:
                 target,
                 headers,
                 end=True,
-                checked=head.checked and upgrade is None,
                 body=whole_body or b"",
             )
             sent_at = trio.current_time()
@@ -489,6 +495,7 @@ class Forwarder:
                 record,
                 sent_at=sent_at,
                 upgrade=upgrade,
+                on_wait=on_wait,
             )
         await connection.send_request(head.method, target, headers, end=False)
         head_sent_at = trio.current_time()
@@ -521,15 +528,20 @@ class Forwarder:
         *,
         sent_at: float | None = None,
         upgrade: ClientUpgrade | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> _WholeResponse | None:
         """Relay the response head and body to ``sink``; the end is left to the caller.
 
         Returns the whole response instead, unsent, when it arrived complete with its head
         (most small responses do) and no request body is still on its way: the caller sends
         it in one write once the upstream connection is back in the pool.
+
+        ``on_wait`` (the exchange's) is called before the relay has to wait for the upstream.
         """
         while True:
             timed_out = False
+            if on_wait is not None and not connection.response_at_hand():
+                on_wait()
             if upload is None:
                 # The deadline is fixed: the connection only sets a timer if it has to wait.
                 try:
@@ -584,6 +596,8 @@ class Forwarder:
         await sink.send_head(response.status_code, response_headers, body=body)
 
         read_timeout = upstream.read_timeout or math.inf
+        if not ended and on_wait is not None:
+            on_wait()  # the rest of the body is (almost always) not here yet
         while not ended:
             # A deadline handed down, as for the head: a timer only when a read must wait.
             try:

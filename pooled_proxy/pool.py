@@ -337,34 +337,39 @@ class UpstreamPool:
         connection.close()
         self._closed_by[reason] += 1
 
-    async def acquire(
-        self, on_wait: Callable[[], None] | None = None, *, replayable: bool = True
-    ) -> tuple[UpstreamConnection, bool]:
-        """A connection for one exchange, and whether it is a reused one.
-
-        Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
-        ``queue_timeout``, and the connect errors of :func:`open_connection`.
-        ``on_wait`` is called first when there is no idle connection to hand out at once.
-        ``replayable`` is False for a request that could not be sent again if the server
-        closed the connection under it (see ``PoolState.take_idle``).
-        """
+    def take_idle(self, *, replayable: bool = True) -> UpstreamConnection | None:
+        """An idle connection, at once and without waiting, if one is free (the connections
+        found expired on the way are closed); ``None`` if ``acquire`` would have to wait for
+        a connection, a connect or the queue. ``replayable`` is False for a request that
+        could not be sent again if the server closed the connection under it (see
+        ``PoolState.take_idle``)."""
         if self._closing:
-            raise Draining("upstream pool is closing")
-        state = self._state
-        connection, dead = state.take_idle(trio.current_time(), replayable=replayable)
+            return None
+        connection, dead = self._state.take_idle(trio.current_time(), replayable=replayable)
         if dead:
             for stale, reason in dead:
                 self._close(stale, reason)
             self._reaper_wakeup.set()  # a stale one may have taught a shorter timeout
         if connection is not None:
             self._reused += 1
+        return connection
+
+    async def acquire(self, *, replayable: bool = True) -> tuple[UpstreamConnection, bool]:
+        """A connection for one exchange, and whether it is a reused one.
+
+        Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
+        ``queue_timeout``, and the connect errors of :func:`open_connection`.
+        ``replayable``: as for ``take_idle``.
+        """
+        if self._closing:
+            raise Draining("upstream pool is closing")
+        connection = self.take_idle(replayable=replayable)
+        if connection is not None:
             # No checkpoint on this path on purpose: it is the hot path, and the exchange
             # checkpoints on its first send anyway.
             return connection, True
-        if on_wait is not None:
-            on_wait()
-        if state.can_open():
-            state.connecting += 1
+        if self._state.can_open():
+            self._state.connecting += 1
             return await self._open(), False
         return await self._wait()
 

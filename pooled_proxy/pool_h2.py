@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import ssl
 from collections import Counter, deque
-from collections.abc import Callable
 
 import trio
 
@@ -124,9 +123,17 @@ class H2Pool:
 
     # -- handing out streams ---------------------------------------------------------------
 
-    async def acquire(
-        self, on_wait: Callable[[], None] | None = None, *, replayable: bool = True
-    ) -> tuple[H2UpstreamStream, bool]:
+    def take_idle(self, *, replayable: bool = True) -> H2UpstreamStream | None:
+        """A stream on an open connection, at once, if one has room; ``None`` if ``acquire``
+        would have to wait for a connect or the queue."""
+        if self._closing:
+            return None
+        stream = self._take_stream()
+        if stream is not None:
+            self._reused += 1
+        return stream
+
+    async def acquire(self, *, replayable: bool = True) -> tuple[H2UpstreamStream, bool]:
         """A stream for one exchange, and whether its connection was already open.
 
         Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
@@ -136,12 +143,9 @@ class H2Pool:
         """
         if self._closing:
             raise Draining("upstream pool is closing")
-        stream = self._take_stream()
+        stream = self.take_idle()
         if stream is not None:
-            self._reused += 1
             return stream, True
-        if on_wait is not None:
-            on_wait()
         if self._should_open(len(self._waiters) + 1):
             self._connecting += 1
             return await self._open()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from .config import ServerAddress, UpstreamConfig
@@ -19,11 +18,8 @@ class UpstreamChannel(Protocol):
     """The upstream side of one exchange."""
 
     server: ServerAddress
-    # Called before a read has to wait for the upstream (see Exchange.on_wait).
-    on_wait: Callable[[], None] | None
     connect_time: float | None  # opening its connection took this, when it was new
     received_bytes: int  # of the response so far: none means the upstream never answered
-    trailers: Headers  # once the response ended
     upgraded: bool  # switched protocols (HTTP/1.1's 101): a tunnel owns it now
     http_version: bytes  # as Via names it: b"1.1", b"2"
 
@@ -34,9 +30,18 @@ class UpstreamChannel(Protocol):
         headers: Headers,
         *,
         end: bool,
-        checked: bool = False,
         body: bytes = b"",
     ) -> None: ...
+
+    @property
+    def trailers(self) -> Headers:
+        """The response's trailers, once it ended."""
+        ...
+
+    def response_at_hand(self) -> bool:
+        """Whether the next response event (its head, after a request) can be had without
+        waiting (the forwarder calls the exchange's ``on_wait`` when it cannot)."""
+        ...
 
     async def send_body(self, chunk: bytes) -> None: ...
 
@@ -62,9 +67,12 @@ class ServerPool(Protocol):
     @property
     def load(self) -> int: ...
 
-    async def acquire(
-        self, on_wait: Callable[[], None] | None = None, *, replayable: bool = True
-    ) -> tuple[UpstreamChannel, bool]: ...
+    def take_idle(self, *, replayable: bool = True) -> UpstreamChannel | None:
+        """What ``acquire`` would hand out at once, without waiting; ``None`` if it would have
+        to wait (the forwarder calls the exchange's ``on_wait`` then)."""
+        ...
+
+    async def acquire(self, *, replayable: bool = True) -> tuple[UpstreamChannel, bool]: ...
 
     async def open_unpooled(self) -> UpstreamChannel:
         """For a health probe: outside the pool's accounting; ``close()`` ends it all."""

@@ -51,7 +51,7 @@ from .errors import (
 )
 from .headers import Headers
 from .protocol.h2_client import Goaway, GoawaySplitter
-from .upstream import MAX_RECEIVE, MAX_RESPONSE_HEAD, ResponseHead, open_stream
+from .upstream import MAX_RESPONSE_HEAD, ResponseHead, open_stream
 
 LOG = logging.getLogger("pooled_proxy.upstream_h2")
 
@@ -173,7 +173,7 @@ class H2UpstreamConnection:
             with trio.CancelScope(deadline=deadline) as scope:
                 await self._stream.send_all(data)
                 while not self._settings_received:
-                    received = await self._stream.receive_some(MAX_RECEIVE)
+                    received = await self._stream.receive_some(fastio.MAX_RECEIVE)
                     if not received:
                         raise UpstreamProtocolError(
                             f"{self.server} closed the connection instead of answering the "
@@ -216,7 +216,7 @@ class H2UpstreamConnection:
             scope = self._read_scope = trio.CancelScope()
             try:
                 with scope:
-                    data = await fastio.receive_some(self._stream, MAX_RECEIVE)
+                    data = await fastio.receive_some(self._stream, fastio.MAX_RECEIVE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 return UpstreamClosed(f"upstream {self.server} reset the connection: {exc}")
             finally:
@@ -415,7 +415,6 @@ class H2UpstreamStream:
         self.owns_connection = owns_connection  # a health probe's: closed with the stream
         self.server = connection.server
         self.id: int | None = None  # once its HEADERS went out
-        self.on_wait: Callable[[], None] | None = None
         self.connect_time: float | None = None
         self.received_bytes = 0
         self.trailers: Headers = []
@@ -494,8 +493,6 @@ class H2UpstreamStream:
     async def _wait(self, deadline: float) -> None:
         """Until the reader has something for this stream; ``trio.TooSlowError`` at
         ``deadline``."""
-        if self.on_wait is not None:
-            self.on_wait()
         event = self._received = trio.Event()
         with trio.CancelScope(deadline=deadline) as scope:
             await event.wait()
@@ -512,11 +509,10 @@ class H2UpstreamStream:
         headers: Headers,
         *,
         end: bool,
-        checked: bool = False,
         body: bytes = b"",
     ) -> None:
         """Open the stream with the request head; with ``end``, the request is complete:
-        bodiless, or with its whole ``body``. (``checked`` is HTTP/1.1's: unused here.)"""
+        bodiless, or with its whole ``body``."""
         connection = self.connection
         if self.error is not None:
             raise self.error
@@ -602,6 +598,10 @@ class H2UpstreamStream:
         await connection.wait_written()
 
     # -- the response ------------------------------------------------------------------------
+
+    def response_at_hand(self) -> bool:
+        """Whether ``receive_response_head`` has its answer without waiting."""
+        return bool(self._heads) or self.error is not None or self.response_ended
 
     async def receive_response_head(self, deadline: float = math.inf) -> ResponseHead:
         """The next response head (a 1xx, or the final one); ``trio.TooSlowError`` if it is

@@ -16,7 +16,7 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pooled_proxy.server import http1
+from pooled_proxy.protocol.http1 import connection as http1
 from tests.helpers import HOST, make_config, raw_exchange, start_proxy
 from tests.test_fuzz_h1 import exchange as fuzz_exchange
 from tests.test_upstream_fast_path import OK, as_h11_writes_it
@@ -96,15 +96,15 @@ async def exchange(port: int, case: tuple, *, split: bool) -> tuple[bytes, bool]
 def fast_requests(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Requests the front end took on the fast path (so that each case really compares both)."""
     taken: list[bytes] = []
-    original = http1.HTTP1Connection._fast_request_head
+    original = http1.ServerConnection._direct_request
 
-    def counted(self: http1.HTTP1Connection, *args):  # type: ignore[no-untyped-def]
+    def counted(self: http1.ServerConnection, *args):  # type: ignore[no-untyped-def]
         fast = original(self, *args)
         if fast is not None:
-            taken.append(fast.head.target)
+            taken.append(fast.target)
         return fast
 
-    monkeypatch.setattr(http1.HTTP1Connection, "_fast_request_head", counted)
+    monkeypatch.setattr(http1.ServerConnection, "_direct_request", counted)
     return taken
 
 

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.errors import PoolTimeout
 from pooled_proxy.pool import PoolState, UpstreamPool, Waiter
+from pooled_proxy.protocol.http1 import ResponseHead
 from pooled_proxy.upstream import UpstreamConnection
 
 SERVER = ServerAddress("127.0.0.1", 9)
@@ -42,16 +43,13 @@ def make_pool(connector: Connector, **limits: object) -> UpstreamPool:
     return UpstreamPool(SERVER, config, connect=connector)
 
 
-def finish_exchange(connection: UpstreamConnection) -> None:
-    """Walk the h11 state machine through one complete exchange, so it is reusable."""
-    from pooled_proxy._h11 import h11
-
-    conn = connection._h11
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-    assert isinstance(conn.next_event(), h11.Response)
-    assert isinstance(conn.next_event(), h11.EndOfMessage)
+def finish_exchange(connection: UpstreamConnection, response: bytes = b"") -> None:
+    """Walk the codec through one complete exchange, so it is reusable."""
+    conn = connection._http
+    conn.send_request(b"GET", b"/", [(b"host", b"x")], end=True)
+    conn.receive_data(response or b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert isinstance(conn.next_event(), ResponseHead)
+    assert conn.buffered_body() == (b"", True)
 
 
 async def test_idle_connection_is_reused_lifo(autojump_clock):
@@ -386,16 +384,11 @@ TestPoolStateMachine.settings = settings(max_examples=100, stateful_step_count=3
 
 
 async def test_upstream_connection_close_is_counted_as_upstream_close_not_error(autojump_clock):
-    from pooled_proxy._h11 import h11
-
     pool = make_pool(Connector())
     connection, _ = await pool.acquire()
-    conn = connection._h11
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-    assert isinstance(conn.next_event(), h11.Response)
-    assert isinstance(conn.next_event(), h11.EndOfMessage)
+    finish_exchange(
+        connection, b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
     pool.release(connection, reusable=True)  # a complete exchange the upstream ended
     assert connection.closed and pool.statistics().idle == 0
     assert pool.statistics().closed == {"upstream_close": 1}

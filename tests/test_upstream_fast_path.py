@@ -1,4 +1,4 @@
-"""The upstream side's HTTP/1.1 fast path (``pooled_proxy/upstream.py``), end to end.
+"""The upstream side's HTTP/1.1 direct path (``protocol/http1``'s client side), end to end.
 
 A scripted upstream on a real socket answers each request with bytes written by hand, in
 pieces a moment apart so the proxy reads them in several reads, and records every request
@@ -15,11 +15,11 @@ import re
 import h11
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pooled_proxy._h11 import h11 as proxy_h11
-from pooled_proxy.upstream import _fast_request
+from pooled_proxy.protocol.http1.write import direct_request as _fast_request
 from tests.faulty_upstream import SMUGGLED_RESPONSE, wait_until
 from tests.helpers import HOST, H11Client, make_config, start_proxy
 
@@ -267,6 +267,8 @@ _values = st.one_of(
     host=st.one_of(st.just(b"example.com"), _values),
     headers=st.lists(st.tuples(_names, _values), max_size=4),
 )
+@example(method=b"GET", target=b"/", host=b"example.com", headers=[(b"x-a", b"a ")])
+@example(method=b"GET", target=b"/", host=b"example.com", headers=[(b"x-a", b"a:  b")])
 def test_a_fast_request_is_byte_for_byte_what_h11_sends(method, target, host, headers):
     """Whatever the fast path writes, h11 accepts and writes the same bytes (the fallback
     keeps h11's refusals: the fast path only ever declines)."""

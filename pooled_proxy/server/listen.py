@@ -18,8 +18,9 @@ import trio
 from ..answers import error_response
 from ..config import ServerAddress
 from ..errors import TooManyConnections
+from ..protocol.http1 import raw_response
 from ..proxy import PENDING, Proxy
-from .http1 import HTTP1Connection, _raw_response
+from .http1 import HTTP1Connection
 
 LOG = logging.getLogger("pooled_proxy.listen")
 
@@ -130,7 +131,7 @@ async def refuse_over_limit(stream: trio.abc.Stream, limit: int) -> None:
     headers.append((b"connection", b"close"))
     with trio.move_on_after(REFUSE_TIMEOUT):
         try:
-            await stream.send_all(_raw_response(status, headers, body))
+            await stream.send_all(raw_response(status, headers, body))
             if isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()
             while await stream.receive_some(64 * 1024):

@@ -23,7 +23,9 @@ Sans-IO: bytes in, events out; events in, bytes out. No trio.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from ..._h11 import h11
 from ...headers import Headers, comma_tokens, connection_tokens
@@ -296,12 +298,8 @@ class ServerConnection:
 
     @property
     def request_bytes_waiting(self) -> bool:
-        """Bytes of a next request (or a violation) are here already, read or not."""
-        return (
-            self._next_direct is not None
-            or self.violation is not None
-            or bool(self._h11.trailing_data[0])
-        )
+        """Bytes of a next request are here already, read or not."""
+        return self._next_direct is not None or bool(self._h11.trailing_data[0])
 
     @property
     def upgrade_proposed(self) -> bool:
@@ -322,9 +320,10 @@ class ServerConnection:
             return response_head(status, headers) if status != 100 else b""
         if status != 100 or self._h11.they_are_waiting_for_100_continue:
             return self._h11_send(
-                h11.InformationalResponse(
-                    status_code=status, headers=headers, reason=REASONS.get(status, b"")
-                )
+                h11.InformationalResponse,
+                status_code=status,
+                headers=headers,
+                reason=REASONS.get(status, b""),
             )
         return b""
 
@@ -364,12 +363,12 @@ class ServerConnection:
         if close:
             headers = [*headers, (b"connection", b"close")]
         data = self._h11_send(
-            h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
+            h11.Response, status_code=status, headers=headers, reason=REASONS.get(status, b"")
         )
         if body:
-            data += self._h11_send(h11.Data(data=body))
+            data += self._h11_send(h11.Data, data=body)
         if end:
-            data += self._h11_send(h11.EndOfMessage())
+            data += self._h11_send(h11.EndOfMessage)
         self.body_left = 0 if no_body else declared_length(headers)
         if self.body_left is not None:
             self.body_left -= len(body)
@@ -380,19 +379,30 @@ class ServerConnection:
             return self._direct_body(data)
         if self.body_left is not None:
             self.body_left -= len(data)
-        return self._h11_send(h11.Data(data=data))
+        return self._h11_send(h11.Data, data=data)
 
-    def send_end(self) -> bytes:
-        """The end of the response: a chunked body's last chunk, or nothing."""
+    def send_end(self, trailers: Headers | None = None) -> bytes:
+        """The end of the response: a chunked body's last chunk (with ``trailers``, which
+        only a chunked response can carry: see ``can_send_trailers``), or nothing."""
         if self._direct:
-            return self._direct_end()
-        return self._h11_send(h11.EndOfMessage())
+            return self._direct_end(trailers)
+        if trailers:
+            return self._h11_send(h11.EndOfMessage, headers=trailers)
+        return self._h11_send(h11.EndOfMessage)
+
+    @property
+    def can_send_trailers(self) -> bool:
+        """The response being written is chunked, to an HTTP/1.1 client."""
+        if self._direct:
+            return self._chunked
+        # Neither a Content-Length body nor one until the close (an HTTP/1.0 client).
+        return self.body_left is None and self._h11.their_http_version == b"1.1"
 
     def send_switch(self, headers: Headers) -> tuple[bytes, bytes]:
         """``101 Switching Protocols``, and the bytes the client already sent behind its
         request: HTTP on this connection is over."""
         data = self._h11_send(
-            h11.InformationalResponse(status_code=101, headers=headers, reason=REASONS[101])
+            h11.InformationalResponse, status_code=101, headers=headers, reason=REASONS[101]
         )
         return data, self._h11.trailing_data[0]
 
@@ -406,13 +416,14 @@ class ServerConnection:
                 return b""
             if theirs is h11.SEND_BODY or theirs is h11.DONE:
                 data = self._h11_send(
-                    h11.Response(
-                        status_code=status, headers=headers, reason=REASONS.get(status, b"")
-                    )
+                    h11.Response,
+                    status_code=status,
+                    headers=headers,
+                    reason=REASONS.get(status, b""),
                 )
                 if not response_has_no_body(method, status):
-                    data += self._h11_send(h11.Data(data=body))
-                return data + self._h11_send(h11.EndOfMessage())
+                    data += self._h11_send(h11.Data, data=body)
+                return data + self._h11_send(h11.EndOfMessage)
             # h11 sends no response before it has read a request: hand-built bytes.
             method = b""
         self._done = self._close = True
@@ -426,13 +437,13 @@ class ServerConnection:
             self._h11.send_failed()
         self._close = True
 
-    def _h11_send(self, event: _Sendable) -> bytes:
+    def _h11_send(self, event: Callable[..., _Sendable], **fields: Any) -> bytes:
+        """``event(**fields)`` written by h11 (which may refuse to build it, or to send it)."""
         try:
-            data = self._h11.send(event)
+            return self._h11.send(event(**fields))
         except h11.LocalProtocolError as exc:
             self._h11.send_failed()
             raise Unwritable(str(exc)) from None
-        return data
 
     def _direct_body(self, data: bytes) -> bytes:
         if self.body_left is not None:
@@ -442,11 +453,15 @@ class ServerConnection:
             return data
         return chunk(data)
 
-    def _direct_end(self) -> bytes:
+    def _direct_end(self, trailers: Headers | None = None) -> bytes:
         if self.body_left:
             raise Unwritable("too little data for the response's Content-Length")
         self._done = True
-        return LAST_CHUNK if self._chunked else b""
+        if not self._chunked:
+            return b""
+        if trailers:
+            return b"0\r\n%b\r\n" % b"".join([b"%b: %b\r\n" % field for field in trailers])
+        return LAST_CHUNK
 
     # -- the connection --------------------------------------------------------------------
 
@@ -511,23 +526,24 @@ class ClientConnection:
             if data is not None:
                 self._start_direct(method, target, headers, body)
                 return data
-        data = self._h11_send(h11.Request(method=method, target=target, headers=headers))
+        data = self._h11_send(h11.Request, method=method, target=target, headers=headers)
         if body:
-            data += self._h11_send(h11.Data(data=body))
+            data += self._h11_send(h11.Data, data=body)
         if end:
-            data += self._h11_send(h11.EndOfMessage())
+            data += self._h11_send(h11.EndOfMessage)
         return data
 
     def send_data(self, data: bytes) -> bytes:
-        return self._h11_send(h11.Data(data=data))
+        return self._h11_send(h11.Data, data=data)
 
     def send_end(self) -> bytes:
         """The end of the request body: a chunked body's last chunk, or nothing."""
-        return self._h11_send(h11.EndOfMessage())
+        return self._h11_send(h11.EndOfMessage)
 
-    def _h11_send(self, event: _Sendable) -> bytes:
+    def _h11_send(self, event: Callable[..., _Sendable], **fields: Any) -> bytes:
+        """``event(**fields)`` written by h11 (which may refuse to build it, or to send it)."""
         try:
-            return self._h11.send(event)
+            return self._h11.send(event(**fields))
         except h11.LocalProtocolError as exc:
             raise Unwritable(str(exc)) from None
 
@@ -633,10 +649,10 @@ class ClientConnection:
         self._direct = False
         method, target, headers, body = self._request
         # (The direct path's checks are stricter than h11's: it writes the same bytes.)
-        self._h11_send(h11.Request(method=method, target=target, headers=headers))
+        self._h11_send(h11.Request, method=method, target=target, headers=headers)
         if body:
-            self._h11_send(h11.Data(data=body))
-        self._h11_send(h11.EndOfMessage())
+            self._h11_send(h11.Data, data=body)
+        self._h11_send(h11.EndOfMessage)
         data = b"".join(self._received)
         self._received = []
         if data:

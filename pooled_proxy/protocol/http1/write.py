@@ -12,7 +12,14 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from ...headers import Headers, comma_tokens
-from ._abnf import REQUEST_HEAD, STATEFUL_FIELD, STATEFUL_FIELD_BUT_LENGTH, TOKENS
+from ._abnf import (
+    HEAD_BYTES,
+    STATEFUL_FIELD,
+    STATEFUL_FIELD_BUT_LENGTH,
+    TOKEN_FULL,
+    TOKENS,
+    VISIBLE_ASCII,
+)
 
 __all__ = [
     "REASONS",
@@ -105,11 +112,23 @@ def direct_request(
     except TypeError:  # not all bytes: h11 converts or refuses them
         return None
     request_line_length = len(method) + len(target) + 12  # "M T HTTP/1.1\r\n"
+    lines = len(headers) + 2
     if (
-        not TOKENS.fullmatch(names)  # so each name ends at its line's first ": "
-        or not REQUEST_HEAD.fullmatch(data)
-        # a CR LF inside a value would have made two lines of one
-        or data.count(b"\n") != len(headers) + 2
+        data.translate(None, HEAD_BYTES)  # a control byte
+        or not TOKEN_FULL.fullmatch(method)
+        or not target
+        or target.translate(None, VISIBLE_ASCII)
+        or not TOKENS.fullmatch(names)  # so each name ends at its line's first ": "
+        # a CR or LF inside a value would have made two lines of one, or a broken one
+        or data.count(b"\n") != lines
+        or data.count(b"\r") != lines
+        # whitespace at either end of a value, or an empty name (substrings, each searched
+        # in C; a value with whitespace after an inner ": " is declined too)
+        or b":  " in data
+        or b": \t" in data
+        or b" \r\n" in data
+        or b"\t\r\n" in data
+        or b"\n: " in data
         # Host is first; nothing after it may be one of these
         or stateful.search(data, request_line_length + 6 + len(headers[0][1])) is not None
     ):
