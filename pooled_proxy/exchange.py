@@ -30,6 +30,10 @@ class RequestHead:
     client_ip: bytes
     has_body: bool
     content_length: int | None = None
+    # Passed the request validation (protocol/request_checks.py), as every head a front end
+    # builds does: its method, target and fields are in the HTTP grammar, and the upstream
+    # writer need not look at their bytes again. A head built any other way is.
+    validated: bool = False
 
     @property
     def path(self) -> bytes:

@@ -484,6 +484,8 @@ class Forwarder:
                 headers,
                 end=True,
                 body=whole_body or b"",
+                # (The headers the proxy adds are built from validated values.)
+                valid_syntax=head.validated,
             )
             sent_at = trio.current_time()
             return await self._relay_response(

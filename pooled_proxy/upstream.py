@@ -199,14 +199,24 @@ class UpstreamConnection:
             ) from None
 
     async def send_request(
-        self, method: bytes, target: bytes, headers: Headers, *, end: bool, body: bytes = b""
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        *,
+        end: bool,
+        body: bytes = b"",
+        valid_syntax: bool = False,
     ) -> None:
         """Send the request head; with ``end``, the request is complete: bodiless, or with
-        its whole ``body`` (framed by its Content-Length), sent in the same write."""
+        its whole ``body`` (framed by its Content-Length), sent in the same write.
+        ``valid_syntax``: every part of the head is known to be in the HTTP grammar."""
         self.requests_sent += 1
         self.received_bytes = 0
         try:
-            data = self._http.send_request(method, target, headers, body=body, end=end)
+            data = self._http.send_request(
+                method, target, headers, body=body, end=end, valid_syntax=valid_syntax
+            )
         except Unwritable as exc:
             raise self._unwritable(exc) from None
         await self._send(data)

@@ -31,7 +31,11 @@ class UpstreamChannel(Protocol):
         *,
         end: bool,
         body: bytes = b"",
-    ) -> None: ...
+        valid_syntax: bool = False,
+    ) -> None:
+        """``valid_syntax``: the method, target and fields are known to be in the HTTP
+        grammar (the request validation passed them)."""
+        ...
 
     @property
     def trailers(self) -> Headers:

@@ -510,9 +510,11 @@ class H2UpstreamStream:
         *,
         end: bool,
         body: bytes = b"",
+        valid_syntax: bool = False,
     ) -> None:
         """Open the stream with the request head; with ``end``, the request is complete:
-        bodiless, or with its whole ``body``."""
+        bodiless, or with its whole ``body``. (``valid_syntax`` is HTTP/1.1's: h2 checks
+        what it sends anyway.)"""
         connection = self.connection
         if self.error is not None:
             raise self.error

@@ -22,7 +22,7 @@ from hyperframe.frame import (
 
 from tests.h2client import H2Client, H2Reply
 from tests.helpers import H11Client, make_config, start_proxy
-from tests.test_upstream_fast_path import run as run_scripted
+from tests.test_http1_direct_path_upstream import run as run_scripted
 
 ErrorCodes = h2.errors.ErrorCodes
 

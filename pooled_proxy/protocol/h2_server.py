@@ -224,6 +224,7 @@ def request_head(
         client_ip=client_ip,
         has_body=not end_stream,
         content_length=content_length,
+        validated=True,
     )
 
 

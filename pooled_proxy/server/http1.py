@@ -202,6 +202,7 @@ class HTTP1Connection:
             client_ip=self.client_ip,
             has_body=request.has_body,
             content_length=request.content_length,
+            validated=True,
         )
 
     # -- the connection ----------------------------------------------------------------------

@@ -515,14 +515,22 @@ class ClientConnection:
     # -- writing ---------------------------------------------------------------------------
 
     def send_request(
-        self, method: bytes, target: bytes, headers: Headers, *, body: bytes = b"", end: bool
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        *,
+        body: bytes = b"",
+        end: bool,
+        valid_syntax: bool = False,
     ) -> bytes:
         """The request head; with ``end`` the request is complete: bodiless, or with its
-        whole ``body`` (framed by its Content-Length)."""
+        whole ``body`` (framed by its Content-Length). ``valid_syntax``: the method, target
+        and fields are known to be in the HTTP grammar (see ``write.direct_request``)."""
         self._checker.expect(method)
         self.trailers = []
         if end and self._h11.our_state is h11.IDLE:
-            data = direct_request(method, target, headers, body)
+            data = direct_request(method, target, headers, body, valid_syntax=valid_syntax)
             if data is not None:
                 self._start_direct(method, target, headers, body)
                 return data

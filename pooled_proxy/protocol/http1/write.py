@@ -91,12 +91,17 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
 
 
 def direct_request(
-    method: bytes, target: bytes, headers: Headers, body: bytes = b""
+    method: bytes, target: bytes, headers: Headers, body: bytes = b"", *, valid_syntax: bool = False
 ) -> bytes | None:
     """The bytes h11 would send for this request, bodiless or with its whole ``body``, when
     it is one written directly: Host first, nothing that changes the connection's state or
     the body's framing, every byte one h11 writes as it is. ``None``: h11 writes it (and
-    refuses what is invalid)."""
+    refuses what is invalid).
+
+    ``valid_syntax``: the method, the target and every field are known to be in the HTTP
+    grammar (the request validation passed them), so only what changes the framing or the
+    connection's state is looked at.
+    """
     if not headers or headers[0][0] != b"host" or method == b"CONNECT":
         return None
     if body:
@@ -107,18 +112,28 @@ def direct_request(
     else:
         stateful = STATEFUL_FIELD
     try:
-        names = b"".join([name for name, _ in headers])
         data = request_head(method, target, headers)
     except TypeError:  # not all bytes: h11 converts or refuses them
         return None
     request_line_length = len(method) + len(target) + 12  # "M T HTTP/1.1\r\n"
+    if not valid_syntax and not _valid_syntax(data, method, target, headers):
+        return None
+    # Host is first; nothing after it may be one of these
+    if stateful.search(data, request_line_length + 6 + len(headers[0][1])) is not None:
+        return None
+    return data + body if body else data
+
+
+def _valid_syntax(data: bytes, method: bytes, target: bytes, headers: Headers) -> bool:
+    """``data`` (the head written from the rest) holds only what h11 writes as it is."""
     lines = len(headers) + 2
-    if (
+    return not (
         data.translate(None, HEAD_BYTES)  # a control byte
         or not TOKEN_FULL.fullmatch(method)
         or not target
         or target.translate(None, VISIBLE_ASCII)
-        or not TOKENS.fullmatch(names)  # so each name ends at its line's first ": "
+        # names are tokens, so each ends at its line's first ": "
+        or not TOKENS.fullmatch(b"".join([name for name, _ in headers]))
         # a CR or LF inside a value would have made two lines of one, or a broken one
         or data.count(b"\n") != lines
         or data.count(b"\r") != lines
@@ -129,8 +144,4 @@ def direct_request(
         or b" \r\n" in data
         or b"\t\r\n" in data
         or b"\n: " in data
-        # Host is first; nothing after it may be one of these
-        or stateful.search(data, request_line_length + 6 + len(headers[0][1])) is not None
-    ):
-        return None
-    return data + body if body else data
+    )

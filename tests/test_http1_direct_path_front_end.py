@@ -1,7 +1,7 @@
-"""The HTTP/1.1 front end's fast path writes exactly what h11 writes.
+"""The HTTP/1.1 codec's direct path, end to end through the front end: exactly what h11 writes.
 
-A request whose head arrives whole in one read takes the fast path (parsed by the framing
-checks, answered without h11); the same request sent in two pieces goes through h11. Each
+A request whose head arrives whole in one read takes the direct path (parsed by the codec's
+parser, answered without h11); the same request sent in two pieces goes through h11. Each
 case here is sent both ways on fresh connections, and the bytes that come back, and
 whether the connection is then kept open, must be the same.
 """
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from pooled_proxy.protocol.http1 import connection as http1
 from tests.helpers import HOST, make_config, raw_exchange, start_proxy
 from tests.test_fuzz_h1 import exchange as fuzz_exchange
-from tests.test_upstream_fast_path import OK, as_h11_writes_it
-from tests.test_upstream_fast_path import run as run_scripted
+from tests.test_http1_direct_path_upstream import OK, as_h11_writes_it
+from tests.test_http1_direct_path_upstream import run as run_scripted
 
 CASES = [
     (b"GET", b"/", []),
