@@ -116,3 +116,28 @@ async def test_a_client_that_leaves_while_queued_for_a_connection_is_let_go_at_o
         assert proxy.pool().statistics().waiting == 0
         assert isinstance(await holder.next_event(), h11.Response)
         await holder.aclose()
+
+
+async def test_a_client_that_leaves_while_the_upstream_thinks_is_let_go_at_once(
+    nursery, demo_upstream
+):
+    # On a reused upstream connection (no connect to wait for), the watch starts when the
+    # response head is not there yet: leaving then cancels the exchange at once, and its
+    # upstream connection is closed rather than pooled.
+    _, port = demo_upstream
+    records: list[ExchangeRecord] = []
+    proxy = await start_proxy(nursery, make_config(port), observers=(records.append,))
+    with trio.fail_after(5):
+        client = await H11Client.connect(proxy.port)
+        assert (await client.request("GET", "/status/200")).status == 200
+        await client.send(
+            h11.Request(method="GET", target="/slow?delay=30", headers=[("host", "a")]),
+            h11.EndOfMessage(),
+        )
+        await wait_until(lambda: proxy.pool().statistics().in_use == 1)
+        await client.aclose()
+        left = trio.current_time()
+        await wait_until(lambda: len(records) == 2)
+        assert trio.current_time() - left < 0.5
+    assert records[1].error == "client_disconnected" and records[1].upstream_reused
+    assert proxy.pool().statistics().closed == {"error": 1}
