@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pooled_proxy._h11 import h11 as proxy_h11
-from pooled_proxy.protocol.http1.write import direct_request as _fast_request
+from pooled_proxy.protocol.http1.write import direct_request
 from tests.faulty_upstream import SMUGGLED_RESPONSE, wait_until
 from tests.helpers import HOST, H11Client, make_config, start_proxy
 
@@ -273,7 +273,7 @@ def test_a_fast_request_is_byte_for_byte_what_h11_sends(method, target, host, he
     """Whatever the fast path writes, h11 accepts and writes the same bytes (the fallback
     keeps h11's refusals: the fast path only ever declines)."""
     all_headers = [(b"host", host), *headers]
-    fast = _fast_request(method, target, all_headers)
+    fast = direct_request(method, target, all_headers)
     if fast is None:
         return
     connection = proxy_h11.Connection(proxy_h11.CLIENT)

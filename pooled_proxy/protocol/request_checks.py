@@ -2,9 +2,9 @@
 
 Both front ends build their protocol-neutral request through :func:`check_request`, so a
 request gets the same verdict over HTTP/1.1 and HTTP/2, and it runs before an upstream
-connection is taken: anything the upstream writer (h11, or its fast path) would refuse is
-refused here first, as the client's mistake (400; 505 for an HTTP version we do not speak),
-never as an upstream server's failure.
+connection is taken: anything the upstream writer (h11, or the HTTP/1.1 codec's direct path)
+would refuse is refused here first, as the client's mistake (400; 505 for an HTTP version we
+do not speak), never as an upstream server's failure.
 
 Over HTTP/1.1 the method, the target's bytes and every field already passed the framing checks
 of the HTTP/1.1 parser (http1/parse.py), which read them with this same grammar (abnf.py): the

@@ -94,7 +94,7 @@ class Head:
     """What the framing checks learned from one valid head.
 
     The fields are parsed as strictly as the checks go, so a caller may take them instead
-    of parsing the head a second time (the HTTP/1.1 fast paths do).
+    of parsing the head a second time (the connection objects' direct path does).
     """
 
     __slots__ = (
