@@ -57,7 +57,7 @@ __all__ = [
 # Fields that frame a message or belong to one hop (and Host, which is ``Request.host``): the
 # proxy writes them itself. A hook that sets, adds or removes one gets a ValueError. Every other
 # change is checked against the grammar the front ends check requests with (protocol/abnf.py),
-# so a request the HTTP/1.1 front end vouched for (``RequestHead.checked``) stays one.
+# so a request head that passed the request validation (``RequestHead.validated``) stays one.
 MANAGED_FIELDS: Final = frozenset({
     "connection", "content-length", "expect", "host", "keep-alive", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade",

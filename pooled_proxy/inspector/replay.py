@@ -164,6 +164,7 @@ def replay_request(entry_head: RequestHead, body: bytes | None, data: bytes,
         client_ip=REPLAY_CLIENT_IP,
         has_body=bool(body),
         content_length=len(body) if body else None,
+        validated=True,
     )
     return head, body
 
