@@ -37,9 +37,12 @@ lint: $(STAMP)
 interop-deps:
 	.ci/interop-deps
 
-# pooled-proxy against nginx on this machine (bench/README.md); BENCH_ARGS=--quick for a short run
+# pooled-proxy against nginx, HAProxy and Caddy on this machine, then what the inspector and
+# a trivial hook add per request (bench/README.md); BENCH_ARGS=--quick shortens the first
 bench: $(STAMP)
 	$(VENV)/bin/python bench/vs_nginx.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/inspector_overhead.py
+	$(VENV)/bin/python bench/hooks_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
