@@ -42,7 +42,7 @@ def demo_upstream(*, event_interval: float = 1.0) -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "pooled_proxy.demo",
+            "pooled_proxy.daemon.demo_upstream",
             "--port",
             "0",
             "--event-interval",

@@ -24,9 +24,9 @@ import h11
 import trio
 
 from pooled_proxy.config import Config, RouteConfig, ServerAddress, ServerConfig, UpstreamConfig
-from pooled_proxy.idle_close import IdleCloseLearner
-from pooled_proxy.lifecycle import serve
+from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.proxy import Proxy
+from pooled_proxy.upstream.idle_close import IdleCloseLearner
 
 HOST = "127.0.0.1"
 

@@ -150,7 +150,15 @@ class Proxy:
 
 def start_demo() -> tuple[subprocess.Popen[bytes], int]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "pooled_proxy.demo", "--port", "0", "--event-interval", "0.2"],
+        [
+            sys.executable,
+            "-m",
+            "pooled_proxy.daemon.demo_upstream",
+            "--port",
+            "0",
+            "--event-interval",
+            "0.2",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )

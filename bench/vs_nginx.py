@@ -405,7 +405,7 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
                 [
                     sys.executable,
                     "-m",
-                    "pooled_proxy.demo",
+                    "pooled_proxy.daemon.demo_upstream",
                     "--port",
                     str(setup.sse_port),
                     "--event-interval",

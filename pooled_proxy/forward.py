@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import trio
 
 from .answers import error_response
-from .balancer import ServerHealth, UpstreamGroup
 from .config import Config, UpstreamConfig
 from .errors import (
     ClientDisconnected,
@@ -48,7 +47,6 @@ from .headers import (
     upstream_request_headers,
 )
 from .log_limit import WarningLimiter
-from .pool import Connector
 from .request_ids import choose_request_id
 from .route_hooks import RouteHooks, load_route_hooks, run_hooks
 from .routing import Router, rewrite_target
@@ -59,8 +57,10 @@ from .tunnel import (
     switched_response_headers,
     upgrade_request_headers,
 )
-from .upstream import ResponseHead, UpstreamConnection
-from .upstream_api import ServerPool, UpstreamChannel
+from .upstream.api import ServerPool, UpstreamChannel
+from .upstream.balancer import ServerHealth, UpstreamGroup
+from .upstream.connection import ResponseHead, UpstreamConnection
+from .upstream.pool import Connector
 
 LOG = logging.getLogger("pooled_proxy.forward")
 

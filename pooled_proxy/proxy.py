@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from .balancer import UpstreamGroup
 from .config import Config, ServerConfig, TlsConfig
 from .exchange import ExchangeTap
 from .forward import ExchangeObserver, Forwarder
-from .pool import Connector
 from .route_hooks import RouteHooks
 from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
+from .upstream.balancer import UpstreamGroup
+from .upstream.pool import Connector
 
 # A client that connected just before the drain started is about to send its request: its
 # bytes may already be on the way. It gets this long to start, then it counts as idle and is

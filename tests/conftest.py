@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 
 
 def _outcomes(exc: BaseException) -> list[BaseException] | None:

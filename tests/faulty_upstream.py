@@ -44,11 +44,11 @@ import trio.testing
 
 from pooled_proxy.config import ServerAddress
 from pooled_proxy.errors import UpstreamConnectError
-from pooled_proxy.pool import Connector
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.server.http2 import serve_h2
 from pooled_proxy.server.listen import handle_client
-from pooled_proxy.upstream import UpstreamConnection
+from pooled_proxy.upstream.connection import UpstreamConnection
+from pooled_proxy.upstream.pool import Connector
 
 RECEIVE_SIZE = 64 * 1024
 NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)

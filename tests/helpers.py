@@ -20,7 +20,7 @@ from pooled_proxy.config import (
     ServerConfig,
     UpstreamConfig,
 )
-from pooled_proxy.lifecycle import serve
+from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.proxy import Proxy
 
 HOST = "127.0.0.1"

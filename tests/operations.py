@@ -12,14 +12,14 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from pooled_proxy.accesslog import AccessLog
-from pooled_proxy.admin import AdminServer
 from pooled_proxy.config import Config, InspectConfig, ServerAddress
-from pooled_proxy.inspector.endpoints import InspectorEndpoints
-from pooled_proxy.inspector.recorder import Inspector
-from pooled_proxy.inspector.replay import Replayer
-from pooled_proxy.metrics import ProxyMetrics
-from pooled_proxy.status import SAMPLE_INTERVAL, StatusBoard
+from pooled_proxy.ops.accesslog import AccessLog
+from pooled_proxy.ops.admin import AdminServer
+from pooled_proxy.ops.inspector.endpoints import InspectorEndpoints
+from pooled_proxy.ops.inspector.recorder import Inspector
+from pooled_proxy.ops.inspector.replay import Replayer
+from pooled_proxy.ops.metrics import ProxyMetrics
+from pooled_proxy.ops.status import SAMPLE_INTERVAL, StatusBoard
 from tests.helpers import HOST, RunningProxy, start_proxy
 
 

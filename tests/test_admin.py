@@ -16,16 +16,16 @@ import pytest
 import trio
 import trio.testing
 
-from pooled_proxy.admin import (
+from pooled_proxy.config import ServerAddress
+from pooled_proxy.daemon.lifecycle import serve
+from pooled_proxy.ops.admin import (
     HEALTH_PATH,
     METRICS_PATH,
     READY_PATH,
     REQUEST_TIMEOUT,
     AdminServer,
 )
-from pooled_proxy.config import ServerAddress
-from pooled_proxy.lifecycle import serve
-from pooled_proxy.metrics import ProxyMetrics
+from pooled_proxy.ops.metrics import ProxyMetrics
 from pooled_proxy.proxy import Proxy
 from tests.helpers import HOST, H11Client, make_config
 from tests.operations import Scrape, start_operated_proxy
@@ -146,7 +146,7 @@ def _wait_for_line(path: Path, pattern: str, process: subprocess.Popen[bytes]) -
 def test_run_prints_its_listeners_serves_admin_and_logs_access(tmp_path):
     upstream_port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "pooled_proxy.demo", "--port", str(upstream_port)],
+        [sys.executable, "-m", "pooled_proxy.daemon.demo_upstream", "--port", str(upstream_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     config = tmp_path / "proxy.toml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import trio
 
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.helpers import make_config, start_proxy
 
 

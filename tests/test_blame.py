@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import trio
 
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from pooled_proxy.exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
 from tests.h2client import H2Client, H2Reply
 from tests.helpers import H11Client, make_config, raw_exchange

@@ -100,7 +100,7 @@ def test_config_from_environment_variable(tmp_path):
 def test_dev_proxies_one_upstream_without_a_config_file():
     upstream_port, proxy_port = free_port(), free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "pooled_proxy.demo", "--port", str(upstream_port)],
+        [sys.executable, "-m", "pooled_proxy.daemon.demo_upstream", "--port", str(upstream_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -265,7 +265,7 @@ def start_dev(*args: str) -> subprocess.Popen[str]:
 
 def demo_upstream_process(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pooled_proxy.demo", "--port", str(port)],
+        [sys.executable, "-m", "pooled_proxy.daemon.demo_upstream", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

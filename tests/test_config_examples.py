@@ -19,10 +19,10 @@ import trio
 import trio.testing
 from cryptography import x509
 
-from pooled_proxy.accesslog import AccessLog
-from pooled_proxy.cli import main
 from pooled_proxy.config import Config, ServerAddress, load_config
-from pooled_proxy.lifecycle import serve
+from pooled_proxy.daemon.cli import main
+from pooled_proxy.daemon.lifecycle import serve
+from pooled_proxy.ops.accesslog import AccessLog
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.routing import Router
 from tests.helpers import HOST, H11Client

@@ -10,7 +10,7 @@ import h11
 import httpx
 import trio
 
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 
 
 @asynccontextmanager

@@ -18,9 +18,9 @@ from pathlib import Path
 import trio
 import yaml
 
-from pooled_proxy.admin import HEALTH_PATH, METRICS_PATH, READY_PATH
-from pooled_proxy.cli import _parser
 from pooled_proxy.config import Config, load_config, parse_config
+from pooled_proxy.daemon.cli import _parser
+from pooled_proxy.ops.admin import HEALTH_PATH, METRICS_PATH, READY_PATH
 from tests.helpers import make_config, start_proxy
 from tests.operations import start_operated_proxy
 from tests.test_cli import free_port
@@ -311,8 +311,8 @@ def test_the_healthcheck_outwaits_a_busy_worker_within_dockers_timeout():
     # With workers, /readyz waits up to REPORT_TIMEOUT for each worker's report: a probe that
     # gives up sooner would call a merely busy proxy unhealthy, one that waits past Docker's
     # own --timeout would never be heard.
-    from pooled_proxy.cli import _parser
-    from pooled_proxy.workers import REPORT_TIMEOUT
+    from pooled_proxy.daemon.cli import _parser
+    from pooled_proxy.daemon.workers import REPORT_TIMEOUT
 
     probe = _parser().parse_args(["healthcheck"]).timeout
     docker = re.search(r"HEALTHCHECK .*--timeout=(\d+)s", DOCKERFILE.read_text())

@@ -15,9 +15,9 @@ import trio
 import trio.testing
 
 from pooled_proxy.config import AdminConfig, HealthCheckConfig, ServerAddress
-from pooled_proxy.health import ProbeState
 from pooled_proxy.proxy import Proxy
-from pooled_proxy.upstream import UpstreamConnection
+from pooled_proxy.upstream.connection import UpstreamConnection
+from pooled_proxy.upstream.health import ProbeState
 from tests.faulty_upstream import (
     FaultyUpstream,
     SeenRequest,

@@ -17,9 +17,10 @@ import pytest
 import trio
 import trio.testing
 
-from pooled_proxy.cli import main
 from pooled_proxy.config import Config, load_config
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.cli import main
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
+from pooled_proxy.daemon.reload import Reloader
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.forward import ExchangeObserver
 from pooled_proxy.hooks import (
@@ -32,7 +33,6 @@ from pooled_proxy.hooks import (
     cookie,
     redirect,
 )
-from pooled_proxy.reload import Reloader
 from pooled_proxy.route_hooks import load_route_hooks
 from tests.helpers import HOST, H11Client, RunningProxy, start_proxy
 

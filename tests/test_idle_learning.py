@@ -16,9 +16,9 @@ import trio
 import trio.testing
 
 from pooled_proxy.config import ServerAddress, UpstreamConfig
-from pooled_proxy.idle_close import RECENT, WINDOW, IdleCloseLearner
-from pooled_proxy.pool import UpstreamPool
-from pooled_proxy.upstream import UpstreamConnection
+from pooled_proxy.upstream.connection import UpstreamConnection
+from pooled_proxy.upstream.idle_close import RECENT, WINDOW, IdleCloseLearner
+from pooled_proxy.upstream.pool import UpstreamPool
 from tests.helpers import make_config, start_proxy
 from tests.test_pool import finish_exchange
 

@@ -17,11 +17,11 @@ import trio
 import trio.testing
 
 from pooled_proxy.config import ServerAddress
-from pooled_proxy.demo import DemoUpstream
-from pooled_proxy.lifecycle import serve
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
+from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.proxy import FIRST_REQUEST_GRACE, Proxy
 from pooled_proxy.server.listen import handle_client
-from pooled_proxy.upstream import UpstreamConnection
+from pooled_proxy.upstream.connection import UpstreamConnection
 from tests.daemon import DaemonConfig, running_daemon
 from tests.h2client import GoAway, H2Client, H2Reply
 from tests.helpers import H11Client, connection_storm, make_config, start_proxy

@@ -19,7 +19,7 @@ from pooled_proxy.config import (
     UpstreamConfig,
     parse_config,
 )
-from pooled_proxy.metrics import ProxyMetrics
+from pooled_proxy.ops.metrics import ProxyMetrics
 from tests.h2client import H2Client
 from tests.helpers import HOST, H11Client, make_config
 from tests.operations import Scrape, start_operated_proxy
@@ -304,7 +304,7 @@ async def test_openmetrics_is_served_when_asked_for(nursery, demo_upstream):
 
 async def test_process_build_and_reload_metrics(nursery, demo_upstream, tmp_path):
     from pooled_proxy import __version__
-    from pooled_proxy.reload import Reloader
+    from pooled_proxy.daemon.reload import Reloader
     from tests.daemon import DaemonConfig
 
     _, port = demo_upstream

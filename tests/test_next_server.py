@@ -19,10 +19,10 @@ import h11
 import pytest
 import trio
 
-from pooled_proxy.accesslog import AccessLog, combined_line
 from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.exchange import ExchangeRecord
-from pooled_proxy.metrics import ProxyMetrics
+from pooled_proxy.ops.accesslog import AccessLog, combined_line
+from pooled_proxy.ops.metrics import ProxyMetrics
 from tests.faulty_upstream import FaultyUpstream, refused_port
 from tests.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
 from tests.operations import Scrape

@@ -12,7 +12,7 @@ import trio
 
 from pooled_proxy.config import ServerAddress
 from pooled_proxy.proxy import Proxy
-from pooled_proxy.upstream import UpstreamConnection
+from pooled_proxy.upstream.connection import UpstreamConnection
 from tests.faulty_upstream import FaultyUpstream, memory_client, read_until_close, refused_port
 from tests.helpers import H11Client, make_config, start_proxy
 

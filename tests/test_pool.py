@@ -16,9 +16,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.errors import PoolTimeout
-from pooled_proxy.pool import PoolState, UpstreamPool, Waiter
 from pooled_proxy.protocol.http1 import ResponseHead
-from pooled_proxy.upstream import UpstreamConnection
+from pooled_proxy.upstream.connection import UpstreamConnection
+from pooled_proxy.upstream.pool import PoolState, UpstreamPool, Waiter
 
 SERVER = ServerAddress("127.0.0.1", 9)
 

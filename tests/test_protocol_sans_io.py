@@ -43,4 +43,4 @@ def test_protocol_modules_load_no_io() -> None:
 
 def test_the_check_sees_io_when_there_is_some() -> None:
     # The test above must be able to fail: a trio shell module is reported.
-    assert "trio" in _io_modules_loaded_by("pooled_proxy.pool")
+    assert "trio" in _io_modules_loaded_by("pooled_proxy.upstream.pool")

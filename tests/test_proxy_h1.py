@@ -8,7 +8,7 @@ import h11
 import httpx
 import trio
 
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.helpers import H11Client, make_config, raw_exchange, start_proxy
 
 

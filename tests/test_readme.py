@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from pooled_proxy import errors
-from pooled_proxy.cli import _parser, dev_config_from_args, main
 from pooled_proxy.config import dev_config
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.cli import _parser, dev_config_from_args, main
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.helpers import H11Client, start_proxy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import h11
 import trio
 
 from pooled_proxy.config import Config, parse_config
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.daemon import DaemonConfig, running_daemon
 from tests.helpers import H11Client, start_proxy
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import trio
 
-from pooled_proxy.accesslog import AccessLog
+from pooled_proxy.ops.accesslog import AccessLog
 from tests.faulty_upstream import FaultyUpstream, refused_port
 from tests.h2client import H2Client
 from tests.helpers import H11Client, make_config, raw_exchange, start_proxy

@@ -1,10 +1,10 @@
-"""pooled_proxy/runtime.py: the collector settings a serving process starts with."""
+"""pooled_proxy/daemon/runtime.py: the collector settings a serving process starts with."""
 
 from __future__ import annotations
 
 import gc
 
-from pooled_proxy.runtime import GEN0_THRESHOLD, tune_gc_for_serving
+from pooled_proxy.daemon.runtime import GEN0_THRESHOLD, tune_gc_for_serving
 
 
 def test_startup_objects_are_frozen_and_young_collections_are_rarer() -> None:

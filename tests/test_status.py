@@ -19,7 +19,6 @@ import pytest
 import trio
 import trustme
 
-from pooled_proxy.balancer import ServerHealth
 from pooled_proxy.config import (
     Config,
     RouteConfig,
@@ -30,9 +29,10 @@ from pooled_proxy.config import (
 )
 from pooled_proxy.errors import UpstreamConnectError
 from pooled_proxy.exchange import ExchangeRecord
-from pooled_proxy.metrics import ProxyMetrics
+from pooled_proxy.ops.metrics import ProxyMetrics
+from pooled_proxy.ops.status import StatusBoard, config_json, merge_statuses
 from pooled_proxy.proxy import Proxy
-from pooled_proxy.status import StatusBoard, config_json, merge_statuses
+from pooled_proxy.upstream.balancer import ServerHealth
 from tests.daemon import DaemonConfig, running_daemon
 from tests.faulty_upstream import refused_port
 from tests.h2client import H2Client

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pooled_proxy.cli import _parser
 from pooled_proxy.config import load_config
-from pooled_proxy.lifecycle import DRAIN_SIGNALS, RELOAD_SIGNAL, REOPEN_SIGNAL
+from pooled_proxy.daemon.cli import _parser
+from pooled_proxy.daemon.lifecycle import DRAIN_SIGNALS, RELOAD_SIGNAL, REOPEN_SIGNAL
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "config" / "systemd" / "pooled-proxy.service"

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trustme
 
-from pooled_proxy.cli import main
 from pooled_proxy.config import ServerAddress, TlsConfig
+from pooled_proxy.daemon.cli import main
 from tests.h2client import H2Client
 from tests.helpers import HOST, make_config
 
@@ -44,7 +44,7 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 
 async def tls_port(nursery, upstream_port: int, tls: TlsConfig, **server) -> tuple[int, int]:
     """Start the proxy with [server.tls]; returns (cleartext port, TLS port)."""
-    from pooled_proxy.lifecycle import serve
+    from pooled_proxy.daemon.lifecycle import serve
     from pooled_proxy.proxy import Proxy
 
     proxy = Proxy(make_config(upstream_port, server={"tls": tls, **server}))

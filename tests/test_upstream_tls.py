@@ -16,10 +16,10 @@ import pytest
 import trio
 import trustme
 
-from pooled_proxy.cli import main
 from pooled_proxy.config import Config, load_config
-from pooled_proxy.demo import DemoUpstream
-from pooled_proxy.lifecycle import run
+from pooled_proxy.daemon.cli import main
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
+from pooled_proxy.daemon.lifecycle import run
 from pooled_proxy.proxy import Proxy
 from tests.helpers import HOST, H11Client, RunningProxy, start_proxy
 

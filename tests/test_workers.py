@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import (
 )
 
 from pooled_proxy import __version__
-from pooled_proxy.demo import DemoUpstream
+from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.daemon import Daemon, DaemonConfig, running_daemon
 from tests.helpers import HOST, H11Client, connection_storm
 from tests.operations import Scrape

@@ -18,7 +18,7 @@ import trio
 import trustme
 
 from pooled_proxy.config import ServerAddress, TlsConfig
-from pooled_proxy.lifecycle import serve
+from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.proxy import Proxy
 from tests.helpers import make_config
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from pooled_proxy.upstream import KEEPALIVE_SAFETY_MARGIN
+from pooled_proxy.upstream.connection import KEEPALIVE_SAFETY_MARGIN
 from tests.helpers import make_config, start_proxy
 from tests.operations import OperatedProxy, start_operated_proxy
 

@@ -2,7 +2,7 @@
 
 The supervisor binds every listen address with SO_REUSEPORT but never listens on it: that
 turns port 0 into one real port for all workers and holds the port while a worker restarts.
-Each worker is a fresh interpreter (``python -m pooled_proxy.workers``) that binds the same
+Each worker is a fresh interpreter (``python -m pooled_proxy.daemon.workers``) that binds the same
 addresses with SO_REUSEPORT and listens, so the kernel spreads new connections across them.
 
 The supervisor passes the config text it validated to each worker on its stdin, so a worker
@@ -46,17 +46,17 @@ from pathlib import Path
 
 import trio
 
-from .admin import AdminServer
-from .config import Config, ServerAddress, parse_address, parse_config
-from .errors import ConfigError
+from ..config import Config, ServerAddress, parse_address, parse_config
+from ..errors import ConfigError
+from ..ops.admin import AdminServer
+from ..ops.metrics_group import GroupMetrics, Report
+from ..ops.status import GroupStatus, JsonObject
+from ..server.listen import bind_reuse_port
 from .lifecycle import HANDLED_SIGNALS, IGNORED_SIGNALS, REOPEN_SIGNAL
-from .metrics_group import GroupMetrics, Report
 from .reload import log_problems, read_config, watch_file
 from .runtime import tune_gc_for_serving
 from .sdnotify import ENV as NOTIFY_ENV
 from .sdnotify import Notifier
-from .server.listen import bind_reuse_port
-from .status import GroupStatus, JsonObject
 
 LOG = logging.getLogger("pooled_proxy.workers")
 
@@ -251,7 +251,7 @@ class Supervisor:
             env[NOTIFY_ENV] = self._worker_notify
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "pooled_proxy.workers"],
+                [sys.executable, "-m", "pooled_proxy.daemon.workers"],
                 stdin=subprocess.PIPE,
                 env=env,
                 process_group=0,  # its own group: terminal signals reach the supervisor only

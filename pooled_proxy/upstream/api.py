@@ -8,10 +8,10 @@ import math
 import ssl
 from typing import Any, Protocol
 
-from .config import ServerAddress, UpstreamConfig
-from .headers import Headers
+from ..config import ServerAddress, UpstreamConfig
+from ..headers import Headers
+from .connection import ResponseHead
 from .pool import PoolStatistics
-from .upstream import ResponseHead
 
 
 class UpstreamChannel(Protocol):

@@ -16,9 +16,9 @@ from typing import Any
 
 import trio
 
-from . import fastio
-from .config import ServerAddress
-from .errors import (
+from .. import fastio
+from ..config import ServerAddress
+from ..errors import (
     ConnectTimeout,
     ProxyInternalError,
     UpstreamClosed,
@@ -28,9 +28,9 @@ from .errors import (
     UpstreamTlsCertificateError,
     UpstreamTlsError,
 )
-from .headers import Headers, keep_alive_timeout
-from .protocol.http1 import END, NEED_DATA, ClientConnection, ResponseHead, Unwritable, Violation
-from .protocol.http1.connection import ClientEvent
+from ..headers import Headers, keep_alive_timeout
+from ..protocol.http1 import END, NEED_DATA, ClientConnection, ResponseHead, Unwritable, Violation
+from ..protocol.http1.connection import ClientEvent
 
 __all__ = ["ResponseHead", "UpstreamConnection", "open_connection"]
 

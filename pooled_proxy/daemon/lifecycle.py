@@ -19,13 +19,13 @@ from functools import partial
 
 import trio
 
-from .config import ServerAddress
-from .proxy import Proxy
+from ..config import ServerAddress
+from ..proxy import Proxy
+from ..server.http2 import serve_h2
+from ..server.listen import serve_listeners
+from ..server.tls import serve_tls_listeners
 from .reload import Reloader, watch_file
 from .sdnotify import Notifier
-from .server.http2 import serve_h2
-from .server.listen import serve_listeners
-from .server.tls import serve_tls_listeners
 
 LOG = logging.getLogger("pooled_proxy.lifecycle")
 

@@ -6,7 +6,7 @@ arrives within ``timeout``. A server that fails ``fall`` probes in a row is out 
 until it passes ``rise`` in a row; it starts in rotation. The probers of an upstream's servers
 are spread over the interval, and each interval is drawn with some jitter, so that probes
 (from several workers too) do not arrive in bursts. How this combines with passive health is
-decided in one place, :meth:`pooled_proxy.balancer.UpstreamGroup.in_rotation`.
+decided in one place, :meth:`pooled_proxy.upstream.balancer.UpstreamGroup.in_rotation`.
 
 ``ProbeState`` is the pure rise/fall bookkeeping; ``run_prober`` the trio shell.
 """
@@ -19,9 +19,9 @@ from collections import Counter
 
 import trio
 
-from .config import HealthCheckConfig, ServerAddress
-from .errors import UpstreamError
-from .upstream_api import ServerPool
+from ..config import HealthCheckConfig, ServerAddress
+from ..errors import UpstreamError
+from .api import ServerPool
 
 LOG = logging.getLogger("pooled_proxy.health")
 

@@ -13,8 +13,8 @@ import http.client
 import socket
 from dataclasses import dataclass, replace
 
+from ..config import Config, ServerAddress
 from .admin import READY_PATH
-from .config import Config, ServerAddress
 
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 

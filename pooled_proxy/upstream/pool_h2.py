@@ -31,10 +31,10 @@ from collections import Counter, deque
 
 import trio
 
-from .config import ServerAddress, UpstreamConfig
-from .errors import Draining, PoolTimeout, ProxyInternalError
+from ..config import ServerAddress, UpstreamConfig
+from ..errors import Draining, PoolTimeout, ProxyInternalError
+from .h2_connection import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
 from .pool import PoolStatistics
-from .upstream_h2 import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
 
 ASSUMED_STREAMS = 100  # RFC 9113 section 6.5.2 recommends servers allow at least 100
 

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .. import __version__
-from ..exchange import ExchangeRecord
+from ... import __version__
+from ...exchange import ExchangeRecord
 from .recorder import BodyCopy, Entry, Inspector
 
 MASK = "[masked]"

@@ -10,13 +10,13 @@ from functools import partial
 
 import trio
 
-from .config import UpstreamConfig
-from .errors import ProxyError, UpstreamUnavailable
+from ..config import UpstreamConfig
+from ..errors import ProxyError, UpstreamUnavailable
+from ..tls_contexts import upstream_ssl_context
+from .api import ServerPool
 from .health import ProbeState, first_probe_offset, run_prober
 from .pool import Connector, UpstreamPool
 from .pool_h2 import H2Pool
-from .tls_contexts import upstream_ssl_context
-from .upstream_api import ServerPool
 
 
 class ServerHealth:

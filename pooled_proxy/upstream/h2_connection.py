@@ -37,9 +37,9 @@ import h2.settings
 import trio
 from h2.errors import ErrorCodes
 
-from . import fastio
-from .config import ServerAddress
-from .errors import (
+from .. import fastio
+from ..config import ServerAddress
+from ..errors import (
     ConnectTimeout,
     ProxyInternalError,
     StreamNotProcessed,
@@ -49,9 +49,9 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTlsError,
 )
-from .headers import Headers
-from .protocol.h2_client import Goaway, GoawaySplitter
-from .upstream import MAX_RESPONSE_HEAD, ResponseHead, open_stream
+from ..headers import Headers
+from ..protocol.h2_client import Goaway, GoawaySplitter
+from .connection import MAX_RESPONSE_HEAD, ResponseHead, open_stream
 
 LOG = logging.getLogger("pooled_proxy.upstream_h2")
 

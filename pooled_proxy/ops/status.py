@@ -26,11 +26,11 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
-from . import __version__
-from .balancer import UpstreamGroup
-from .config import Config, ServerAddress
+from .. import __version__
+from ..config import Config, ServerAddress
+from ..proxy import Proxy
+from ..upstream.balancer import UpstreamGroup
 from .metrics import ProxyMetrics
-from .proxy import Proxy
 
 SAMPLE_INTERVAL = 1.0  # seconds between two samples of the request counters
 HISTORY_SAMPLES = 300  # five minutes at one sample a second

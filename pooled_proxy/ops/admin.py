@@ -31,9 +31,9 @@ from typing import Protocol
 
 import trio
 
-from ._h11 import h11
-from .config import ServerAddress
-from .server.listen import bound_address, open_listeners
+from .._h11 import h11
+from ..config import ServerAddress
+from ..server.listen import bound_address, open_listeners
 from .status import StatusSource, json_body
 
 LOG = logging.getLogger("pooled_proxy.admin")

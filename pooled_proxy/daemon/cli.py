@@ -17,22 +17,22 @@ from functools import partial
 
 import trio
 
-from . import __version__
-from .accesslog import AccessLog
-from .admin import AdminServer
-from .config import Config, dev_config, load_config, parse_address
-from .errors import ConfigError
-from .forward import ExchangeObserver
-from .healthcheck import check as check_health
+from .. import __version__
+from ..config import Config, dev_config, load_config, parse_address
+from ..errors import ConfigError
+from ..forward import ExchangeObserver
+from ..ops.accesslog import AccessLog
+from ..ops.admin import AdminServer
+from ..ops.healthcheck import check as check_health
+from ..ops.metrics import ProxyMetrics
+from ..ops.status import StatusBoard
+from ..proxy import Proxy
+from ..route_hooks import load_route_hooks
+from ..tls_contexts import TlsContexts, load_tls_contexts
 from .lifecycle import Service
 from .lifecycle import run as run_proxy
-from .metrics import ProxyMetrics
-from .proxy import Proxy
-from .route_hooks import load_route_hooks
 from .runtime import tune_gc_for_serving
 from .sdnotify import Notifier
-from .status import StatusBoard
-from .tls_contexts import TlsContexts, load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy")
 
@@ -308,7 +308,7 @@ async def run_with_operations(
         observers.append(access_log)
     inspector = None
     if config.inspect.enabled and config.admin is not None:
-        from .inspector.recorder import Inspector
+        from ..ops.inspector.recorder import Inspector
 
         inspector = Inspector(config.inspect)
     proxy = Proxy(
@@ -323,8 +323,8 @@ async def run_with_operations(
     if metrics is not None and config.admin is not None:
         routes = None
         if inspector is not None:
-            from .inspector.endpoints import InspectorEndpoints
-            from .inspector.replay import Replayer
+            from ..ops.inspector.endpoints import InspectorEndpoints
+            from ..ops.inspector.replay import Replayer
 
             replayer = Replayer(proxy, inspector)
             services.append(replayer.run)
@@ -332,7 +332,7 @@ async def run_with_operations(
         admin = AdminServer(proxy, metrics, config.admin.listen, status=board, routes=routes)
         services.append(admin.serve)
     if metrics is not None and board is not None and supervisor_link is not None:
-        from .metrics_group import report
+        from ..ops.metrics_group import report
         from .workers import answer_supervisor
 
         def out_of_rotation() -> bytes:
@@ -360,7 +360,7 @@ async def run_with_operations(
 
 
 async def _demo(listen: str) -> None:
-    from .demo import DemoUpstream
+    from .demo_upstream import DemoUpstream
 
     async with trio.open_nursery() as nursery:
         upstream_port = await nursery.start(DemoUpstream().serve, "127.0.0.1", 0)

@@ -15,11 +15,11 @@ from typing import Any
 
 import trio
 
-from ..errors import ClientError
-from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
-from ..headers import Headers
-from ..protocol.request_checks import check_request
-from ..proxy import Proxy
+from ...errors import ClientError
+from ...exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
+from ...headers import Headers
+from ...protocol.request_checks import check_request
+from ...proxy import Proxy
 from .recorder import Inspector, PendingReplay
 from .views import MASK
 

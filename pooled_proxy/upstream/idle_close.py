@@ -31,7 +31,7 @@ import math
 from collections import deque
 from itertools import pairwise
 
-from .upstream import KEEPALIVE_SAFETY_MARGIN
+from .connection import KEEPALIVE_SAFETY_MARGIN
 
 SAMPLES = 8
 AGREEMENT = 1.25  # two closes agree when the later age is at most this times the earlier

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import trio
 
-from .config import Config, load_config, parse_config
-from .errors import ConfigError
-from .proxy import Proxy
-from .route_hooks import RouteHooks, load_route_hooks
+from ..config import Config, load_config, parse_config
+from ..errors import ConfigError
+from ..proxy import Proxy
+from ..route_hooks import RouteHooks, load_route_hooks
+from ..tls_contexts import TlsContexts, load_tls_contexts
 from .sdnotify import Notifier
-from .tls_contexts import TlsContexts, load_tls_contexts
 
 LOG = logging.getLogger("pooled_proxy.reload")
 

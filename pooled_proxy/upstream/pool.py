@@ -23,10 +23,10 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
-from .config import ServerAddress, UpstreamConfig
-from .errors import Draining, PoolTimeout
+from ..config import ServerAddress, UpstreamConfig
+from ..errors import Draining, PoolTimeout
+from .connection import UpstreamConnection, open_connection
 from .idle_close import IdleCloseLearner
-from .upstream import UpstreamConnection, open_connection
 
 
 class PooledConnection(Protocol):

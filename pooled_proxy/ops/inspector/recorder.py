@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import trio
 
-from ..config import InspectConfig
-from ..exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead, ResponseSink
-from ..headers import Headers
+from ...config import InspectConfig
+from ...exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead, ResponseSink
+from ...headers import Headers
 
 
 class BodyCopy:

@@ -49,13 +49,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
-from .exchange import ExchangeRecord
-from .health import PROBE_RESULTS
-from .proxy import PENDING
+from .. import __version__
+from ..exchange import ExchangeRecord
+from ..proxy import PENDING
+from ..upstream.health import PROBE_RESULTS
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
+    from ..proxy import Proxy
 
 # Every reason pool.py closes a connection for; each is exported (at 0 if need be) so a
 # dashboard or an alert can name a series before it first moves.

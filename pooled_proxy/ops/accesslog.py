@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .config import LogConfig
-from .exchange import ExchangeRecord
+from ..config import LogConfig
+from ..exchange import ExchangeRecord
 
 LOG = logging.getLogger("pooled_proxy.accesslog")
 
