@@ -2,7 +2,7 @@
 
 The supervisor binds every listen address with SO_REUSEPORT but never listens on it: that
 turns port 0 into one real port for all workers and holds the port while a worker restarts.
-Each worker is a fresh interpreter (``python -m pooled_proxy.daemon.workers``) that binds the same
+Each worker is a fresh interpreter (``python -m pooled_proxy.daemon.worker``) that binds the same
 addresses with SO_REUSEPORT and listens, so the kernel spreads new connections across them.
 
 The supervisor passes the config text it validated to each worker on its stdin, so a worker
@@ -42,11 +42,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import trio
 
-from ..config import Config, ServerAddress, parse_address, parse_config
+from ..config import Config, ServerAddress
 from ..errors import ConfigError
 from ..ops.admin import AdminServer
 from ..ops.metrics_group import GroupMetrics, Report
@@ -54,7 +53,6 @@ from ..ops.status import GroupStatus, JsonObject
 from ..server.listen import bind_reuse_port
 from .lifecycle import HANDLED_SIGNALS, IGNORED_SIGNALS, REOPEN_SIGNAL
 from .reload import log_problems, read_config, watch_file
-from .runtime import tune_gc_for_serving
 from .sdnotify import ENV as NOTIFY_ENV
 from .sdnotify import Notifier
 
@@ -251,7 +249,7 @@ class Supervisor:
             env[NOTIFY_ENV] = self._worker_notify
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "pooled_proxy.daemon.workers"],
+                [sys.executable, "-m", "pooled_proxy.daemon.worker"],
                 stdin=subprocess.PIPE,
                 env=env,
                 process_group=0,  # its own group: terminal signals reach the supervisor only
@@ -525,60 +523,3 @@ def supervise(config: Config, path: str, *, watch: bool = False) -> int:
     finally:
         for sock in reservations:
             sock.close()
-
-
-# -- the worker side ---------------------------------------------------------------------------
-
-
-async def _drain_when_orphaned() -> None:
-    """The supervisor holds our stdin open; EOF means it is gone: drain like on SIGTERM."""
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    async with stdin:
-        while await stdin.receive_some(4096):
-            pass
-    LOG.warning("supervisor gone: draining")
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-async def _serve_worker(config: Config, launch: Config, path: str, report_fd: int) -> None:
-    from .cli import run_with_operations
-
-    link = socket.socket(fileno=report_fd) if report_fd >= 0 else None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain_when_orphaned)
-        await run_with_operations(
-            config, config_path=path, launch_config=launch, supervisor_link=link
-        )
-        nursery.cancel_scope.cancel()
-
-
-def worker_config(spec: WorkerSpec, text: str) -> tuple[Config, Config]:
-    """(what this worker runs, what the file said): listen addresses pinned to the
-    supervisor's ports; no admin listener (the supervisor serves it for the group)."""
-    launch = parse_config(text, spec.config_path, base_dir=Path(spec.config_path).parent)
-    server = replace(launch.server, listen=tuple(parse_address(a) for a in spec.listen))
-    if server.tls is not None:
-        tls_listen = tuple(parse_address(a) for a in spec.tls_listen)
-        server = replace(server, tls=replace(server.tls, listen=tls_listen))
-    return replace(launch, server=server, admin=None), launch
-
-
-def worker_main() -> int:
-    from .cli import configure_logging
-
-    spec = WorkerSpec(**json.loads(os.environ[WORKER_ENV]))
-    size = int(sys.stdin.buffer.readline())
-    text = sys.stdin.buffer.read(size).decode()
-    config, launch = worker_config(spec, text)
-    configure_logging(config.log.level, tag=f"[worker {spec.index} pid {os.getpid()}]")
-    tune_gc_for_serving()
-    try:
-        trio.run(_serve_worker, config, launch, spec.config_path, spec.report_fd)
-    except OSError as exc:
-        LOG.error("%s", exc)
-        return EXIT_RUNTIME
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())
