@@ -28,7 +28,10 @@ from trio.lowlevel import (
     wait_writable,
 )
 
-MAX_RECEIVE = 64 * 1024  # the most one read takes, for the HTTP/1.1 shells
+MAX_RECEIVE = 64 * 1024  # the most one socket read takes, client or upstream side
+# How long a polite close of a client connection may linger: the last answer's bytes, a
+# GOAWAY, a TLS close_notify to a client that may not read them.
+CLOSE_TIMEOUT = 2.0
 
 
 def _fd(stream: trio.SocketStream) -> int:

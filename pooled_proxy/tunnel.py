@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import trio
 
+from .fastio import MAX_RECEIVE
 from .headers import Headers, client_response_headers, connection_tokens
 
-MAX_RECEIVE = 64 * 1024
-CLOSE_TIMEOUT = 1.0  # a TLS close_notify may wait this long for a peer that does not read
+CLOSE_NOTIFY_TIMEOUT = 1.0  # a TLS close_notify may wait this long for a peer that does not read
 # Protocols we tunnel. Others (e.g. h2c) are refused the upgrade: the request is forwarded
 # as an ordinary one, without its Upgrade header, and the answer is an ordinary response.
 TUNNELED_PROTOCOLS = frozenset({b"websocket"})
@@ -150,7 +150,7 @@ class _Tunnel:
             if not self.stats.closed_by:
                 self.stats.closed_by = "cancelled"
             for stream in self.streams.values():
-                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT, shield=True):
                     await stream.aclose()
         return self.stats
 

@@ -29,9 +29,10 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
+from ..fastio import MAX_RECEIVE
+
 log = logging.getLogger(__name__)
 
-_RECEIVE_SIZE = 64 * 1024
 _CHUNK = 64 * 1024
 # Byte i of every /bytes body is i % 256: generated once, sliced per chunk, checkable by tests.
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
@@ -193,7 +194,7 @@ class _Connection:
                         status_code=100, headers=[], reason=b"Continue"
                     )
                     await self._send(continue_)
-                self.conn.receive_data(await self.stream.receive_some(_RECEIVE_SIZE))
+                self.conn.receive_data(await self.stream.receive_some(MAX_RECEIVE))
             elif event is h11.PAUSED:
                 raise RuntimeError("h11 paused: next_event called outside a request cycle")
             else:
@@ -222,7 +223,7 @@ class _Connection:
         with trio.move_on_after(_LINGER):
             try:
                 await self.stream.send_eof()
-                while await self.stream.receive_some(_RECEIVE_SIZE):
+                while await self.stream.receive_some(MAX_RECEIVE):
                     pass
             except _NET_ERRORS:
                 pass

@@ -33,6 +33,7 @@ import trio
 
 from .._h11 import h11
 from ..config import ServerAddress
+from ..fastio import CLOSE_TIMEOUT
 from ..server.listen import bound_address, open_listeners
 from .status import StatusSource, json_body
 
@@ -48,11 +49,10 @@ STATUS_PATH = "/status"
 EVENTS_PATH = "/events"
 STATUS_PATHS = (PAGE_PATH, UPSTREAMS_PATH, CONFIG_PATH, STATUS_PATH, EVENTS_PATH)
 
-MAX_RECEIVE = 16 * 1024
+READ_SIZE = 16 * 1024  # the most one read takes: admin requests are small
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024  # a replay's edits at most; a larger body is answered 413
 REQUEST_TIMEOUT = 30.0  # to receive a whole request, keep-alive idle time included
-CLOSE_TIMEOUT = 2.0
 MAX_EVENT_STREAMS = 32  # open /events streams (status pages) at once; more get a 503
 EVENTS_RETRY_MS = 2000  # how soon a page reconnects after the process restarted
 
@@ -351,7 +351,7 @@ async def _read_request(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(MAX_RECEIVE)))
+            conn.receive_data(bytes(await stream.receive_some(READ_SIZE)))
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):

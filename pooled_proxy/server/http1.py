@@ -39,8 +39,6 @@ from .http1_response import ResponseWriter
 
 LOG = logging.getLogger("pooled_proxy.http1")
 
-CLOSE_TIMEOUT = 2.0  # how long a polite close may linger after an error answer
-
 
 class _Timeout(Exception):
     pass
@@ -221,7 +219,7 @@ class HTTP1Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.proxy.connections_by_protocol["http/1.1"] -= 1
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            with trio.move_on_after(fastio.CLOSE_TIMEOUT, shield=True):
                 await self.stream.aclose()
 
     async def _serve_one(self) -> bool:

@@ -53,7 +53,6 @@ from ..proxy import Proxy
 
 LOG = logging.getLogger("pooled_proxy.http2")
 
-MAX_RECEIVE = 64 * 1024
 # send_data returns once its stream has at most this much unsent: the writer keeps a frame's
 # worth to send while the forwarder reads the next upstream chunk, and never more than about
 # one flow-control window (this plus one upstream read) sits in the proxy per stream.
@@ -62,9 +61,8 @@ WRITE_BATCH = 64 * 1024  # the writer gathers up to this much before one send_al
 # Frames h2 wrote on its own (SETTINGS/PING ACKs, WINDOW_UPDATEs, HEADERS) that the client has
 # not taken yet: over this, we stop reading from it until it does.
 OUTBOX_PAUSE = 256 * 1024
-CLOSE_TIMEOUT = 2.0
 # A lingering close (after the last stream of a GOAWAY ended) waits for the client's EOF at
-# most this long in all, and gives up sooner on a client silent for CLOSE_TIMEOUT.
+# most this long in all, and gives up sooner on a client silent for fastio.CLOSE_TIMEOUT.
 LINGER_TIME = 30.0
 DEFAULT_WINDOW = 65535
 SETTING = h2.settings.SettingCodes
@@ -344,13 +342,13 @@ class HTTP2Connection:
                 # Let the writer flush the last frames (GOAWAY, final DATA) for a moment.
                 self._closing = True
                 self._wake_writer()
-                with trio.move_on_after(CLOSE_TIMEOUT):
+                with trio.move_on_after(fastio.CLOSE_TIMEOUT):
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
             if self._finished() and self._flushed:
                 await self._linger()
         finally:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            with trio.move_on_after(fastio.CLOSE_TIMEOUT, shield=True):
                 await self.stream.aclose()
 
     async def _linger(self) -> None:
@@ -367,8 +365,8 @@ class HTTP2Connection:
                 if isinstance(stream, trio.abc.HalfCloseableStream):
                     await stream.send_eof()
                 while True:
-                    with trio.move_on_after(CLOSE_TIMEOUT) as quiet:
-                        data = await stream.receive_some(MAX_RECEIVE)
+                    with trio.move_on_after(fastio.CLOSE_TIMEOUT) as quiet:
+                        data = await stream.receive_some(fastio.MAX_RECEIVE)
                     if quiet.cancelled_caught or not data:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -392,7 +390,7 @@ class HTTP2Connection:
             scope = self._read_scope = trio.CancelScope(deadline=self._read_deadline())
             try:
                 with scope:
-                    data = await fastio.receive_some(self.stream, MAX_RECEIVE)
+                    data = await fastio.receive_some(self.stream, fastio.MAX_RECEIVE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             finally:

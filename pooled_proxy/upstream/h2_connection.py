@@ -61,7 +61,7 @@ CONNECTION_WINDOW = 8 * 1024 * 1024
 DEFAULT_WINDOW = 65535  # RFC 9113's initial window, before our SETTINGS apply
 # A stream's send returns once the connection has at most this much not yet written.
 OUTBOX_LOW_WATER = 64 * 1024
-CLOSE_TIMEOUT = 1.0  # for the goodbye (GOAWAY) when the pool closes a connection
+GOAWAY_TIMEOUT = 1.0  # for the goodbye (GOAWAY) when the pool closes a connection
 SETTING = h2.settings.SettingCodes
 # Request fields that are HTTP/1.1's framing or connection handling: HTTP/2 forbids them
 # (RFC 9113 section 8.2.2). The forwarder already dropped the client's; these are the ones
@@ -203,7 +203,7 @@ class H2UpstreamConnection:
                     # Let the writer send what is left (our GOAWAY) for a moment.
                     self.closed = True
                     self._writer_wakeup.set()
-                    with trio.move_on_after(CLOSE_TIMEOUT):
+                    with trio.move_on_after(GOAWAY_TIMEOUT):
                         await self._writer_done.wait()
                     nursery.cancel_scope.cancel()
         finally:
