@@ -4,7 +4,7 @@
 
 The proxy runs as its own process (``pooled-proxy run`` with a config written here) in
 front of two upstreams: the demo upstream (own process) for good traffic, and the
-fault-injection upstream of the tests (``tests/faulty_upstream.py``, in this process) for
+fault-injection upstream of the tests (``tests/support/faulty_upstream.py``, in this process) for
 failures. For ``--duration`` seconds these clients run at once:
 
 - good: keep-alive clients doing GET /echo, POST /echo (4 KiB), GET /bytes/65536; and
@@ -46,7 +46,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.faulty_upstream import FaultyUpstream  # after the sys.path line above
+from tests.support.faulty_upstream import FaultyUpstream  # after the sys.path line above
 
 HOST = "127.0.0.1"
 SETTLE = 5.0  # > keepalive_timeout and idle_timeout below: idle connections are gone by then

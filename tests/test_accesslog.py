@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pooled_proxy.config import LogConfig
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.ops.accesslog import AccessLog, json_line
-from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
+from tests.support.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
 from tests.test_metrics import _closed_port
 
 COMBINED = re.compile(

@@ -27,8 +27,8 @@ from pooled_proxy.ops.admin import (
 )
 from pooled_proxy.ops.metrics import ProxyMetrics
 from pooled_proxy.proxy import Proxy
-from tests.helpers import HOST, H11Client, make_config
-from tests.operations import Scrape, start_operated_proxy
+from tests.support.helpers import HOST, H11Client, make_config
+from tests.support.operations import Scrape, start_operated_proxy
 from tests.test_cli import CLI, free_port, stop, wait_for_port
 
 

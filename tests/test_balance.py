@@ -6,7 +6,7 @@ import httpx
 import trio
 
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 
 async def _two_upstreams(nursery: trio.Nursery) -> tuple[list[DemoUpstream], list[int]]:

@@ -10,9 +10,9 @@ import trio
 
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from pooled_proxy.exchange import NO_BODY, Exchange, ExchangeRecord, RequestHead
-from tests.h2client import H2Client, H2Reply
-from tests.helpers import H11Client, make_config, raw_exchange
-from tests.operations import OperatedProxy, start_operated_proxy
+from tests.support.h2client import H2Client, H2Reply
+from tests.support.helpers import H11Client, make_config, raw_exchange
+from tests.support.operations import OperatedProxy, start_operated_proxy
 
 # Two failures in a minute would take a server out of the rotation for a minute.
 HEALTH = {"max_fails": 2, "fail_window": 60.0, "fail_timeout": 60.0}

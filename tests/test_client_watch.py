@@ -15,7 +15,7 @@ import h11
 import trio
 
 from pooled_proxy.exchange import ExchangeRecord
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.test_streaming import sse_request, wait_until
 
 

@@ -25,8 +25,8 @@ from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.ops.accesslog import AccessLog
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.routing import Router
-from tests.helpers import HOST, H11Client
-from tests.operations import start_operated_proxy
+from tests.support.helpers import HOST, H11Client
+from tests.support.operations import start_operated_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"

@@ -21,8 +21,8 @@ import yaml
 from pooled_proxy.config import Config, load_config, parse_config
 from pooled_proxy.daemon.cli import _parser
 from pooled_proxy.ops.admin import HEALTH_PATH, METRICS_PATH, READY_PATH
-from tests.helpers import make_config, start_proxy
-from tests.operations import start_operated_proxy
+from tests.support.helpers import make_config, start_proxy
+from tests.support.operations import start_operated_proxy
 from tests.test_cli import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from pooled_proxy.protocol.http1.parse import RequestChecker, Violation
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.server.http1 import HTTP1Connection
-from tests.faulty_upstream import FaultyUpstream, SeenRequest, read_until_close
-from tests.helpers import make_config
+from tests.support.faulty_upstream import FaultyUpstream, SeenRequest, read_until_close
+from tests.support.helpers import make_config
 
 SERVER = {
     "header_timeout": 10.0,

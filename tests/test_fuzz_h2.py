@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.server.http2 import HTTP2Connection
-from tests.faulty_upstream import FaultyUpstream, read_until_close
-from tests.helpers import make_config
+from tests.support.faulty_upstream import FaultyUpstream, read_until_close
+from tests.support.helpers import make_config
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SERVER = {

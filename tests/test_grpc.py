@@ -28,8 +28,8 @@ from pooled_proxy.config import (
     TlsConfig,
     UpstreamConfig,
 )
-from tests.h2client import H2Client
-from tests.helpers import HOST, start_proxy
+from tests.support.h2client import H2Client
+from tests.support.helpers import HOST, start_proxy
 
 SERVICE = "test.Echo"
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0)]
@@ -261,7 +261,7 @@ async def test_no_upstream_is_a_grpc_unavailable_in_trailers_only_form(
 async def test_grpc_timeout_is_the_calls_deadline(nursery: trio.Nursery) -> None:
     """The upstream never answers; the call's grpc-timeout (200 ms) ends it: DEADLINE_EXCEEDED
     to the client, and the upstream's stream is cancelled."""
-    from tests.h2upstream import H2Upstream
+    from tests.support.h2upstream import H2Upstream
 
     held = trio.Event()
 

@@ -12,9 +12,9 @@ import resource
 import pytest
 import trio
 
-from tests.daemon import DaemonConfig, running_daemon
-from tests.faulty_upstream import FaultyUpstream, open_fd_count, wait_until
-from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
+from tests.support.daemon import DaemonConfig, running_daemon
+from tests.support.faulty_upstream import FaultyUpstream, open_fd_count, wait_until
+from tests.support.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
 
 H = b"Host: test.local\r\n"
 CHUNKED = b"Transfer-Encoding: chunked\r\n"

@@ -18,7 +18,7 @@ from pooled_proxy.config import AdminConfig, HealthCheckConfig, ServerAddress
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.upstream.connection import UpstreamConnection
 from pooled_proxy.upstream.health import ProbeState
-from tests.faulty_upstream import (
+from tests.support.faulty_upstream import (
     FaultyUpstream,
     SeenRequest,
     _wait_for_close,
@@ -26,8 +26,8 @@ from tests.faulty_upstream import (
     read_until_close,
     wait_until,
 )
-from tests.helpers import H11Client, make_config
-from tests.operations import start_operated_proxy
+from tests.support.helpers import H11Client, make_config
+from tests.support.operations import start_operated_proxy
 
 CHECK = HealthCheckConfig(path="/healthz", interval=5.0, timeout=1.0, rise=2, fall=3)
 

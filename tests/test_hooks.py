@@ -34,7 +34,7 @@ from pooled_proxy.hooks import (
     redirect,
 )
 from pooled_proxy.route_hooks import load_route_hooks
-from tests.helpers import HOST, H11Client, RunningProxy, start_proxy
+from tests.support.helpers import HOST, H11Client, RunningProxy, start_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 _modules = itertools.count()

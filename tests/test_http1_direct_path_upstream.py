@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from pooled_proxy._h11 import h11 as proxy_h11
 from pooled_proxy.protocol.http1.write import direct_request
-from tests.faulty_upstream import SMUGGLED_RESPONSE, wait_until
-from tests.helpers import HOST, H11Client, make_config, start_proxy
+from tests.support.faulty_upstream import SMUGGLED_RESPONSE, wait_until
+from tests.support.helpers import HOST, H11Client, make_config, start_proxy
 
 CLOSE = None  # in a script: the upstream closes the connection there
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -1,5 +1,5 @@
 """The HTTP/2 front end end to end: real sockets, the demo upstream, httpx and a hand-driven h2
-client (tests/h2client.py) for what httpx cannot do (resets, closed windows, floods)."""
+client (tests/support/h2client.py) for what httpx cannot do (resets, closed windows, floods)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from tests.h2client import H2Client, H2Reply
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.h2client import H2Client, H2Reply
+from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.test_http1_direct_path_upstream import run as run_scripted
 
 ErrorCodes = h2.errors.ErrorCodes

@@ -15,8 +15,8 @@ import trio
 
 from pooled_proxy.config import InspectConfig, parse_config
 from pooled_proxy.errors import ConfigError
-from tests.helpers import H11Client, make_config
-from tests.operations import OperatedProxy, start_operated_proxy
+from tests.support.helpers import H11Client, make_config
+from tests.support.operations import OperatedProxy, start_operated_proxy
 from tests.test_streaming import MIB, _reset_peak_rss, _status_kib
 
 INSPECT = InspectConfig(enabled=True)

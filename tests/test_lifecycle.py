@@ -22,9 +22,9 @@ from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.proxy import FIRST_REQUEST_GRACE, Proxy
 from pooled_proxy.server.listen import handle_client
 from pooled_proxy.upstream.connection import UpstreamConnection
-from tests.daemon import DaemonConfig, running_daemon
-from tests.h2client import GoAway, H2Client, H2Reply
-from tests.helpers import H11Client, connection_storm, make_config, start_proxy
+from tests.support.daemon import DaemonConfig, running_daemon
+from tests.support.h2client import GoAway, H2Client, H2Reply
+from tests.support.helpers import H11Client, connection_storm, make_config, start_proxy
 
 # -- in-process, MockClock -------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ from pooled_proxy.config import (
     parse_config,
 )
 from pooled_proxy.ops.metrics import ProxyMetrics
-from tests.h2client import H2Client
-from tests.helpers import HOST, H11Client, make_config
-from tests.operations import Scrape, start_operated_proxy
+from tests.support.h2client import H2Client
+from tests.support.helpers import HOST, H11Client, make_config
+from tests.support.operations import Scrape, start_operated_proxy
 from tests.test_stale import OneShotUpstream
 
 
@@ -208,7 +208,7 @@ async def test_an_event_stream_stays_counted_across_a_reload(nursery, demo_upstr
 
 
 async def test_h2_connections_and_exchanges_are_counted(nursery, demo_upstream):
-    from tests.h2client import H2Client
+    from tests.support.h2client import H2Client
 
     _, port = demo_upstream
     proxy = await start_operated_proxy(nursery, make_config(port))
@@ -305,7 +305,7 @@ async def test_openmetrics_is_served_when_asked_for(nursery, demo_upstream):
 async def test_process_build_and_reload_metrics(nursery, demo_upstream, tmp_path):
     from pooled_proxy import __version__
     from pooled_proxy.daemon.reload import Reloader
-    from tests.daemon import DaemonConfig
+    from tests.support.daemon import DaemonConfig
 
     _, port = demo_upstream
     path = tmp_path / "proxy.toml"

@@ -23,9 +23,9 @@ from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.ops.accesslog import AccessLog, combined_line
 from pooled_proxy.ops.metrics import ProxyMetrics
-from tests.faulty_upstream import FaultyUpstream, refused_port
-from tests.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
-from tests.operations import Scrape
+from tests.support.faulty_upstream import FaultyUpstream, refused_port
+from tests.support.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
+from tests.support.operations import Scrape
 
 
 class Watched:

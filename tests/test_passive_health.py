@@ -13,8 +13,13 @@ import trio
 from pooled_proxy.config import ServerAddress
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.upstream.connection import UpstreamConnection
-from tests.faulty_upstream import FaultyUpstream, memory_client, read_until_close, refused_port
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.faulty_upstream import (
+    FaultyUpstream,
+    memory_client,
+    read_until_close,
+    refused_port,
+)
+from tests.support.helpers import H11Client, make_config, start_proxy
 
 HEALTH = {"max_fails": 2, "fail_window": 10.0, "fail_timeout": 30.0, "response_header_timeout": 5.0}
 

@@ -9,7 +9,7 @@ import httpx
 import trio
 
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
-from tests.helpers import H11Client, make_config, raw_exchange, start_proxy
+from tests.support.helpers import H11Client, make_config, raw_exchange, start_proxy
 
 
 async def test_get_is_forwarded_with_forwarding_headers(nursery, demo_upstream):

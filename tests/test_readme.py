@@ -18,7 +18,7 @@ from pooled_proxy import errors
 from pooled_proxy.config import dev_config
 from pooled_proxy.daemon.cli import _parser, dev_config_from_args, main
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
-from tests.helpers import H11Client, start_proxy
+from tests.support.helpers import H11Client, start_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

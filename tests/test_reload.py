@@ -12,8 +12,8 @@ import trio
 
 from pooled_proxy.config import Config, parse_config
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
-from tests.daemon import DaemonConfig, running_daemon
-from tests.helpers import H11Client, start_proxy
+from tests.support.daemon import DaemonConfig, running_daemon
+from tests.support.helpers import H11Client, start_proxy
 
 
 def routes(*names: str) -> list[dict[str, object]]:

@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from pooled_proxy.ops.accesslog import AccessLog
-from tests.faulty_upstream import FaultyUpstream, refused_port
-from tests.h2client import H2Client
-from tests.helpers import H11Client, make_config, raw_exchange, start_proxy
+from tests.support.faulty_upstream import FaultyUpstream, refused_port
+from tests.support.h2client import H2Client
+from tests.support.helpers import H11Client, make_config, raw_exchange, start_proxy
 
 NEW_ID = re.compile(rb"[0-9a-f]{24}")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.h2client import H2Client, H2Reply
-from tests.helpers import make_config, raw_exchange, start_proxy
+from tests.support.h2client import H2Client, H2Reply
+from tests.support.helpers import make_config, raw_exchange, start_proxy
 
 OK = (200, None)
 BAD = (400, b"http_request_error")

@@ -11,10 +11,10 @@ import time
 import httpx
 import trio
 
-from tests.faulty_upstream import FaultyUpstream, refused_port
-from tests.h2client import H2Client
-from tests.helpers import H11Client, make_config, start_proxy
-from tests.operations import start_operated_proxy
+from tests.support.faulty_upstream import FaultyUpstream, refused_port
+from tests.support.h2client import H2Client
+from tests.support.helpers import H11Client, make_config, start_proxy
+from tests.support.operations import start_operated_proxy
 
 
 def _assert_now(date: bytes) -> None:

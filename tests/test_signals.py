@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.daemon import Daemon, DaemonConfig, running_daemon
-from tests.helpers import H11Client
+from tests.support.daemon import Daemon, DaemonConfig, running_daemon
+from tests.support.helpers import H11Client
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers and SO_PASSCRED"

@@ -8,7 +8,7 @@ import h11
 import trio
 import trio.testing
 
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
 
 
 class OneShotUpstream:

@@ -33,11 +33,11 @@ from pooled_proxy.ops.metrics import ProxyMetrics
 from pooled_proxy.ops.status import StatusBoard, config_json, merge_statuses
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.upstream.balancer import ServerHealth
-from tests.daemon import DaemonConfig, running_daemon
-from tests.faulty_upstream import refused_port
-from tests.h2client import H2Client
-from tests.helpers import HOST, H11Client, make_config
-from tests.operations import OperatedProxy, start_operated_proxy
+from tests.support.daemon import DaemonConfig, running_daemon
+from tests.support.faulty_upstream import refused_port
+from tests.support.h2client import H2Client
+from tests.support.helpers import HOST, H11Client, make_config
+from tests.support.operations import OperatedProxy, start_operated_proxy
 from tests.test_websocket import WSClient, WSEchoUpstream
 from tests.test_workers import pids_serving
 

@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from pooled_proxy.exchange import ExchangeRecord
-from tests.h2client import H2Client
-from tests.helpers import HOST, H11Client, make_config, start_proxy
+from tests.support.h2client import H2Client
+from tests.support.helpers import HOST, H11Client, make_config, start_proxy
 
 # -- tools -------------------------------------------------------------------------------------
 

@@ -19,9 +19,9 @@ from hyperframe.frame import HeadersFrame
 
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.proxy import Proxy
-from tests.faulty_upstream import FaultyUpstream, memory_client, read_until_close
-from tests.h2client import H2Client
-from tests.helpers import make_config
+from tests.support.faulty_upstream import FaultyUpstream, memory_client, read_until_close
+from tests.support.h2client import H2Client
+from tests.support.helpers import make_config
 
 SERVER = {
     "header_timeout": 10.0,

@@ -14,8 +14,8 @@ import trustme
 
 from pooled_proxy.config import ServerAddress, TlsConfig
 from pooled_proxy.daemon.cli import main
-from tests.h2client import H2Client
-from tests.helpers import HOST, make_config
+from tests.support.h2client import H2Client
+from tests.support.helpers import HOST, make_config
 
 
 @pytest.fixture(scope="module")

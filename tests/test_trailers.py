@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from tests.faulty_upstream import FaultyUpstream
-from tests.h2client import H2Client
-from tests.helpers import HOST, make_config, raw_exchange, start_proxy
+from tests.support.faulty_upstream import FaultyUpstream
+from tests.support.h2client import H2Client
+from tests.support.helpers import HOST, make_config, raw_exchange, start_proxy
 
 RELAYED = b"0\r\ngrpc-status: 0\r\nx-checksum: c0ffee\r\n\r\n"
 DROPPED = b"0\r\n\r\n"

@@ -11,7 +11,7 @@ import logging
 
 import trio
 
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.test_stale import OneShotUpstream
 
 

@@ -12,14 +12,14 @@ import h11
 import pytest
 import trio
 
-from tests.faulty_upstream import (
+from tests.support.faulty_upstream import (
     BAD_HEADS,
     FaultyUpstream,
     open_fd_count,
     refused_port,
     wait_until,
 )
-from tests.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
+from tests.support.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
 
 TIMEOUTS = {"response_header_timeout": 0.3, "read_timeout": 0.3}
 

@@ -1,4 +1,4 @@
-"""HTTP/2 to the upstream, against a hand-driven h2 server on real sockets (tests/h2upstream.py):
+"""HTTP/2 to the upstream, against a hand-driven h2 server on real sockets (tests/support/h2upstream.py):
 streams multiplexed on few connections, the stream and connection limits and the wait queue,
 GOAWAY and REFUSED_STREAM replayed, resets relayed both ways, flow control both ways, the
 idle timeout (on a MockClock), and servers that do not speak HTTP/2."""
@@ -14,9 +14,9 @@ import trio.testing
 from h2.errors import ErrorCodes
 
 from pooled_proxy.config import Config, RouteConfig, ServerAddress, ServerConfig, UpstreamConfig
-from tests.h2client import H2Client
-from tests.h2upstream import H2Upstream, ServerConnection, UpstreamRequest, answer
-from tests.helpers import HOST, H11Client, start_proxy
+from tests.support.h2client import H2Client
+from tests.support.h2upstream import H2Upstream, ServerConnection, UpstreamRequest, answer
+from tests.support.helpers import HOST, H11Client, start_proxy
 
 
 def h2_config(port: int, **upstream: Any) -> Config:

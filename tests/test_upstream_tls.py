@@ -21,7 +21,7 @@ from pooled_proxy.daemon.cli import main
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from pooled_proxy.daemon.lifecycle import run
 from pooled_proxy.proxy import Proxy
-from tests.helpers import HOST, H11Client, RunningProxy, start_proxy
+from tests.support.helpers import HOST, H11Client, RunningProxy, start_proxy
 
 
 @dataclass

@@ -8,7 +8,7 @@ import socket
 import trio
 
 from pooled_proxy.log_limit import WarningLimiter
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
 
 
 def test_one_line_per_key_per_interval_with_the_count_of_the_rest():

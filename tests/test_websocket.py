@@ -28,7 +28,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.tunnel import requested_upgrade, run_tunnel
-from tests.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
+from tests.support.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
 from tests.test_tls import ca, client_context, tls_files, tls_port  # noqa: F401 (fixtures)
 
 # -- peers -------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_requested_upgrade_only_for_a_single_websocket_with_connection_upgrade()
 
 
 async def test_a_tunnel_is_logged_when_it_closes_and_counted_as_upgraded(nursery):
-    from tests.operations import start_operated_proxy
+    from tests.support.operations import start_operated_proxy
 
     upstream = WSEchoUpstream()
     port = await nursery.start(upstream.serve)

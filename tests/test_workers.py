@@ -21,9 +21,9 @@ from prometheus_client.openmetrics.parser import (
 
 from pooled_proxy import __version__
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
-from tests.daemon import Daemon, DaemonConfig, running_daemon
-from tests.helpers import HOST, H11Client, connection_storm
-from tests.operations import Scrape
+from tests.support.daemon import Daemon, DaemonConfig, running_daemon
+from tests.support.helpers import HOST, H11Client, connection_storm
+from tests.support.operations import Scrape
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from tests.helpers import H11Client
+from tests.support.helpers import H11Client
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import trustme
 from pooled_proxy.config import ServerAddress, TlsConfig
 from pooled_proxy.daemon.lifecycle import serve
 from pooled_proxy.proxy import Proxy
-from tests.helpers import make_config
+from tests.support.helpers import make_config
 
 from .servers import (
     APPS,

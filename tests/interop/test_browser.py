@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 from .browser import Browser
 from .conftest import TlsSetup, start_tls_proxy

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 from .checks import assert_live, payload, sse_events_from_lines
 from .clients import curl, stream_lines

@@ -11,8 +11,8 @@ import httpx
 import trio
 import trio.testing
 
-from tests.helpers import H11Client, make_config, start_proxy
-from tests.operations import start_operated_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
+from tests.support.operations import start_operated_proxy
 
 from .checks import payload, post_roundtrip
 

@@ -11,7 +11,7 @@ import httpx
 import trio
 import trio.testing
 
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 from .checks import assert_live, payload, post_roundtrip, read_sse, sse_events_from_lines
 from .clients import curl, h2load, run, stream_lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import trio
 
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 from .checks import assert_live, payload, post_roundtrip, read_sse
 

@@ -20,8 +20,8 @@ import pytest
 import trio
 
 from pooled_proxy.config import InspectConfig
-from tests.helpers import make_config
-from tests.operations import start_operated_proxy
+from tests.support.helpers import make_config
+from tests.support.operations import start_operated_proxy
 
 from .browser import Browser
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio.testing
 
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 from .clients import h2load
 

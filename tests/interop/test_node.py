@@ -22,8 +22,8 @@ import pytest
 import trio
 
 from pooled_proxy.upstream.connection import KEEPALIVE_SAFETY_MARGIN
-from tests.helpers import make_config, start_proxy
-from tests.operations import OperatedProxy, start_operated_proxy
+from tests.support.helpers import make_config, start_proxy
+from tests.support.operations import OperatedProxy, start_operated_proxy
 
 from .checks import (
     Lane,

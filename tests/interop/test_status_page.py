@@ -19,10 +19,10 @@ import h11
 import pytest
 import trio
 
-from tests.faulty_upstream import refused_port
-from tests.h2client import H2Client
-from tests.helpers import H11Client
-from tests.operations import start_operated_proxy
+from tests.support.faulty_upstream import refused_port
+from tests.support.h2client import H2Client
+from tests.support.helpers import H11Client
+from tests.support.operations import start_operated_proxy
 from tests.test_status import two_upstreams
 
 from .browser import Browser

@@ -7,7 +7,7 @@ from functools import partial
 import httpx
 import trio
 
-from tests.helpers import H11Client, make_config, start_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
 
 from .checks import (
     Lane,

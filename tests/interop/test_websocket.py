@@ -15,7 +15,7 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
-from tests.helpers import make_config, start_proxy
+from tests.support.helpers import make_config, start_proxy
 
 from .conftest import TlsSetup, start_tls_proxy
 

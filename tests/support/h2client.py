@@ -12,7 +12,7 @@ import h2.events
 import trio
 from hyperframe.frame import Frame, GoAwayFrame
 
-from tests.helpers import HOST
+from tests.support.helpers import HOST
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pooled_proxy.ops.inspector.recorder import Inspector
 from pooled_proxy.ops.inspector.replay import Replayer
 from pooled_proxy.ops.metrics import ProxyMetrics
 from pooled_proxy.ops.status import SAMPLE_INTERVAL, StatusBoard
-from tests.helpers import HOST, RunningProxy, start_proxy
+from tests.support.helpers import HOST, RunningProxy, start_proxy
 
 
 @dataclass

@@ -17,7 +17,7 @@ import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from tests.helpers import HOST
+from tests.support.helpers import HOST
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""What the tests share: real upstreams, clients and a proxy daemon to run them against."""
