@@ -157,6 +157,39 @@ async def test_reset_mid_body_cancels_only_that_stream_and_closes_its_upstream_c
     assert len(client.replies[big].body) < 100_000_000
 
 
+async def test_the_streams_after_a_reset_one_are_served_on_the_same_connection(
+    nursery, demo_upstream
+):
+    # Streams one at a time: the connection serves them all with the same worker task, whose
+    # cancel scope a reset uses up.
+    upstream, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(10):
+        async with await H2Client.connect(proxy.port) as client:
+            first = await client.get("/echo")
+            slow = await client.start("GET", "/slow?delay=5")
+            while not proxy.pool().statistics().in_use:
+                await trio.sleep(0.01)
+            client.conn.reset_stream(slow, ErrorCodes.CANCEL)
+            await client.flush()
+            while proxy.pool().statistics().in_use:
+                await trio.sleep(0.01)
+            # Reset in the same write as its HEADERS: stopped before it reaches the upstream.
+            at_once = client.conn.get_next_available_stream_id()
+            client.replies[at_once] = H2Reply()
+            client.conn.send_headers(
+                at_once, client.request_headers("GET", "/echo?at-once"), end_stream=True
+            )
+            client.conn.reset_stream(at_once, ErrorCodes.CANCEL)
+            await client.flush()
+            after = [await client.get(f"/echo?after={i}") for i in range(3)]
+    assert first.status == 200
+    assert [reply.status for reply in after] == [200, 200, 200]
+    assert not client.replies[at_once].status
+    assert upstream.stats.requests == 5  # first, slow and the three after
+    assert proxy.pool().statistics().closed.get("error") == 1  # slow's, closed mid-wait
+
+
 async def test_a_reader_that_never_opens_its_window_does_not_grow_the_proxy(nursery, demo_upstream):
     _upstream, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))

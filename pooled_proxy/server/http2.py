@@ -1,17 +1,20 @@
-"""The HTTP/2 front end: one h2 connection per client, one task per stream, flow control both ways.
+"""The HTTP/2 front end: one h2 connection per client, reused stream workers, flow control both ways.
 
 Shape (hypercorn's, with the proxy's needs added):
 
 - one **reader** (the connection task itself) feeds the client's bytes to a
   :class:`~pooled_proxy.protocol.h2_server.FrameGuard` and to h2, and turns h2 events into
   stream work;
-- one **writer** task owns the socket's send side. Stream tasks never write: they put bytes
+- one **writer** task owns the socket's send side. Stream workers never write to the socket: they put bytes
   in their stream's small buffer, and the writer sends DATA frames round-robin, each at most
   ``min(flow-control window, max frame size)``. A stream's ``send_data`` returns only once its
   buffer is down to ``STREAM_LOW_WATER``, so a client that does not open its window stops the
   forwarder reading from that stream's upstream: backpressure, never an unbounded buffer;
-- one **task per stream** in the connection's nursery runs ``forwarder.forward(Exchange)``,
-  the same path HTTP/1.1 uses, with the stream as its ``ResponseSink``;
+- **stream workers** in the connection's nursery each run one stream at a time through
+  ``forwarder.forward(Exchange)``, the same path HTTP/1.1 uses, with the stream as its
+  ``ResponseSink``; a worker whose stream is over waits for the connection's next one (a new
+  stream starts a new worker only when none is free), and a reset cancels only the scope of
+  the worker serving that stream;
 - request bodies are credited back to the client (WINDOW_UPDATE) only after the forwarder has
   sent a chunk upstream, so a slow upstream slows the client down too.
 """
@@ -29,6 +32,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import outcome
 import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
@@ -65,6 +69,9 @@ OUTBOX_PAUSE = 256 * 1024
 # most this long in all, and gives up sooner on a client silent for fastio.CLOSE_TIMEOUT.
 LINGER_TIME = 30.0
 DEFAULT_WINDOW = 65535
+# Stream workers a connection keeps waiting for its next streams (a burst of more concurrent
+# streams starts more; those over this number end when their stream does).
+IDLE_WORKERS = 16
 SETTING = h2.settings.SettingCodes
 
 install_fast_header_checks()
@@ -81,7 +88,10 @@ class H2Stream:
         self.connection = connection
         self.id = stream_id
         self.record = record
-        self.scope = trio.CancelScope()
+        # The cancel scope of the worker serving the stream, while one does; ``cancel()``
+        # before that marks it for cancelling once a worker takes it.
+        self.scope: trio.CancelScope | None = None
+        self.cancelled = False
         self.head_sent = False
         # request body, filled by the reader
         self.inbound: deque[tuple[bytes, int]] = deque()
@@ -118,6 +128,12 @@ class H2Stream:
             self._body_arrived.set()
         if self._progress is not None:
             self._progress.set()
+
+    def cancel(self) -> None:
+        """Stop the stream's work (its forwarder) at its next checkpoint."""
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
 
     def whole_request_body(self) -> bytes | None:
         """The request's whole body if all of it arrived before the stream's task ran (a
@@ -247,6 +263,11 @@ class H2Stream:
             self._progress.set()
 
 
+# A stream for a worker: the stream, its request's header block, and whether END_STREAM came
+# with it.
+_Job = tuple[H2Stream, Headers, bool]
+
+
 class HTTP2Connection:
     """Serves one HTTP/2 client connection until it closes, fails, idles out or drains."""
 
@@ -287,6 +308,7 @@ class HTTP2Connection:
         )
         self.streams: dict[int, H2Stream] = {}
         self.streams_started = 0
+        self._idle_workers: list[trio.lowlevel.Task] = []
         self._sending: dict[H2Stream, None] = {}  # streams with DATA or an end to send, in turn
         self._outbox = bytearray()
         self._writer_wakeup = trio.Event()
@@ -375,7 +397,7 @@ class HTTP2Connection:
     def _shut_streams(self) -> None:
         for stream in list(self.streams.values()):
             stream.close()
-            stream.scope.cancel()
+            stream.cancel()
 
     async def _read_loop(self) -> None:
         data = self.initial_data
@@ -452,7 +474,7 @@ class HTTP2Connection:
                     stream.record.error = ClientDisconnected.proxy_status
                 stream.close()
                 # Cancelling forward() closes the upstream connection instead of pooling it.
-                stream.scope.cancel()
+                stream.cancel()
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._wake_writer()
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -485,11 +507,53 @@ class HTTP2Connection:
             stream.request_ended = True
         self.streams[stream_id] = stream
         self.streams_started += 1
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, stream, event.headers or [], bodiless)
+        job = (stream, event.headers or [], bodiless)
+        if self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop(), outcome.Value(job))
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._stream_worker, job)
         limit = self.proxy.server.max_requests_per_connection
         if limit and self.streams_started >= limit:
             self._start_goaway()
+
+    async def _stream_worker(self, job: _Job | None) -> None:
+        """Serve streams one after another: ``job``, then whatever ``_stream_opened`` hands
+        over while this task waits among the idle workers.
+
+        A task and a cancel scope for every stream cost more than a stream's own work in the
+        front end; a connection's workers are reused from one request to the next, and a
+        worker's cancel scope is replaced only after it was used to stop a stream (a reset).
+        """
+        while job is not None:
+            with trio.CancelScope() as scope:
+                while job is not None:
+                    stream = job[0]
+                    stream.scope = scope
+                    if stream.cancelled:  # reset before this worker took it
+                        scope.cancel()
+                    await self._run_stream(*job)
+                    stream.scope = None
+                    # Once a reset has cancelled this scope, the wait raises Cancelled at
+                    # once: the next stream gets a new scope.
+                    job = await self._next_job()
+            if scope.cancelled_caught:
+                job = await self._next_job()
+
+    async def _next_job(self) -> _Job | None:
+        """Wait among the idle workers for the next stream; ``None`` if enough wait already
+        (the worker ends)."""
+        if len(self._idle_workers) >= IDLE_WORKERS:
+            return None
+        task = trio.lowlevel.current_task()
+        self._idle_workers.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._idle_workers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        job: _Job = await trio.lowlevel.wait_task_rescheduled(abort)
+        return job
 
     async def _run_stream(self, stream: H2Stream, header_block: Headers, bodiless: bool) -> None:
         proxy = self.proxy
@@ -497,61 +561,60 @@ class HTTP2Connection:
         record = stream.record
         proxy.active_exchanges += 1
         try:
-            with stream.scope:
-                try:
-                    head = request_head(
-                        header_block,
-                        end_stream=bodiless,
-                        scheme=self.scheme,
-                        client_ip=self.client_ip,
-                        max_header_count=proxy.server.max_header_count,
+            try:
+                head = request_head(
+                    header_block,
+                    end_stream=bodiless,
+                    scheme=self.scheme,
+                    client_ip=self.client_ip,
+                    max_header_count=proxy.server.max_header_count,
+                )
+                record.method, record.target = head.method, head.target
+                limit = proxy.server.max_body_bytes
+                if limit and (head.content_length or 0) > limit:
+                    raise BodyTooLarge(f"Content-Length over max_body_bytes ({limit})")
+            except ProxyError as exc:
+                for name, value in header_block:  # for the log, whatever was refused
+                    if name == b":method":
+                        record.method = value
+                    elif name == b":path":
+                        record.target = value
+                await forwarder.answer_error(stream, record, exc)
+                record.duration = trio.current_time() - record.start
+                for observer in forwarder.observers:
+                    observer(record)
+                return
+            if not head.has_body:
+                await forwarder.forward(
+                    Exchange(head=head, body=NO_BODY, sink=stream, record=record)
+                )
+                return
+            whole_body = stream.whole_request_body()
+            if whole_body is not None:
+                if head.content_length is None:
+                    # Framed upstream by its length, as it is all here (h2 checked a
+                    # content-length the client sent against its DATA).
+                    head.content_length = len(whole_body)
+                    head.headers.append((b"content-length", b"%d" % len(whole_body)))
+                await forwarder.forward(
+                    Exchange(
+                        head=head,
+                        body=NO_BODY,
+                        sink=stream,
+                        record=record,
+                        whole_body=whole_body,
                     )
-                    record.method, record.target = head.method, head.target
-                    limit = proxy.server.max_body_bytes
-                    if limit and (head.content_length or 0) > limit:
-                        raise BodyTooLarge(f"Content-Length over max_body_bytes ({limit})")
-                except ProxyError as exc:
-                    for name, value in header_block:  # for the log, whatever was refused
-                        if name == b":method":
-                            record.method = value
-                        elif name == b":path":
-                            record.target = value
-                    await forwarder.answer_error(stream, record, exc)
-                    record.duration = trio.current_time() - record.start
-                    for observer in forwarder.observers:
-                        observer(record)
-                    return
-                if not head.has_body:
-                    await forwarder.forward(
-                        Exchange(head=head, body=NO_BODY, sink=stream, record=record)
-                    )
-                    return
-                whole_body = stream.whole_request_body()
-                if whole_body is not None:
-                    if head.content_length is None:
-                        # Framed upstream by its length, as it is all here (h2 checked a
-                        # content-length the client sent against its DATA).
-                        head.content_length = len(whole_body)
-                        head.headers.append((b"content-length", b"%d" % len(whole_body)))
-                    await forwarder.forward(
-                        Exchange(
-                            head=head,
-                            body=NO_BODY,
-                            sink=stream,
-                            record=record,
-                            whole_body=whole_body,
-                        )
-                    )
-                    return
-                body = stream.request_body()
-                try:
-                    exchange = Exchange(head=head, body=body, sink=stream, record=record)
-                    await forwarder.forward(exchange)
-                finally:
-                    # The forwarder may stop mid-body (an early answer, a reset): close the
-                    # generator now rather than leave it to the garbage collector.
-                    with trio.CancelScope(shield=True):
-                        await body.aclose()
+                )
+                return
+            body = stream.request_body()
+            try:
+                exchange = Exchange(head=head, body=body, sink=stream, record=record)
+                await forwarder.forward(exchange)
+            finally:
+                # The forwarder may stop mid-body (an early answer, a reset): close the
+                # generator now rather than leave it to the garbage collector.
+                with trio.CancelScope(shield=True):
+                    await body.aclose()
         except Exception:
             # A bug in one exchange must not take the connection's other streams down;
             # _stream_done resets this one.
