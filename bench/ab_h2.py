@@ -10,7 +10,9 @@ first on ``sys.path``, so each imports its own ``pooled_proxy``); h2load and ngi
 CPU 1. Each pair runs ``h2load -c16 -m10`` against A and B, in alternating order, and reads the
 proxy's CPU time from ``/proc/PID/schedstat``: on a shared machine the load of others moves the
 absolute figures by tens of percent within minutes, so only runs taken side by side are
-compared. It prints every pair, then the medians and the median of the pairwise differences.
+compared. With ``--together`` each pair loads A and B at the same time: both proxies share CPU
+0 and whatever else the machine runs there during those seconds, which cancels more of the
+noise. It prints every pair, then the medians and the median of the pairwise differences.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -60,6 +63,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--h1", action="store_true", help="wrk -c64 over HTTP/1.1 instead")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="load A and B at the same time (they share CPU 0, and whatever else runs there)",
+    )
     args = parser.parse_args()
     load = vs_nginx.run_wrk if args.h1 else vs_nginx.run_h2load
     vs_nginx.ensure_tools()
@@ -98,10 +106,23 @@ def main() -> int:
         rps: dict[str, list[float]] = {"A": [], "B": []}
         for pair in range(args.pairs):
             order = ("A", "B") if pair % 2 == 0 else ("B", "A")
+            results: dict[str, dict[str, float]] = {}
+
+            def run(name: str, results: dict[str, dict[str, float]] = results) -> None:
+                results[name] = load(ports[name], args.duration, vs_nginx.LOAD_CPU, pids[name])
+
+            if args.together:
+                threads = [threading.Thread(target=run, args=(name,)) for name in order]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            else:
+                for name in order:
+                    run(name)
             for name in order:
-                result = load(ports[name], args.duration, vs_nginx.LOAD_CPU, pids[name])
-                cpu[name].append(result["cpu_us"])
-                rps[name].append(result["rps"])
+                cpu[name].append(results[name]["cpu_us"])
+                rps[name].append(results[name]["rps"])
             print(
                 f"pair {pair + 1}: A {cpu['A'][-1]:6.1f} us ({rps['A'][-1]:7.0f} req/s)   "
                 f"B {cpu['B'][-1]:6.1f} us ({rps['B'][-1]:7.0f} req/s)   "

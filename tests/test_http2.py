@@ -10,6 +10,7 @@ import tracemalloc
 import h2.errors
 import h2.events
 import h2.settings
+import hpack
 import httpx
 import pytest
 import trio
@@ -188,6 +189,22 @@ async def test_the_streams_after_a_reset_one_are_served_on_the_same_connection(
     assert not client.replies[at_once].status
     assert upstream.stats.requests == 5  # first, slow and the three after
     assert proxy.pool().statistics().closed.get("error") == 1  # slow's, closed mid-wait
+
+
+async def test_request_ids_stay_out_of_the_clients_hpack_table(nursery, demo_upstream):
+    # New in every response, so indexing them would push out the fields that repeat.
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            replies = [await client.get("/echo") for _ in range(20)]
+    ids = {reply.header(b"x-request-id") for reply in replies}
+    assert len(ids) == 20 and None not in ids
+    for reply in replies:
+        (field,) = [field for field in reply.headers if field[0] == b"x-request-id"]
+        assert isinstance(field, hpack.NeverIndexedHeaderTuple)
+    table = client.conn.decoder.header_table.dynamic_entries
+    assert table and not [entry for entry in table if entry[0] == b"x-request-id"]
 
 
 async def test_a_reader_that_never_opens_its_window_does_not_grow_the_proxy(nursery, demo_upstream):

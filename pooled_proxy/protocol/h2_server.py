@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h2.utilities
+from hpack import NeverIndexedHeaderTuple
 
 from ..errors import ClientError
 from ..exchange import RequestHead
@@ -226,6 +227,20 @@ def request_head(
         content_length=content_length,
         validated=True,
     )
+
+
+def never_indexed(block: list[tuple[bytes, bytes]], name: bytes) -> None:
+    """Mark the field ``name`` in a response header ``block`` as one HPACK must not index.
+
+    For the request ID, new in every response: indexed, each one would take a place in the
+    connection's dynamic table, pushing out the fields that repeat (``server``, ``via``,
+    ``content-type``), which then go out as literals again, and HPACK's encoder searches
+    that table linearly for every field it sends.
+    """
+    for index in range(len(block) - 1, 0, -1):
+        if block[index][0] == name:
+            block[index] = NeverIndexedHeaderTuple(*block[index])
+            return
 
 
 # -- h2's inbound header validation, fast for an ordinary request -----------------------

@@ -51,6 +51,7 @@ from ..protocol.h2_server import (
     FrameGuard,
     H2Abuse,
     install_fast_header_checks,
+    never_indexed,
     request_head,
 )
 from ..proxy import Proxy
@@ -186,9 +187,10 @@ class H2Stream:
         self, status: int, headers: Headers, *, body: bytes = b"", end: bool = False
     ) -> None:
         connection = self.connection
-        connection.send_headers(
-            self, h1_response_to_h2(status, headers), end=end and not body, pull=not body
-        )
+        block = h1_response_to_h2(status, headers)
+        if self.record.request_id:
+            never_indexed(block, connection.proxy.forwarder.request_id_header)
+        connection.send_headers(self, block, end=end and not body, pull=not body)
         self.head_sent = True
         if not body:
             if end:
