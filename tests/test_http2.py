@@ -361,6 +361,56 @@ async def test_protocol_errors_end_in_goaway_not_in_a_crash(nursery, demo_upstre
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def _raw_headers(client: H2Client, stream_id: int, block: list[tuple[bytes, bytes]]) -> bytes:
+    """A HEADERS frame with END_STREAM as a careless client would send it: no checks."""
+    data = client.conn.encoder.encode(block)
+    return HeadersFrame(stream_id, data=data, flags=["END_HEADERS", "END_STREAM"]).serialize()
+
+
+async def test_a_malformed_header_block_ends_the_connection_as_h2_would(
+    nursery, demo_upstream, caplog
+):
+    # h2's inbound checks run on every request block: a refused one is a connection error
+    # (GOAWAY PROTOCOL_ERROR naming it), and nothing of the read it came in is served.
+    upstream, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    request = H2Client.request_headers(None, "GET", "/echo")  # type: ignore[arg-type]
+    refused = {
+        "upper-case name": [*request, (b"X-Upper", b"1")],
+        "pseudo-header after a field": [*request[:3], (b"accept", b"*/*"), request[3]],
+        "empty last cookie crumb": [*request, (b"cookie", b"a=1"), (b"cookie", b"")],
+        "space around a value": [*request, (b"accept", b" */*")],
+        "connection header": [*request, (b"connection", b"close")],
+    }
+    with trio.fail_after(10):
+        for name, block in refused.items():
+            async with await H2Client.connect(proxy.port) as client:
+                # Stream 5 comes in the same read, after the refused block: h2 never saw it.
+                await client.send_raw(
+                    _raw_headers(client, 1, request)
+                    + _raw_headers(client, 3, block)
+                    + _raw_headers(client, 5, request)
+                )
+                await _expect_cut_off(client, ErrorCodes.PROTOCOL_ERROR)
+                assert client.goaway is not None and client.goaway.last_stream_id == 3, name
+                assert not [e for e in client.events if isinstance(e, h2.events.ResponseReceived)]
+        # Cookie crumbs are joined before the checks: one before the pseudo-headers is fine.
+        async with await H2Client.connect(proxy.port) as client:
+            client.conn.config.validate_outbound_headers = False
+            client.conn.config.normalize_outbound_headers = False
+            client.replies[1] = H2Reply()
+            client.conn.send_headers(
+                1, [(b"cookie", b"a=1"), *request, (b"cookie", b""), (b"cookie", b"b=2")], True
+            )
+            await client.flush()
+            reply = await client.response(1)
+    assert upstream.stats.requests == 1
+    assert reply.status == 200
+    seen = dict(httpx.Response(200, content=bytes(reply.body)).json()["headers"])
+    assert seen["cookie"] == "a=1; ; b=2"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 # -- limits and timeouts ---------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import h2.events
+import h2.exceptions
 import h2.utilities
 from hpack import NeverIndexedHeaderTuple
 
@@ -243,7 +245,7 @@ def never_indexed(block: list[tuple[bytes, bytes]], name: bytes) -> None:
             return
 
 
-# -- h2's inbound header validation, fast for an ordinary request -----------------------
+# -- h2's inbound header checks, run here: fast for an ordinary request ------------------
 
 # RFC 9113 section 8.2.1, as h2's _reject_illegal_characters reads it: a name is visible
 # ASCII but upper case and ':' (a leading ':' marks a pseudo-header); a value holds no NUL,
@@ -261,34 +263,69 @@ _UNUSUAL_NAMES = frozenset(
     {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
     | {b"te", b"host"}
 )
-_h2_validate_headers = h2.utilities.validate_headers
+# The flags h2 checks a server's received blocks with.
+REQUEST_BLOCK = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+TRAILERS_BLOCK = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=True, is_response_header=False, is_push_promise=False
+)
 
 
-def validate_headers(headers: Iterable[Any], hdr_validation_flags: Any) -> Iterable[Any]:
-    """h2's ``validate_headers`` with the same verdicts, in one pass for an ordinary request.
+class HeaderBlockRefused(Exception):
+    """A received header block that h2's inbound checks refuse.
 
-    h2 runs every received block through seven chained generators, the first of which
-    looks at every byte of every name and value in a Python loop: 9 us for h2load's 7
-    fields, 25 us for a browser-like block. A request block with exactly the four
-    pseudo-headers first, none of them twice, a non-empty ``:path``, not CONNECT, no Host,
-    TE or connection-specific field, and names and values the regexes accept, is one all
-    seven accept unchanged; it is returned as it is. Any other block (responses and
-    trailers too) goes through h2's own checks, which raise their own ProtocolError.
+    ``error`` is h2's own ``ProtocolError``; ``last_stream_id`` the highest stream h2 had
+    opened when its checks, run inside ``receive_data``, would have raised it: what its
+    GOAWAY names.
     """
-    if (
-        hdr_validation_flags.is_client
-        or hdr_validation_flags.is_trailer
-        or hdr_validation_flags.is_response_header
-        or hdr_validation_flags.is_push_promise
+
+    def __init__(self, error: h2.exceptions.ProtocolError, last_stream_id: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.last_stream_id = last_stream_id
+
+
+def check_header_blocks(events: Iterable[Any], highest_stream_id: int) -> None:
+    """h2's inbound header checks on the blocks among ``events``, with its verdicts.
+
+    The front end turns h2's own (``validate_inbound_headers``, with the cookie joining of
+    ``normalize_inbound_headers`` before it) off: h2 runs every block through eight chained
+    generators, the first of which looks at every byte of every name and value in a Python
+    loop (9 us for h2load's 7 fields, 25 us for a browser-like block). Here a request block
+    that :func:`check_header_block` finds ordinary is passed in one pass, and any other
+    block (trailers too) goes through the same h2 functions in the same order. Raises
+    :class:`HeaderBlockRefused` for the first refused block; ``highest_stream_id``: h2's
+    ``highest_inbound_stream_id`` before the bytes that made ``events``.
+    """
+    for event in events:
+        if isinstance(event, h2.events.RequestReceived):
+            highest_stream_id = max(highest_stream_id, event.stream_id or 0)
+            flags = REQUEST_BLOCK
+        elif isinstance(event, h2.events.TrailersReceived):
+            flags = TRAILERS_BLOCK
+        else:
+            continue
+        try:
+            check_header_block(event.headers or [], flags)
+        except h2.exceptions.ProtocolError as exc:
+            raise HeaderBlockRefused(exc, highest_stream_id) from None
+
+
+def check_header_block(headers: list[Any], flags: Any) -> None:
+    """Raise the ``ProtocolError`` h2's inbound checks raise for a received block, if any."""
+    if flags is REQUEST_BLOCK and _ordinary_request(headers):
+        return
+    for _ in h2.utilities.validate_headers(
+        h2.utilities.normalize_inbound_headers(headers, flags), flags
     ):
-        return _h2_validate_headers(headers, hdr_validation_flags)
-    headers = list(headers)
-    if _ordinary_request(headers):
-        return iter(headers)
-    return _h2_validate_headers(headers, hdr_validation_flags)
+        pass
 
 
 def _ordinary_request(headers: list[Any]) -> bool:
+    """A request block with exactly the four pseudo-headers first, none of them twice, a
+    non-empty ``:path``, not CONNECT, no Host, TE or connection-specific field, and names
+    and values the regexes accept: one that h2's checks accept unchanged."""
     try:
         names = b"\x00".join([header[0] for header in headers])
         values = b"\x00".join([header[1] for header in headers])
@@ -308,25 +345,21 @@ def _ordinary_request(headers: list[Any]) -> bool:
         if name[0] != 0x3A:  # the pseudo-headers are over
             if len(pseudo) != 4:
                 return False
+            crumbs = 0
+            last_crumb = b""
             for header in headers[index:]:
-                if header[0][0] == 0x3A or header[0] in _UNUSUAL_NAMES:
+                field_name = header[0]
+                if field_name[0] == 0x3A or field_name in _UNUSUAL_NAMES:
                     return False
-            return True
+                if field_name == b"cookie":
+                    crumbs += 1
+                    last_crumb = header[1]
+            # h2 checks cookie crumbs joined with "; " (and moved last): an empty last one
+            # leaves a value ending in a space, which it refuses.
+            return crumbs < 2 or last_crumb != b""
         if name not in _REQUEST_PSEUDO or name in pseudo:
             return False
         if (name == b":method" and value == b"CONNECT") or (name == b":path" and not value):
             return False
         pseudo.add(name)
     return len(pseudo) == 4
-
-
-def install_fast_header_checks() -> None:
-    """Make h2 validate received header blocks with :func:`validate_headers`.
-
-    h2's streams look ``validate_headers`` up in their module at each call, so replacing
-    that module attribute is enough; an h2 without it is left alone.
-    """
-    import h2.stream
-
-    if getattr(h2.stream, "validate_headers", None) is _h2_validate_headers:
-        h2.stream.validate_headers = validate_headers  # type: ignore[attr-defined]

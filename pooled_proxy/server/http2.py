@@ -50,7 +50,8 @@ from ..protocol.h2_server import (
     AbuseLimits,
     FrameGuard,
     H2Abuse,
-    install_fast_header_checks,
+    HeaderBlockRefused,
+    check_header_blocks,
     never_indexed,
     request_head,
 )
@@ -74,8 +75,6 @@ DEFAULT_WINDOW = 65535
 # streams starts more; those over this number end when their stream does).
 IDLE_WORKERS = 16
 SETTING = h2.settings.SettingCodes
-
-install_fast_header_checks()
 
 
 class _StreamGone(Exception):
@@ -303,9 +302,13 @@ class HTTP2Connection:
                 header_encoding=None,
                 # What we send is already valid: h1_response_to_h2 lower-cases the names and
                 # drops connection-specific ones, and the values passed the HTTP/1.1 checks
-                # on their way in. Inbound validation stays on.
+                # on their way in.
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
+                # What we receive gets h2's checks from check_header_blocks, one pass for an
+                # ordinary request; request_head joins cookie crumbs.
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
             )
         )
         self.streams: dict[int, H2Stream] = {}
@@ -430,9 +433,22 @@ class HTTP2Connection:
     def _receive(self, data: bytes) -> bool:
         """Feed bytes from the client; False when the connection must close."""
         now = trio.current_time()
+        highest_stream_id = self.h2.highest_inbound_stream_id
         try:
             self.guard.feed(data, now)
             events = self.h2.receive_data(data)
+            check_header_blocks(events, highest_stream_id)
+        except HeaderBlockRefused as refused:
+            # As when h2's own checks refuse a block: nothing of this read is served.
+            LOG.info("HTTP/2 protocol error from %s: %s", self.client_ip.decode(), refused.error)
+            try:
+                self.h2.close_connection(
+                    ErrorCodes.PROTOCOL_ERROR, last_stream_id=refused.last_stream_id
+                )
+            except h2.exceptions.ProtocolError:
+                pass  # closed already (the client's GOAWAY came in the same read)
+            self._pull()
+            return False
         except H2Abuse as exc:
             LOG.warning("HTTP/2 client %s: %s; closing", self.client_ip.decode(), exc)
             self._goaway_and_close(ErrorCodes.ENHANCE_YOUR_CALM, str(exc))
