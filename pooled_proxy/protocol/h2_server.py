@@ -237,7 +237,8 @@ def never_indexed(block: list[tuple[bytes, bytes]], name: bytes) -> None:
     For the request ID, new in every response: indexed, each one would take a place in the
     connection's dynamic table, pushing out the fields that repeat (``server``, ``via``,
     ``content-type``), which then go out as literals again, and HPACK's encoder searches
-    that table linearly for every field it sends.
+    that table linearly for every field it sends. (Its name is still found in the table
+    while an indexed one is there.)
     """
     for index in range(len(block) - 1, 0, -1):
         if block[index][0] == name:

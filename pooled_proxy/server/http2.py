@@ -74,6 +74,7 @@ DEFAULT_WINDOW = 65535
 # Stream workers a connection keeps waiting for its next streams (a burst of more concurrent
 # streams starts more; those over this number end when their stream does).
 IDLE_WORKERS = 16
+REQUEST_ID_INDEXED_EVERY = 64
 SETTING = h2.settings.SettingCodes
 
 
@@ -188,7 +189,11 @@ class H2Stream:
         connection = self.connection
         block = h1_response_to_h2(status, headers)
         if self.record.request_id:
-            never_indexed(block, connection.proxy.forwarder.request_id_header)
+            connection.responses_with_id += 1
+            # Now and then one goes indexed, so that the others can name the field by its
+            # place in the client's table instead of spelling it out.
+            if connection.responses_with_id % REQUEST_ID_INDEXED_EVERY != 1:
+                never_indexed(block, connection.proxy.forwarder.request_id_header)
         connection.send_headers(self, block, end=end and not body, pull=not body)
         self.head_sent = True
         if not body:
@@ -313,6 +318,7 @@ class HTTP2Connection:
         )
         self.streams: dict[int, H2Stream] = {}
         self.streams_started = 0
+        self.responses_with_id = 0  # response header blocks with a request ID sent
         self._idle_workers: list[trio.lowlevel.Task] = []
         self._sending: dict[H2Stream, None] = {}  # streams with DATA or an end to send, in turn
         self._outbox = bytearray()
