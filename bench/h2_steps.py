@@ -5,8 +5,9 @@
 The same upstream and proxy config as bench/ab_h2.py, but the proxy runs in this process,
 pinned to CPU 0, under a ``trio.abc.Instrument`` that counts task steps (by the task's
 function name), tasks spawned and I/O waits (``before_io_wait`` calls, i.e. trips to epoll)
-while ``h2load -c16 -m10`` (``wrk -c64`` with ``--h1``) runs from a thread on CPU 1. It prints
-them per request: a scheduler step costs a few microseconds here, so fewer per exchange is
+while ``h2load -c16 -m10`` (``wrk -c64`` with ``--h1``) runs from a thread on CPU 1; with
+``--where``, also the function (and line) each step ended waiting in. It prints them per
+request: a scheduler step costs a few microseconds here, so fewer per exchange is
 one of the ways to a cheaper request.
 """
 
@@ -24,6 +25,7 @@ from collections import Counter
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -38,6 +40,8 @@ from pooled_proxy.config import load_config
 class StepCounter(trio.abc.Instrument):
     def __init__(self) -> None:
         self.counting = False
+        self.where = False
+        self.suspended: Counter[str] = Counter()
         self.steps: Counter[str] = Counter()
         self.spawned = 0
         self.io_waits = 0
@@ -50,18 +54,38 @@ class StepCounter(trio.abc.Instrument):
         if self.counting:
             self.spawned += 1
 
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.counting and self.where:
+            self.suspended[_suspension_point(task)] += 1
+
     def before_io_wait(self, timeout: float) -> None:
         if self.counting:
             self.io_waits += 1
+
+
+def _suspension_point(task: trio.lowlevel.Task) -> str:
+    """The two innermost of the task's awaiting functions, with their lines."""
+    frames: list[str] = []
+    coro: Any = task.coro
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return " < ".join(reversed(frames[-3:])) or "(ended)"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--h1", action="store_true", help="wrk -c64 over HTTP/1.1 instead")
+    parser.add_argument(
+        "--where", action="store_true", help="also count where the tasks wait after each step"
+    )
     args = parser.parse_args()
     vs_nginx.ensure_tools()
     counter = StepCounter()
+    counter.where = args.where
     results: dict[str, float] = {}
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-steps-")))
@@ -108,6 +132,10 @@ def main() -> int:
     print(f"task steps per request: {sum(counter.steps.values()) / requests:.2f}")
     for name, count in counter.steps.most_common(12):
         print(f"  {count / requests:6.2f}  {name}")
+    if args.where:
+        print("where the steps end (innermost first):")
+        for point, count in counter.suspended.most_common(15):
+            print(f"  {count / requests:6.2f}  {point}")
     print(f"tasks spawned per request: {counter.spawned / requests:.2f}")
     print(f"I/O waits (epoll) per request: {counter.io_waits / requests:.2f}")
     return 0

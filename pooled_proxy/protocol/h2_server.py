@@ -323,6 +323,17 @@ def check_header_block(headers: list[Any], flags: Any) -> None:
         pass
 
 
+# What the names of a block say, whatever its values: ``None``, not an ordinary request; else
+# the places of the values that still decide: ``:method``, ``:path``, and the last cookie
+# crumb when there are several (-1: not). A client sends the same names in the same order
+# request after request, so this is worked out once per client kind, not per request.
+_Shape = tuple[int, int, int] | None
+_shapes: dict[bytes, _Shape] = {}
+_SHAPES_KEPT = 256  # then the memo starts again: it cannot grow without end
+_SHAPE_NAMES_BYTES = 2048  # longer name lists are worked out each time, not kept
+_UNKNOWN: Any = object()
+
+
 def _ordinary_request(headers: list[Any]) -> bool:
     """A request block with exactly the four pseudo-headers first, none of them twice, a
     non-empty ``:path``, not CONNECT, no Host, TE or connection-specific field, and names
@@ -332,35 +343,48 @@ def _ordinary_request(headers: list[Any]) -> bool:
         values = b"\x00".join([header[1] for header in headers])
     except TypeError:  # str fields (h2 with a header_encoding): h2's checks take those
         return False
-    # A NUL inside a field would pass for a separator: the count says there is none.
-    separators = len(headers) - 1
-    if not (
-        names.count(0) == separators
-        and values.count(0) == separators
-        and _NAMES_OK.fullmatch(names) is not None
-        and _VALUES_OK.fullmatch(values) is not None
-    ):
+    shape = _shapes.get(names, _UNKNOWN)
+    if shape is _UNKNOWN:
+        shape = _shape(headers, names)
+        if len(names) <= _SHAPE_NAMES_BYTES:
+            if len(_shapes) >= _SHAPES_KEPT:
+                _shapes.clear()
+            _shapes[names] = shape
+    if shape is None:
         return False
-    pseudo: set[bytes] = set()
-    for index, (name, value) in enumerate(headers):
+    method, path, last_crumb = shape
+    return (
+        # A NUL inside a value would pass for a separator: the count says there is none.
+        values.count(0) == len(headers) - 1
+        and _VALUES_OK.fullmatch(values) is not None
+        and headers[method][1] != b"CONNECT"
+        and headers[path][1] != b""
+        # h2 checks cookie crumbs joined with "; " (and moved last): an empty last one
+        # leaves a value ending in a space, which it refuses.
+        and (last_crumb < 0 or headers[last_crumb][1] != b"")
+    )
+
+
+def _shape(headers: list[Any], names: bytes) -> _Shape:
+    if names.count(0) != len(headers) - 1 or _NAMES_OK.fullmatch(names) is None:
+        return None
+    pseudo: dict[bytes, int] = {}
+    regular = len(headers)
+    for index, header in enumerate(headers):
+        name = header[0]
         if name[0] != 0x3A:  # the pseudo-headers are over
-            if len(pseudo) != 4:
-                return False
-            crumbs = 0
-            last_crumb = b""
-            for header in headers[index:]:
-                field_name = header[0]
-                if field_name[0] == 0x3A or field_name in _UNUSUAL_NAMES:
-                    return False
-                if field_name == b"cookie":
-                    crumbs += 1
-                    last_crumb = header[1]
-            # h2 checks cookie crumbs joined with "; " (and moved last): an empty last one
-            # leaves a value ending in a space, which it refuses.
-            return crumbs < 2 or last_crumb != b""
+            regular = index
+            break
         if name not in _REQUEST_PSEUDO or name in pseudo:
-            return False
-        if (name == b":method" and value == b"CONNECT") or (name == b":path" and not value):
-            return False
-        pseudo.add(name)
-    return len(pseudo) == 4
+            return None
+        pseudo[name] = index
+    if len(pseudo) != 4:
+        return None
+    crumbs = []
+    for index in range(regular, len(headers)):
+        name = headers[index][0]
+        if name[0] == 0x3A or name in _UNUSUAL_NAMES:
+            return None
+        if name == b"cookie":
+            crumbs.append(index)
+    return pseudo[b":method"], pseudo[b":path"], crumbs[-1] if len(crumbs) > 1 else -1
