@@ -107,27 +107,32 @@ class FrameGuard:
         self._resets.add(now, "reset or refused streams")
 
     def feed(self, data: bytes, now: float) -> None:
-        view = memoryview(data)
+        position = 0
         if self._preface_left:
-            taken = min(self._preface_left, len(view))
-            self._preface_left -= taken
-            view = view[taken:]
-        while view:
-            if self._skip:
-                taken = min(self._skip, len(view))
-                self._skip -= taken
-                view = view[taken:]
-                continue
+            position = min(self._preface_left, len(data))
+            self._preface_left -= position
+        if self._header:  # the rest of a frame header split across reads
             need = FRAME_HEADER_SIZE - len(self._header)
-            self._header += view[:need]
-            view = view[need:]
+            self._header += data[position : position + need]
+            position += need
             if len(self._header) < FRAME_HEADER_SIZE:
                 return
             header = bytes(self._header)
             self._header.clear()
-            length = int.from_bytes(header[:3], "big")
-            self._skip = length
-            self._frame(header[3], header[4], length, now)
+            self._skip = int.from_bytes(header[:3], "big")
+            self._frame(header[3], header[4], self._skip, now)
+        end = len(data)
+        position += self._skip
+        # Frame by frame, reading each header in place: a read holds many small frames.
+        while position + FRAME_HEADER_SIZE <= end:
+            length = (data[position] << 16) | (data[position + 1] << 8) | data[position + 2]
+            self._frame(data[position + 3], data[position + 4], length, now)
+            position += FRAME_HEADER_SIZE + length
+        if position < end:
+            self._header += data[position:]
+            self._skip = 0
+        else:
+            self._skip = position - end  # payload bytes still to come
 
     def _frame(self, kind: int, flags: int, length: int, now: float) -> None:
         limits = self.limits
