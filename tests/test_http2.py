@@ -21,6 +21,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from pooled_proxy.server.http2 import H2Stream
 from tests.support.h2client import H2Client, H2Reply
 from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.test_http1_direct_path_upstream import run as run_scripted
@@ -207,6 +208,21 @@ async def test_request_ids_stay_out_of_the_clients_hpack_table(nursery, demo_ups
     table = client.conn.decoder.header_table.dynamic_entries
     assert [value for name, value in table if name == b"x-request-id"] == [ids[0]]
     assert len(table) < 10
+
+
+async def test_a_connection_keeps_nothing_of_its_finished_streams(nursery, demo_upstream):
+    # Its stream workers wait for the next stream holding nothing of the last one.
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            replies = [await client.get("/echo") for _ in range(3)]
+            while proxy.proxy.active_exchanges:
+                await trio.sleep(0.01)
+            gc.collect()
+            held = [o for o in gc.get_objects() if type(o) is H2Stream]
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert held == []
 
 
 async def test_a_reader_that_never_opens_its_window_does_not_grow_the_proxy(nursery, demo_upstream):

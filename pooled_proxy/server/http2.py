@@ -552,16 +552,18 @@ class HTTP2Connection:
         while job is not None:
             with trio.CancelScope() as scope:
                 while job is not None:
-                    stream = job[0]
-                    stream.scope = scope
-                    if stream.cancelled:  # reset before this worker took it
+                    job[0].scope = scope
+                    if job[0].cancelled:  # reset before this worker took it
                         scope.cancel()
                     await self._run_stream(*job)
-                    stream.scope = None
+                    job[0].scope = None
+                    # Nothing of a finished exchange is held while waiting for the next.
+                    job = None
                     # Once a reset has cancelled this scope, the wait raises Cancelled at
                     # once: the next stream gets a new scope.
                     job = await self._next_job()
             if scope.cancelled_caught:
+                job = None
                 job = await self._next_job()
 
     async def _next_job(self) -> _Job | None:
