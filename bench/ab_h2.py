@@ -34,7 +34,12 @@ import vs_nginx
 
 
 def start_proxy(
-    stack: ExitStack, tree: Path, workdir: Path, name: str, setup: vs_nginx.Setup
+    stack: ExitStack,
+    tree: Path,
+    workdir: Path,
+    name: str,
+    setup: vs_nginx.Setup,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, int]:
     setup.proxy_port, setup.admin_port = vs_nginx.free_port(), vs_nginx.free_port()
     config = workdir / f"{name}.toml"
@@ -45,6 +50,7 @@ def start_proxy(
             vs_nginx.PROXY_CPU, [sys.executable, "-m", "pooled_proxy", "run", "-c", str(config)]
         ),
         cwd=tree,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=stack.enter_context(open(log, "wb")),  # noqa: SIM115 (the stack closes it)
         stdin=subprocess.DEVNULL,
@@ -59,6 +65,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", type=Path, required=True, help="the baseline tree")
     parser.add_argument("--b", type=Path, required=True, help="the tree with the change")
+    parser.add_argument(
+        "--b-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in B's environment (e.g. POOLED_PROXY_H11=h11 with --a and --b the same tree)",
+    )
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -98,7 +111,8 @@ def main() -> int:
         ports: dict[str, int] = {}
         pids: dict[str, int] = {}
         for name, tree in trees.items():
-            ports[name], pids[name] = start_proxy(stack, tree, workdir, name, setup)
+            env = dict(item.split("=", 1) for item in args.b_env) if name == "B" else None
+            ports[name], pids[name] = start_proxy(stack, tree, workdir, name, setup, env)
         time.sleep(0.5)
         for name in trees:
             load(ports[name], args.warmup, vs_nginx.LOAD_CPU)
