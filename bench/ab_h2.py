@@ -2,7 +2,7 @@
 
     git worktree add --detach /tmp/base main         # the tree to compare against
     .venv/bin/python bench/ab_h2.py --a /tmp/base --b . [--pairs 7] [--duration 5]
-    .venv/bin/python bench/ab_h2.py --a . --b . --h1  # wrk -c64 instead (a noise check: A = B)
+    .venv/bin/python bench/ab_h2.py --a . --b . --together  # a noise check: A = B
 
 One upstream nginx (as bench/vs_nginx.py sets it up) and one pooled-proxy per tree, both
 pinned to CPU 0 and started from inside their tree (``python -m`` puts the working directory
@@ -13,6 +13,7 @@ absolute figures by tens of percent within minutes, so only runs taken side by s
 compared. With ``--together`` each pair loads A and B at the same time: both proxies share CPU
 0 and whatever else the machine runs there during those seconds, which cancels more of the
 noise. It prints every pair, then the medians and the median of the pairwise differences.
+(bench/ab_http1.py does the same for HTTP/1.1 GETs and POSTs under wrk.)
 """
 
 from __future__ import annotations
@@ -75,14 +76,13 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--h1", action="store_true", help="wrk -c64 over HTTP/1.1 instead")
     parser.add_argument(
         "--together",
         action="store_true",
         help="load A and B at the same time (they share CPU 0, and whatever else runs there)",
     )
     args = parser.parse_args()
-    load = vs_nginx.run_wrk if args.h1 else vs_nginx.run_h2load
+    load = vs_nginx.run_h2load
     vs_nginx.ensure_tools()
     os.sched_setaffinity(0, {vs_nginx.LOAD_CPU})
     with ExitStack() as stack:
