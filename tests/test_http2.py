@@ -21,7 +21,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from pooled_proxy.server.http2 import H2Stream
+from pooled_proxy.server.http2 import IDLE_WORKERS, H2Stream
 from tests.support.h2client import H2Client, H2Reply
 from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.test_http1_direct_path_upstream import run as run_scripted
@@ -223,6 +223,33 @@ async def test_a_connection_keeps_nothing_of_its_finished_streams(nursery, demo_
             held = [o for o in gc.get_objects() if type(o) is H2Stream]
     assert [reply.status for reply in replies] == [200, 200, 200]
     assert held == []
+
+
+def _tasks_named(suffix: str) -> list[trio.lowlevel.Task]:
+    found: list[trio.lowlevel.Task] = []
+    nurseries = list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            if task.name.endswith(suffix):
+                found.append(task)
+            nurseries += task.child_nurseries
+    return found
+
+
+async def test_after_a_burst_of_streams_a_connection_keeps_a_few_workers(nursery, demo_upstream):
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(10):
+        async with await H2Client.connect(proxy.port) as client:
+            ids = [await client.start("GET", "/slow?delay=0.1") for _ in range(40)]
+            replies = [await client.response(i) for i in ids]
+            while proxy.proxy.active_exchanges:
+                await trio.sleep(0.01)
+            workers = len(_tasks_named("._stream_worker"))
+            again = await client.get("/echo")
+    assert [reply.status for reply in replies] == [200] * 40
+    assert 1 <= workers <= IDLE_WORKERS < 40
+    assert again.status == 200
 
 
 async def test_a_reader_that_never_opens_its_window_does_not_grow_the_proxy(nursery, demo_upstream):
