@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vs_nginx
 
-from pooled_proxy.cli import run_with_operations
 from pooled_proxy.config import load_config
+from pooled_proxy.daemon.serve import run_with_operations
 
 
 class StepCounter(trio.abc.Instrument):

@@ -5,11 +5,12 @@ Shape (hypercorn's, with the proxy's needs added):
 - one **reader** (the connection task itself) feeds the client's bytes to a
   :class:`~pooled_proxy.protocol.h2_server.FrameGuard` and to h2, and turns h2 events into
   stream work;
-- one **writer** task owns the socket's send side. Stream workers never write to the socket: they put bytes
-  in their stream's small buffer, and the writer sends DATA frames round-robin, each at most
-  ``min(flow-control window, max frame size)``. A stream's ``send_data`` returns only once its
-  buffer is down to ``STREAM_LOW_WATER``, so a client that does not open its window stops the
-  forwarder reading from that stream's upstream: backpressure, never an unbounded buffer;
+- one **writer** task owns the socket's send side. Stream workers never write to the socket:
+  they put bytes in their stream's small buffer, and the writer sends DATA frames round-robin,
+  each at most ``min(flow-control window, max frame size)``. A stream's ``send_data`` returns
+  only once its buffer is down to ``STREAM_LOW_WATER``, so a client that does not open its
+  window stops the forwarder reading from that stream's upstream: backpressure, never an
+  unbounded buffer;
 - **stream workers** in the connection's nursery each run one stream at a time through
   ``forwarder.forward(Exchange)``, the same path HTTP/1.1 uses, with the stream as its
   ``ResponseSink``; a worker whose stream is over waits for the connection's next one (a new
