@@ -1,18 +1,27 @@
-"""A/B of two source trees of pooled-proxy: proxy CPU per HTTP/1.1 request, GET and POST.
+"""A/B of two (or more) source trees of pooled-proxy: proxy CPU per HTTP/1.1 request.
 
     .venv/bin/python bench/ab_http1.py A_TREE B_TREE [--runs 5] [--seconds 5]
+    .venv/bin/python bench/ab_http1.py ../base ../step1 . --runs 8 --rows get,queued
 
-Starts one upstream nginx (as bench/vs_nginx.py does) and one pooled-proxy per tree, each
-run as ``python -m pooled_proxy`` from inside its tree (so the tree's own package is the one
-imported, whatever is installed), pinned to the same CPU. Then ``wrk -t1 -c64`` loads them
-in turn, A B A B ..., a GET run and a 100-byte POST run each time, and the proxy's CPU time
-per request is read from ``/proc/PID/schedstat``. Alternating runs share the machine's
-drift between A and B; the medians and the B/A ratio are printed at the end.
+On a machine others use, req/s and even CPU per request drift by tens of percent over
+minutes; a change is judged by runs of each tree taken in the same minutes, each tree going
+first in turn. Each tree's proxy runs as ``make bench`` runs it (``vs_nginx.py``: one
+worker pinned to CPU 0, the access log off, the nginx upstream and wrk on CPU 1), started
+with the tree as its working directory so that ``python -m pooled_proxy`` imports that
+tree's package (the working directory comes first on ``sys.path``).
+
+Rows (``--rows``, default get,post): ``get`` (wrk -c64 GET), ``post`` (wrk -c64, 100-byte
+POST), ``queued`` (wrk -c256 against an upstream of max_connections 100: requests wait in
+the pool's queue), ``unqueued`` (wrk -c256 with connections enough for every client).
+
+It prints every run, then per row the medians of the proxy's CPU time per request and of
+req/s for each tree, and the median of each round's difference to the first tree (A).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -20,80 +29,137 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import vs_nginx
-from vs_nginx import HOST, LOAD_CPU, POST_LUA, PROXY_CPU, Setup
+import vs_nginx as bench
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("a", type=Path, help="tree A (the baseline)")
-    parser.add_argument("b", type=Path, help="tree B")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    args = parser.parse_args()
-    vs_nginx.ensure_tools()
-    figures: dict[tuple[str, str], list[float]] = {}
+def start_proxy(
+    stack: ExitStack, tree: Path, setup: bench.Setup, name: str
+) -> subprocess.Popen[bytes]:
+    config = setup.workdir / f"{name}.toml"
+    config.write_text(bench.pooled_proxy_toml(setup, workers=1, connections=1024))
+    log = setup.workdir / f"{name}.log"
+    process = subprocess.Popen(
+        bench.pinned(
+            bench.PROXY_CPU, [sys.executable, "-m", "pooled_proxy", "run", "-c", str(config)]
+        ),
+        cwd=tree,
+        stdout=subprocess.DEVNULL,
+        stderr=stack.enter_context(log.open("wb")),
+        stdin=subprocess.DEVNULL,
+    )
+    stack.callback(bench.stop, process)
+    bench.wait_for_port(setup.proxy_port, process, f"pooled-proxy from {tree}", log)
+    return process
+
+
+def measure(row: str, port: int, seconds: float, pid: int | None, post: Path) -> dict[str, float]:
+    if row == "get":
+        return bench.run_wrk(port, seconds, bench.LOAD_CPU, pid)
+    if row == "post":
+        return bench.run_wrk(port, seconds, bench.LOAD_CPU, pid, post)
+    return bench.run_wrk(
+        port,
+        seconds,
+        bench.LOAD_CPU,
+        pid,
+        connections=bench.QUEUE_CLIENTS,
+        path=bench.QUEUE_PATH if row == "queued" else bench.UNQUEUED_PATH,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("base", type=Path, help="tree A, the baseline")
+    parser.add_argument("trees", type=Path, nargs="+", help="the trees compared with it: B, ...")
+    parser.add_argument("--runs", type=int, default=5, help="rounds, one run of each tree (5)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per run (5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
+    parser.add_argument("--rows", default="get,post", help="get, post, queued, unqueued (get,post)")
+    args = parser.parse_args(argv)
+    rows = args.rows.split(",")
+    if unknown := set(rows) - {"get", "post", "queued", "unqueued"}:
+        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    paths = [args.base, *args.trees]
+    trees = {chr(ord("A") + index): path.resolve() for index, path in enumerate(paths)}
+    for tree in trees.values():
+        if not (tree / "pooled_proxy" / "__init__.py").exists():
+            parser.error(f"{tree} has no pooled_proxy package")
+    bench.ensure_tools()
+    os.sched_setaffinity(0, {bench.LOAD_CPU})
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-ab-")))
-        setup = Setup(workdir, upstream_port=vs_nginx.free_port())
-        setup.upstream_h2_port = vs_nginx.free_port()
-        big = workdir / "big.bin"
-        big.touch()
-        (workdir / "upstream.conf").write_text(vs_nginx.upstream_nginx_conf(setup, big))
-        post = workdir / "post.lua"
-        post.write_text(POST_LUA)
-
-        def start(argv: list[str], name: str, port: int, cwd: Path | None = None) -> int:
-            log = workdir / f"{name}.log"
-            process = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                stdout=subprocess.DEVNULL,
-                stderr=stack.enter_context(open(log, "wb")),
-                stdin=subprocess.DEVNULL,
-            )
-            stack.callback(vs_nginx.stop, process)
-            vs_nginx.wait_for_port(port, process, name, log)
-            return process.pid
-
-        start(
-            vs_nginx.pinned(
-                LOAD_CPU, ["nginx", "-p", str(workdir), "-c", f"{workdir}/upstream.conf"]
-            ),
-            "upstream",
-            setup.upstream_port,
+        os.chmod(workdir, 0o755)
+        upstream = bench.Setup(workdir, upstream_port=bench.free_port())
+        upstream.upstream_h2_port = bench.free_port()
+        (workdir / "upstream.conf").write_text(
+            bench.upstream_nginx_conf(upstream, workdir / "none")
         )
-        proxies: dict[str, tuple[int, int]] = {}
-        for name, tree in (("A", args.a), ("B", args.b)):
-            port = vs_nginx.free_port()
-            config = workdir / f"{name}.toml"
-            config.write_text(
-                f'[server]\nlisten = ["{HOST}:{port}"]\n[log]\naccess = "off"\n'
-                f'level = "warning"\n[upstreams.fast]\nservers = ["{HOST}:{setup.upstream_port}"]\n'
-                'max_idle = 64\n[[routes]]\nupstream = "fast"\n'
+        log = workdir / "upstream.log"
+        nginx = subprocess.Popen(
+            bench.pinned(
+                bench.LOAD_CPU, ["nginx", "-p", str(workdir), "-c", str(workdir / "upstream.conf")]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=stack.enter_context(log.open("wb")),
+        )
+        stack.callback(bench.stop, nginx)
+        bench.wait_for_port(upstream.upstream_port, nginx, "upstream nginx", log)
+        ports: dict[str, int] = {}
+        pids: dict[str, int] = {}
+        for name, tree in trees.items():
+            setup = bench.Setup(
+                workdir,
+                upstream_port=upstream.upstream_port,
+                sse_port=bench.free_port(),  # nothing listens: no row uses it
+                proxy_port=bench.free_port(),
+                admin_port=bench.free_port(),
             )
-            argv = [sys.executable, "-m", "pooled_proxy", "run", "-c", str(config)]
-            pid = start(vs_nginx.pinned(PROXY_CPU, argv), f"proxy-{name}", port, cwd=tree.resolve())
-            proxies[name] = (port, pid)
-        for run in range(args.runs):
-            for name, (port, pid) in proxies.items():
-                for kind, script in (("GET", None), ("POST", post)):
-                    result = vs_nginx.run_wrk(port, args.seconds, LOAD_CPU, pid, script)
-                    figures.setdefault((name, kind), []).append(result["cpu_us"])
+            pids[name] = start_proxy(stack, tree, setup, name).pid
+            ports[name] = setup.proxy_port
+        post = workdir / "post.lua"
+        post.write_text(bench.POST_LUA)
+        results: dict[tuple[str, str], list[dict[str, float]]] = {}
+        names = list(trees)
+        for number in range(args.runs):
+            # Each tree goes first in turn.
+            order = names[number % len(names) :] + names[: number % len(names)]
+            for row in rows:
+                for name in order:
+                    measure(row, ports[name], args.warmup, None, post)
+                    run = measure(row, ports[name], args.seconds, pids[name], post)
+                    results.setdefault((row, name), []).append(run)
                     print(
-                        f"run {run + 1} {name} {kind}: {result['cpu_us']:.1f} µs, "
-                        f"{result['rps']:.0f} req/s",
+                        f"round {number + 1} {row:8} {name}: {run['cpu_us']:6.1f} us/request "
+                        f"{run['rps']:8,.0f} req/s  p99 {run['p99_ms']:.1f} ms",
                         flush=True,
                     )
-    for kind in ("GET", "POST"):
-        a = statistics.median(figures[("A", kind)])
-        b = statistics.median(figures[("B", kind)])
-        print(
-            f"{kind}: A {a:.1f} µs, B {b:.1f} µs per request (medians of {args.runs}); "
-            f"B/A {b / a:.3f}"
-        )
+    print()
+    for name, tree in trees.items():
+        print(f"{name} = {tree}")
+    print(f"{args.runs} rounds x {args.seconds:g} s, medians; CPU us per request (req/s)")
+    others = names[1:]
+    print(
+        "| row | A | "
+        + " | ".join(f"{name} | {name} - A (median of rounds)" for name in others)
+        + " |"
+    )
+    print("|---|---:|" + "---:|---:|" * len(others))
+    for row in rows:
+        base = results[(row, "A")]
+
+        def cell(runs: list[dict[str, float]]) -> str:
+            cpu = statistics.median(run["cpu_us"] for run in runs)
+            rps = statistics.median(run["rps"] for run in runs)
+            return f"{cpu:.1f} ({rps:,.0f})"
+
+        cells = [cell(base)]
+        for name in others:
+            runs = results[(row, name)]
+            diff = statistics.median(y["cpu_us"] - x["cpu_us"] for x, y in zip(base, runs))
+            cells += [cell(runs), f"{diff:+.1f}"]
+        print(f"| {row} | " + " | ".join(cells) + " |")
     return 0
 
 
