@@ -150,8 +150,9 @@ async def test_waiter_gets_released_connection_in_fifo_order(autojump_clock, nur
     assert pool.statistics().in_use == 0 and pool.statistics().opened == 1
 
 
-async def test_queue_timeout_raises_pool_timeout(autojump_clock):
+async def test_queue_timeout_raises_pool_timeout(autojump_clock, nursery):
     pool = make_pool(Connector(), max_connections=1, queue_timeout=5.0)
+    nursery.start_soon(pool.run_reaper)  # it times the queue out
     await pool.acquire()
     start = trio.current_time()
     with pytest.raises(PoolTimeout):
@@ -159,6 +160,90 @@ async def test_queue_timeout_raises_pool_timeout(autojump_clock):
     assert trio.current_time() - start == pytest.approx(5.0)
     stats = pool.statistics()
     assert stats.waiting == 0 and stats.queue_timeouts == 1
+
+
+async def test_each_waiter_times_out_queue_timeout_after_it_queued(autojump_clock, nursery):
+    # One timer (the reaper's) for the whole queue: after the head times out it must wake
+    # again for the next waiter's deadline, and a cancelled waiter in the middle leaves no gap.
+    pool = make_pool(Connector(), max_connections=1, queue_timeout=5.0)
+    nursery.start_soon(pool.run_reaper)
+    await pool.acquire()
+    timed_out: list[tuple[int, float, float]] = []
+
+    async def wait(i: int) -> None:
+        queued = trio.current_time()
+        with pytest.raises(PoolTimeout, match="queue_timeout"):
+            await pool.acquire()
+        timed_out.append((i, queued, trio.current_time()))
+
+    with trio.fail_after(60):  # virtual seconds: a waiter left asleep fails the test
+        async with trio.open_nursery() as waiters:
+            for i in range(3):
+                waiters.start_soon(wait, i)
+                await trio.sleep(1.5)
+            async with trio.open_nursery() as cancelled:
+                cancelled.start_soon(wait, 3)
+                await trio.sleep(0.5)
+                cancelled.cancel_scope.cancel()
+            waiters.start_soon(wait, 4)
+    assert [i for i, _, _ in timed_out] == [0, 1, 2, 4]
+    assert [end - queued for _, queued, end in timed_out] == pytest.approx([5.0] * 4)
+    stats = pool.statistics()
+    assert (stats.waiting, stats.queue_timeouts, stats.queue_waits) == (0, 4, 5)
+
+
+async def test_a_cancelled_waiter_in_the_middle_leaves_the_order_intact(autojump_clock, nursery):
+    pool = make_pool(Connector(), max_connections=1, queue_timeout=30.0)
+    nursery.start_soon(pool.run_reaper)
+    held, _ = await pool.acquire()
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        connection, _ = await pool.acquire()
+        order.append(i)
+        await trio.sleep(1)
+        finish_exchange(connection)
+        pool.release(connection, reusable=True)
+
+    scopes = []
+    for i in range(3):
+        scope = trio.CancelScope()
+        scopes.append(scope)
+
+        async def in_scope(i: int = i, scope: trio.CancelScope = scope) -> None:
+            with scope:
+                await wait(i)
+
+        nursery.start_soon(in_scope)
+        await trio.testing.wait_all_tasks_blocked()
+    scopes[1].cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert pool.statistics().waiting == 2
+    finish_exchange(held)
+    pool.release(held, reusable=True)
+    await trio.sleep(5)
+    assert order == [0, 2]
+    assert pool.statistics().in_use == 0 and pool.statistics().idle == 1
+
+
+async def test_a_stopped_reaper_leaves_nobody_waiting(autojump_clock, nursery):
+    pool = make_pool(Connector(), max_connections=1, queue_timeout=30.0)
+    await pool.acquire()
+    failed: list[float] = []
+
+    async def wait() -> None:
+        with pytest.raises(PoolTimeout):
+            await pool.acquire()
+        failed.append(trio.current_time())
+
+    async with trio.open_nursery() as reaper:
+        reaper.start_soon(pool.run_reaper)
+        nursery.start_soon(wait)
+        await trio.sleep(1)
+        reaper.cancel_scope.cancel()
+    await trio.sleep(60)
+    assert failed == [pytest.approx(1.0)]
+    assert pool.statistics().waiting == 0
 
 
 async def test_full_queue_rejects_at_once(autojump_clock, nursery):

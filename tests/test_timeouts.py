@@ -206,6 +206,7 @@ async def test_queued_request_is_503_with_retry_after_at_queue_timeout(
         make_config(1, server=SERVER, **UPSTREAM, max_connections=1, queue_timeout=5.0),
         connect=upstream.connector(nursery),
     )
+    await nursery.start(proxy.run_pools)  # the pool's reaper times the queue out
     holder = memory_client(nursery, proxy)
     await holder.send_all(b"GET /hang HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     await trio.testing.wait_all_tasks_blocked()  # the one connection is taken

@@ -309,3 +309,27 @@ async def test_a_drain_answers_requests_still_queued_with_503(nursery: trio.Nurs
         gate.open.set()
         with trio.fail_after(5):
             assert (await client.response(first)).status == 200
+
+
+async def test_a_request_queued_past_queue_timeout_is_answered_503(nursery: trio.Nursery) -> None:
+    # The pool's reaper times the queue out (no timer per waiting request).
+    gate = Gate()
+    upstream = await H2Upstream(gate, max_streams=1).start(nursery)
+    proxy = await start_proxy(
+        nursery, h2_config(upstream.port, max_connections=1, queue_timeout=0.3)
+    )
+    async with await H2Client.connect(proxy.port) as client:
+        first = await client.start("GET", "/first")
+        with trio.fail_after(5):
+            await upstream.wait_for(lambda: upstream.in_flight == 1)
+        queued_at = trio.current_time()
+        queued = await client.start("GET", "/queued")
+        with trio.fail_after(5):
+            reply = await client.response(queued)
+        assert reply.status == 503
+        assert trio.current_time() - queued_at >= 0.3
+        stats = proxy.pool().statistics()
+        assert (stats.queue_timeouts, stats.waiting, stats.in_use) == (1, 0, 1)
+        gate.open.set()
+        with trio.fail_after(5):
+            assert (await client.response(first)).status == 200

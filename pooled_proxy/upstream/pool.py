@@ -46,15 +46,64 @@ C = TypeVar("C", bound=PooledConnection)
 
 
 class Waiter(Generic[C]):
-    """A request queued for a connection: it is handed either a connection or a connect slot."""
+    """A request queued for a connection: it is handed either a connection or a connect slot.
 
-    __slots__ = ("connection", "event", "may_connect", "scope")
+    ``task`` is the queued task, asleep until the shell reschedules it: handed something,
+    timed out at ``deadline`` (by the pool's reaper), or woken by a drain.
+    """
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
+    __slots__ = ("connection", "deadline", "may_connect", "task")
+
+    def __init__(self, task: trio.lowlevel.Task | None = None, deadline: float = math.inf) -> None:
+        self.task = task
+        self.deadline = deadline
         self.connection: C | None = None
         self.may_connect = False
-        self.scope: trio.CancelScope | None = None  # the wait's (its deadline may move)
+
+
+# The wait queue, shared with the HTTP/2 pool. A queued task sleeps without a timer (a cancel
+# scope) or an Event of its own: whoever takes it out of the queue (handing it a connection,
+# a stream or a connect slot; the pool's reaper at its deadline; a drain) reschedules it.
+
+
+class Queued(Protocol):
+    task: trio.lowlevel.Task | None
+    deadline: float
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+async def wait_in_queue(waiters: deque[Q], waiter: Q) -> None:
+    """Sleep until ``wake(waiter)``; cancelled while still queued, leave the queue."""
+
+    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        # Only called while it sleeps un-woken, so it is still in the queue.
+        waiters.remove(waiter)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def wake(waiter: Queued) -> None:
+    """Reschedule a waiter taken out of the queue."""
+    assert waiter.task is not None
+    trio.lowlevel.reschedule(waiter.task)
+
+
+def due_waiters(waiters: deque[Q], now: float) -> list[Q]:
+    """Take the waiters whose deadline has come out of the queue (in FIFO order, every wait
+    being as long, the deadlines are in order)."""
+    due = []
+    while waiters and waiters[0].deadline <= now:
+        due.append(waiters.popleft())
+    return due
+
+
+def move_deadlines(waiters: deque[Q], deadline: float) -> None:
+    """No waiter waits past ``deadline`` (it applies to all: the order holds)."""
+    for waiter in waiters:
+        waiter.deadline = min(waiter.deadline, deadline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +133,8 @@ class PoolState(Generic[C]):
         self.idle: deque[tuple[C, float]] = deque()  # (connection, expires_at); newest on the right
         self.in_use = 0
         self.connecting = 0
+        # FIFO; every waiter waits the same queue_timeout (or less, to a drain's deadline that
+        # applies to all), so the deadlines are in queue order too: the head's is the next.
         self.waiters: deque[Waiter[C]] = deque()
         self.learner = IdleCloseLearner()
         # What the learner says, kept at hand for put_back (every request): the longest an
@@ -183,6 +234,13 @@ class PoolState(Generic[C]):
             self.connecting += 1
             return waiter
         return None
+
+    def next_queue_deadline(self) -> float:
+        return self.waiters[0].deadline if self.waiters else math.inf
+
+    def time_out_waiters(self, now: float) -> list[Waiter[C]]:
+        """The waiters whose deadline has come, out of the queue (handed nothing)."""
+        return due_waiters(self.waiters, now)
 
     def expire(self, now: float) -> list[tuple[C, str]]:
         keep: deque[tuple[C, float]] = deque()
@@ -378,18 +436,15 @@ class UpstreamPool:
         if len(state.waiters) >= self.config.queue_size:
             self._queue_rejected += 1
             raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
-        waiter: Waiter[UpstreamConnection] = Waiter()
-        state.waiters.append(waiter)
         started = trio.current_time()
-        self._queue_waits += 1
         deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
+        waiter: Waiter[UpstreamConnection] = Waiter(trio.lowlevel.current_task(), deadline)
+        state.waiters.append(waiter)
+        self._queue_waits += 1
+        if deadline < self._reaper_target:
+            self._reaper_wakeup.set()
         try:
-            # A plain scope (move_on_after adds a generator-based context manager per wait).
-            with trio.CancelScope(deadline=deadline) as waiter.scope:
-                await waiter.event.wait()
-        except BaseException:
-            self._abandon(waiter)
-            raise
+            await wait_in_queue(state.waiters, waiter)
         finally:
             self._queue_wait_seconds += trio.current_time() - started
         if waiter.connection is not None:
@@ -397,7 +452,6 @@ class UpstreamPool:
             return waiter.connection, True
         if waiter.may_connect:
             return await self._open(), False
-        self._abandon(waiter)
         if self._closing:
             raise Draining("upstream pool is closing")
         if trio.current_time() >= self._waits_end:
@@ -411,25 +465,8 @@ class UpstreamPool:
         """No request waits in the queue past ``deadline`` (the drain's): one still waiting
         then is answered 503 rather than cut without a word when the drain ends."""
         self._waits_end = min(self._waits_end, deadline)
-        for waiter in self._state.waiters:
-            if waiter.scope is not None:
-                waiter.scope.deadline = min(waiter.scope.deadline, deadline)
-
-    def _abandon(self, waiter: Waiter[UpstreamConnection]) -> None:
-        """A waiter gave up (timeout or cancel): return whatever it was handed."""
-        state = self._state
-        if waiter.connection is not None:
-            connection, waiter.connection = waiter.connection, None
-            self.release(connection, reusable=True)
-        elif waiter.may_connect:
-            waiter.may_connect = False
-            state.connecting -= 1
-            self._grant_capacity()
-        else:
-            try:
-                state.waiters.remove(waiter)
-            except ValueError:
-                pass
+        move_deadlines(self._state.waiters, deadline)
+        self._reaper_wakeup.set()
 
     async def _open(self) -> UpstreamConnection:
         """Open a connection for a slot already counted in ``connecting``."""
@@ -450,7 +487,7 @@ class UpstreamPool:
     def _grant_capacity(self) -> None:
         waiter = self._state.grant_capacity()
         if waiter is not None:
-            waiter.event.set()
+            wake(waiter)
 
     def closed_under_us(self, connection: UpstreamConnection) -> None:
         """The keep-alive race: the server closed this reused connection as we sent on it,
@@ -485,7 +522,7 @@ class UpstreamPool:
                 now = trio.current_time()
                 waiter, reason = state.put_back(connection, now)
                 if waiter is not None:
-                    waiter.event.set()
+                    wake(waiter)
                     return
                 if reason is None:
                     if min(state.idle[-1][1], connection.probe_at) < self._reaper_target:
@@ -500,15 +537,29 @@ class UpstreamPool:
         self._grant_capacity()
 
     async def run_reaper(self) -> None:
-        """Close idle connections as they expire, so none outlives ``idle_timeout``, and
-        probe those of a server whose idle timeout is not known yet."""
+        """Close idle connections as they expire, so none outlives ``idle_timeout``; probe
+        those of a server whose idle timeout is not known yet; time queued requests out at
+        ``queue_timeout``. It must run for the pool to keep these bounds."""
         state = self._state
+        try:
+            await self._reap(state)
+        finally:
+            # Stopped (the pool is retired, or the proxy exits): nothing would time a wait
+            # out any more, so none is left waiting.
+            for waiter in state.time_out_waiters(math.inf):
+                wake(waiter)
+
+    async def _reap(self, state: PoolState[UpstreamConnection]) -> None:
         while True:
             self._reaper_wakeup = trio.Event()
-            self._reaper_target = min(state.next_expiry(), state.next_probe())
+            self._reaper_target = min(
+                state.next_expiry(), state.next_probe(), state.next_queue_deadline()
+            )
             with trio.move_on_at(self._reaper_target):
                 await self._reaper_wakeup.wait()
             now = trio.current_time()
+            for waiter in state.time_out_waiters(now):
+                wake(waiter)
             expired = state.expire(now) + state.probe(now)
             for connection, reason in expired:
                 self._close(connection, reason)
@@ -523,5 +574,4 @@ class UpstreamPool:
             connection, _ = state.idle.pop()
             self._close(connection, "drain")
         while state.waiters:
-            waiter = state.waiters.popleft()
-            waiter.event.set()  # wakes with neither connection nor slot: a PoolTimeout
+            wake(state.waiters.popleft())  # with neither connection nor slot: Draining

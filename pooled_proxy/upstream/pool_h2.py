@@ -34,21 +34,22 @@ import trio
 from ..config import ServerAddress, UpstreamConfig
 from ..errors import Draining, PoolTimeout, ProxyInternalError
 from .h2_connection import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
-from .pool import PoolStatistics
+from .pool import PoolStatistics, due_waiters, move_deadlines, wait_in_queue, wake
 
 ASSUMED_STREAMS = 100  # RFC 9113 section 6.5.2 recommends servers allow at least 100
 
 
 class _Waiter:
-    """A request queued for a stream: it is handed either a stream or a connect slot."""
+    """A request queued for a stream: it is handed either a stream or a connect slot (see
+    pool.wait_in_queue)."""
 
-    __slots__ = ("event", "may_connect", "scope", "stream")
+    __slots__ = ("deadline", "may_connect", "stream", "task")
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
+    def __init__(self, task: trio.lowlevel.Task, deadline: float) -> None:
+        self.task: trio.lowlevel.Task | None = task
+        self.deadline = deadline
         self.stream: H2UpstreamStream | None = None
         self.may_connect = False
-        self.scope: trio.CancelScope | None = None  # the wait's (its deadline may move)
 
 
 class H2Pool:
@@ -80,6 +81,7 @@ class H2Pool:
         self._nursery: trio.Nursery | None = None
         self._unpooled: set[H2UpstreamConnection] = set()  # health probes' connections
         self._reaper_wakeup = trio.Event()
+        self._reaper_target = math.inf
 
     def __repr__(self) -> str:
         return (
@@ -202,17 +204,15 @@ class H2Pool:
         if len(self._waiters) >= self.config.queue_size:
             self._queue_rejected += 1
             raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
-        waiter = _Waiter()
-        self._waiters.append(waiter)
         started = trio.current_time()
-        self._queue_waits += 1
         deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
+        waiter = _Waiter(trio.lowlevel.current_task(), deadline)
+        self._waiters.append(waiter)
+        self._queue_waits += 1
+        if deadline < self._reaper_target:
+            self._reaper_wakeup.set()
         try:
-            with trio.CancelScope(deadline=deadline) as waiter.scope:
-                await waiter.event.wait()
-        except BaseException:
-            self._abandon(waiter)
-            raise
+            await wait_in_queue(self._waiters, waiter)
         finally:
             self._queue_wait_seconds += trio.current_time() - started
         if waiter.stream is not None:
@@ -220,7 +220,6 @@ class H2Pool:
             return waiter.stream, True
         if waiter.may_connect:
             return await self._open()
-        self._abandon(waiter)
         if self._closing:
             raise Draining("upstream pool is closing")
         if trio.current_time() >= self._waits_end:
@@ -233,24 +232,8 @@ class H2Pool:
     def end_waits_by(self, deadline: float) -> None:
         """No request waits in the queue past ``deadline`` (the drain's), as in pool.py."""
         self._waits_end = min(self._waits_end, deadline)
-        for waiter in self._waiters:
-            if waiter.scope is not None:
-                waiter.scope.deadline = min(waiter.scope.deadline, deadline)
-
-    def _abandon(self, waiter: _Waiter) -> None:
-        """A waiter gave up (timeout or cancel): return whatever it was handed."""
-        if waiter.stream is not None:
-            stream, waiter.stream = waiter.stream, None
-            self.release(stream, reusable=True)
-        elif waiter.may_connect:
-            waiter.may_connect = False
-            self._connecting -= 1
-            self._dispatch()
-        else:
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
-                pass
+        move_deadlines(self._waiters, deadline)
+        self._reaper_wakeup.set()
 
     async def _open(self) -> tuple[H2UpstreamStream, bool]:
         """Open a connection for a slot already counted in ``_connecting``; its first stream."""
@@ -288,12 +271,12 @@ class H2Pool:
                 break
             waiter = waiters.popleft()
             waiter.stream = stream
-            waiter.event.set()
+            wake(waiter)
         if waiters and not self._closing and self._should_open(len(waiters)):
             waiter = waiters.popleft()
             waiter.may_connect = True
             self._connecting += 1
-            waiter.event.set()
+            wake(waiter)
 
     def release(
         self, connection: H2UpstreamStream, *, reusable: bool, close_reason: str = "error"
@@ -354,13 +337,16 @@ class H2Pool:
     # -- reaping and closing ---------------------------------------------------------------
 
     async def run_reaper(self) -> None:
-        """Close connections idle for ``idle_timeout``; the connections' tasks run in here."""
+        """Close connections idle for ``idle_timeout`` and time queued requests out at
+        ``queue_timeout``; the connections' tasks run in here."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
                 await self._reap()
             finally:
                 self._nursery = None
+                for waiter in due_waiters(self._waiters, math.inf):
+                    wake(waiter)  # nothing would time it out any more
                 for connection in list(self._unpooled):
                     connection.abort()
                 if not self._closing:
@@ -374,6 +360,8 @@ class H2Pool:
         while True:
             self._reaper_wakeup = trio.Event()
             now = trio.current_time()
+            for waiter in due_waiters(self._waiters, now):
+                wake(waiter)
             next_expiry = math.inf
             for connection in list(self._connections):
                 if connection.active or connection.closed:
@@ -383,6 +371,9 @@ class H2Pool:
                     self._close(connection, "idle_timeout")
                 else:
                     next_expiry = min(next_expiry, expires_at)
+            if self._waiters:
+                next_expiry = min(next_expiry, self._waiters[0].deadline)
+            self._reaper_target = next_expiry
             with trio.move_on_at(next_expiry):
                 await self._reaper_wakeup.wait()
 
@@ -395,5 +386,4 @@ class H2Pool:
             else:
                 self._close(connection, "drain")
         while self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.event.set()  # wakes with neither stream nor slot: Draining
+            wake(self._waiters.popleft())  # with neither stream nor slot: Draining
