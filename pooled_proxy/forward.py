@@ -360,9 +360,9 @@ class Forwarder:
                 if connection is not None:
                     reused = True
                 else:
-                    if exchange.on_wait is not None:
-                        exchange.on_wait()
-                    connection, reused = await pool.acquire(replayable=replayable)
+                    connection, reused = await pool.acquire(
+                        replayable=replayable, on_wait=exchange.on_wait
+                    )
             except (UpstreamConnectError, ConnectTimeout) as exc:
                 # Nothing was sent: any request may go on to the next server.
                 health.record_failure(trio.current_time(), exc)

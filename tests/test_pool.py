@@ -6,6 +6,7 @@ Driven with trio's MockClock over in-memory streams, so every timeout runs insta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -18,7 +19,7 @@ from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.errors import PoolTimeout
 from pooled_proxy.protocol.http1 import ResponseHead
 from pooled_proxy.upstream.connection import UpstreamConnection
-from pooled_proxy.upstream.pool import PoolState, UpstreamPool, Waiter
+from pooled_proxy.upstream.pool import WATCH_AFTER, PoolState, UpstreamPool, Waiter
 
 SERVER = ServerAddress("127.0.0.1", 9)
 
@@ -244,6 +245,41 @@ async def test_a_stopped_reaper_leaves_nobody_waiting(autojump_clock, nursery):
     await trio.sleep(60)
     assert failed == [pytest.approx(1.0)]
     assert pool.statistics().waiting == 0
+
+
+async def test_on_wait_comes_before_a_connect_and_only_for_a_wait_in_the_queue_that_lasts(
+    autojump_clock, nursery
+):
+    # on_wait starts watching the client: a request that is handed a connection within
+    # WATCH_AFTER of joining the queue never needs it.
+    pool = make_pool(Connector(delay=1.0), max_connections=1, queue_timeout=30.0)
+    nursery.start_soon(pool.run_reaper)
+    called: list[tuple[str, float]] = []
+    got: list[str] = []
+
+    def on_wait(name: str) -> Callable[[], None]:
+        return lambda: called.append((name, trio.current_time()))
+
+    held, _ = await pool.acquire(on_wait=on_wait("connect"))
+    assert called == [("connect", 0.0)]  # before the connect's wait
+
+    async def wait(name: str, hold: float) -> None:
+        connection, _ = await pool.acquire(on_wait=on_wait(name))
+        got.append(name)
+        await trio.sleep(hold)
+        finish_exchange(connection)
+        pool.release(connection, reusable=True)
+
+    nursery.start_soon(wait, "short", 2.0)
+    await trio.sleep(WATCH_AFTER / 2)
+    nursery.start_soon(wait, "long", 0.0)
+    await trio.sleep(WATCH_AFTER / 4)
+    finish_exchange(held)
+    pool.release(held, reusable=True)  # to "short", within WATCH_AFTER
+    await trio.sleep(5)
+    assert got == ["short", "long"]
+    queued = 1.0 + WATCH_AFTER / 2  # when "long" joined the queue
+    assert called == [("connect", 0.0), ("long", pytest.approx(queued + WATCH_AFTER))]
 
 
 async def test_full_queue_rejects_at_once(autojump_clock, nursery):

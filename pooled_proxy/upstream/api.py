@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..config import ServerAddress, UpstreamConfig
@@ -73,10 +74,16 @@ class ServerPool(Protocol):
 
     def take_idle(self, *, replayable: bool = True) -> UpstreamChannel | None:
         """What ``acquire`` would hand out at once, without waiting; ``None`` if it would have
-        to wait (the forwarder calls the exchange's ``on_wait`` then)."""
+        to wait."""
         ...
 
-    async def acquire(self, *, replayable: bool = True) -> tuple[UpstreamChannel, bool]: ...
+    async def acquire(
+        self, *, replayable: bool = True, on_wait: Callable[[], None] | None = None
+    ) -> tuple[UpstreamChannel, bool]:
+        """``on_wait`` (the exchange's) is called when the request has to wait: before a
+        connect, or once a wait in the queue has lasted a while (the pool's reaper calls it:
+        most queue waits end sooner, and need no watch on the client)."""
+        ...
 
     async def open_unpooled(self) -> UpstreamChannel:
         """For a health probe: outside the pool's accounting; ``close()`` ends it all."""

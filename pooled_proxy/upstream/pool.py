@@ -52,11 +52,17 @@ class Waiter(Generic[C]):
     timed out at ``deadline`` (by the pool's reaper), or woken by a drain.
     """
 
-    __slots__ = ("connection", "deadline", "may_connect", "task")
+    __slots__ = ("connection", "deadline", "may_connect", "on_wait", "task")
 
-    def __init__(self, task: trio.lowlevel.Task | None = None, deadline: float = math.inf) -> None:
+    def __init__(
+        self,
+        task: trio.lowlevel.Task | None = None,
+        deadline: float = math.inf,
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
         self.task = task
         self.deadline = deadline
+        self.on_wait = on_wait
         self.connection: C | None = None
         self.may_connect = False
 
@@ -69,6 +75,7 @@ class Waiter(Generic[C]):
 class Queued(Protocol):
     task: trio.lowlevel.Task | None
     deadline: float
+    on_wait: Callable[[], None] | None  # the exchange's, until called or the wait ends
 
 
 Q = TypeVar("Q", bound=Queued)
@@ -80,6 +87,7 @@ async def wait_in_queue(waiters: deque[Q], waiter: Q) -> None:
     def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         # Only called while it sleeps un-woken, so it is still in the queue.
         waiters.remove(waiter)
+        waiter.on_wait = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     await trio.lowlevel.wait_task_rescheduled(abort)
@@ -88,6 +96,7 @@ async def wait_in_queue(waiters: deque[Q], waiter: Q) -> None:
 def wake(waiter: Queued) -> None:
     """Reschedule a waiter taken out of the queue."""
     assert waiter.task is not None
+    waiter.on_wait = None
     trio.lowlevel.reschedule(waiter.task)
 
 
@@ -104,6 +113,43 @@ def move_deadlines(waiters: deque[Q], deadline: float) -> None:
     """No waiter waits past ``deadline`` (it applies to all: the order holds)."""
     for waiter in waiters:
         waiter.deadline = min(waiter.deadline, deadline)
+
+
+# A queued request's client is watched (the exchange's ``on_wait``: a task that notices the
+# client leaving) once the request has waited this long, not as it joins the queue: most
+# waits end sooner, and a wait that ends soon does not need a watch.
+WATCH_AFTER = 0.1
+
+
+class ClientWatches:
+    """The waiters whose ``on_wait`` is still to be called, each at its time, in queue order;
+    the pool's reaper calls them. A waiter whose wait ended (its ``on_wait`` cleared) is
+    dropped when it comes up."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: deque[tuple[float, Queued]] = deque()
+
+    def add(self, waiter: Queued, queued_at: float) -> float:
+        """Returns when it is due."""
+        due = queued_at + WATCH_AFTER
+        self._due.append((due, waiter))
+        return due
+
+    def next_due(self) -> float:
+        return self._due[0][0] if self._due else math.inf
+
+    def call_due(self, now: float) -> None:
+        due = self._due
+        while due:
+            at, waiter = due[0]
+            if waiter.on_wait is not None:
+                if at > now:
+                    return
+                on_wait, waiter.on_wait = waiter.on_wait, None
+                on_wait()
+            due.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +395,7 @@ class UpstreamPool:
         self._waits_end = math.inf  # no queue wait lasts past this (set by a drain)
         self._reaper_wakeup = trio.Event()
         self._reaper_target = math.inf
+        self._watches = ClientWatches()
 
     def __repr__(self) -> str:
         s = self._state
@@ -412,12 +459,17 @@ class UpstreamPool:
             self._reused += 1
         return connection
 
-    async def acquire(self, *, replayable: bool = True) -> tuple[UpstreamConnection, bool]:
+    async def acquire(
+        self, *, replayable: bool = True, on_wait: Callable[[], None] | None = None
+    ) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it is a reused one.
 
         Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
         ``queue_timeout``, and the connect errors of :func:`open_connection`.
-        ``replayable``: as for ``take_idle``.
+        ``replayable``: as for ``take_idle``. ``on_wait`` (the exchange's: the client is
+        watched from then on) is called when there is no idle connection to hand out at
+        once: before a connect, or, by the reaper, once a wait in the queue has lasted
+        ``WATCH_AFTER``.
         """
         if self._closing:
             raise Draining("upstream pool is closing")
@@ -427,21 +479,26 @@ class UpstreamPool:
             # checkpoints on its first send anyway.
             return connection, True
         if self._state.can_open():
+            if on_wait is not None:
+                on_wait()
             self._state.connecting += 1
             return await self._open(), False
-        return await self._wait()
+        return await self._wait(on_wait)
 
-    async def _wait(self) -> tuple[UpstreamConnection, bool]:
+    async def _wait(self, on_wait: Callable[[], None] | None) -> tuple[UpstreamConnection, bool]:
         state = self._state
         if len(state.waiters) >= self.config.queue_size:
             self._queue_rejected += 1
             raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
         started = trio.current_time()
         deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
-        waiter: Waiter[UpstreamConnection] = Waiter(trio.lowlevel.current_task(), deadline)
+        waiter: Waiter[UpstreamConnection] = Waiter(trio.lowlevel.current_task(), deadline, on_wait)
         state.waiters.append(waiter)
         self._queue_waits += 1
-        if deadline < self._reaper_target:
+        wake_at = deadline  # the reaper's, for this waiter
+        if on_wait is not None:
+            wake_at = min(wake_at, self._watches.add(waiter, started))
+        if wake_at < self._reaper_target:
             self._reaper_wakeup.set()
         try:
             await wait_in_queue(state.waiters, waiter)
@@ -553,11 +610,15 @@ class UpstreamPool:
         while True:
             self._reaper_wakeup = trio.Event()
             self._reaper_target = min(
-                state.next_expiry(), state.next_probe(), state.next_queue_deadline()
+                state.next_expiry(),
+                state.next_probe(),
+                state.next_queue_deadline(),
+                self._watches.next_due(),
             )
             with trio.move_on_at(self._reaper_target):
                 await self._reaper_wakeup.wait()
             now = trio.current_time()
+            self._watches.call_due(now)
             for waiter in state.time_out_waiters(now):
                 wake(waiter)
             expired = state.expire(now) + state.probe(now)

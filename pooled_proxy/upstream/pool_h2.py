@@ -28,13 +28,21 @@ from __future__ import annotations
 import math
 import ssl
 from collections import Counter, deque
+from collections.abc import Callable
 
 import trio
 
 from ..config import ServerAddress, UpstreamConfig
 from ..errors import Draining, PoolTimeout, ProxyInternalError
 from .h2_connection import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
-from .pool import PoolStatistics, due_waiters, move_deadlines, wait_in_queue, wake
+from .pool import (
+    ClientWatches,
+    PoolStatistics,
+    due_waiters,
+    move_deadlines,
+    wait_in_queue,
+    wake,
+)
 
 ASSUMED_STREAMS = 100  # RFC 9113 section 6.5.2 recommends servers allow at least 100
 
@@ -43,11 +51,14 @@ class _Waiter:
     """A request queued for a stream: it is handed either a stream or a connect slot (see
     pool.wait_in_queue)."""
 
-    __slots__ = ("deadline", "may_connect", "stream", "task")
+    __slots__ = ("deadline", "may_connect", "on_wait", "stream", "task")
 
-    def __init__(self, task: trio.lowlevel.Task, deadline: float) -> None:
+    def __init__(
+        self, task: trio.lowlevel.Task, deadline: float, on_wait: Callable[[], None] | None
+    ) -> None:
         self.task: trio.lowlevel.Task | None = task
         self.deadline = deadline
+        self.on_wait = on_wait
         self.stream: H2UpstreamStream | None = None
         self.may_connect = False
 
@@ -82,6 +93,7 @@ class H2Pool:
         self._unpooled: set[H2UpstreamConnection] = set()  # health probes' connections
         self._reaper_wakeup = trio.Event()
         self._reaper_target = math.inf
+        self._watches = ClientWatches()
 
     def __repr__(self) -> str:
         return (
@@ -135,13 +147,17 @@ class H2Pool:
             self._reused += 1
         return stream
 
-    async def acquire(self, *, replayable: bool = True) -> tuple[H2UpstreamStream, bool]:
+    async def acquire(
+        self, *, replayable: bool = True, on_wait: Callable[[], None] | None = None
+    ) -> tuple[H2UpstreamStream, bool]:
         """A stream for one exchange, and whether its connection was already open.
 
         Raises ``PoolTimeout`` when the wait queue is full or the wait exceeds
         ``queue_timeout``, and the connect errors of :func:`open_h2_connection`.
         ``replayable`` is HTTP/1.1's care about reusing a connection the server may be
         closing: an HTTP/2 server says GOAWAY first, and what it did not process is replayed.
+        ``on_wait`` is called as the HTTP/1.1 pool calls it (before a connect, or once a
+        wait in the queue has lasted ``pool.WATCH_AFTER``).
         """
         if self._closing:
             raise Draining("upstream pool is closing")
@@ -149,9 +165,11 @@ class H2Pool:
         if stream is not None:
             return stream, True
         if self._should_open(len(self._waiters) + 1):
+            if on_wait is not None:
+                on_wait()
             self._connecting += 1
             return await self._open()
-        return await self._wait()
+        return await self._wait(on_wait)
 
     async def open_unpooled(self) -> H2UpstreamStream:
         """A stream on a connection of its own, opened as the pool opens its own but outside
@@ -200,16 +218,19 @@ class H2Pool:
             and self._connecting * ASSUMED_STREAMS < demand
         )
 
-    async def _wait(self) -> tuple[H2UpstreamStream, bool]:
+    async def _wait(self, on_wait: Callable[[], None] | None) -> tuple[H2UpstreamStream, bool]:
         if len(self._waiters) >= self.config.queue_size:
             self._queue_rejected += 1
             raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
         started = trio.current_time()
         deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
-        waiter = _Waiter(trio.lowlevel.current_task(), deadline)
+        waiter = _Waiter(trio.lowlevel.current_task(), deadline, on_wait)
         self._waiters.append(waiter)
         self._queue_waits += 1
-        if deadline < self._reaper_target:
+        wake_at = deadline  # the reaper's, for this waiter
+        if on_wait is not None:  # called by the reaper if the wait lasts (pool.ClientWatches)
+            wake_at = min(wake_at, self._watches.add(waiter, started))
+        if wake_at < self._reaper_target:
             self._reaper_wakeup.set()
         try:
             await wait_in_queue(self._waiters, waiter)
@@ -360,6 +381,7 @@ class H2Pool:
         while True:
             self._reaper_wakeup = trio.Event()
             now = trio.current_time()
+            self._watches.call_due(now)
             for waiter in due_waiters(self._waiters, now):
                 wake(waiter)
             next_expiry = math.inf
@@ -373,6 +395,7 @@ class H2Pool:
                     next_expiry = min(next_expiry, expires_at)
             if self._waiters:
                 next_expiry = min(next_expiry, self._waiters[0].deadline)
+            next_expiry = min(next_expiry, self._watches.next_due())
             self._reaper_target = next_expiry
             with trio.move_on_at(next_expiry):
                 await self._reaper_wakeup.wait()
