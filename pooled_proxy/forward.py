@@ -159,7 +159,6 @@ class Forwarder:
         config: Config,
         *,
         connect: Connector | None = None,
-        observers: tuple[ExchangeObserver, ...] = (),
         tap: ExchangeTap | None = None,
         upstreams: Mapping[str, UpstreamGroup] | None = None,
         tls: Mapping[str, ssl.SSLContext] | None = None,
@@ -181,7 +180,6 @@ class Forwarder:
                     upstream_config, connect=connect, ssl_context=tls.get(name)
                 )
         self.tap = tap
-        self.observers = (*observers, tap.finished) if tap is not None else observers
         server = config.server
         # The lower-case name of the request-ID field, or b"" when request IDs are off.
         self.request_id_header = server.request_id_header.encode() if server.request_id else b""
@@ -227,9 +225,6 @@ class Forwarder:
         finally:
             if record.event_stream:
                 self.live.event_streams -= 1
-            record.duration = trio.current_time() - record.start
-            for observer in self.observers:
-                observer(record)
 
     async def answer_error(
         self, sink: ResponseSink, record: ExchangeRecord, exc: ProxyError

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from .config import Config, ServerConfig, TlsConfig
-from .exchange import ExchangeTap
+from .exchange import ExchangeRecord, ExchangeTap
 from .forward import ExchangeObserver, Forwarder
 from .route_hooks import RouteHooks
 from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
@@ -109,12 +109,12 @@ class Proxy:
         # the supervisor's ports): reloads compare restart-only settings against it.
         self.launch_config = launch_config or config
         self._connect = connect
-        self._observers = observers
+        # Each finished exchange's record goes to these, in order (see observe()).
+        self.observers = (*observers, tap.finished) if tap is not None else observers
         self._tap = tap
         self.forwarder = Forwarder(
             config,
             connect=connect,
-            observers=observers,
             tap=tap,
             tls=self.tls.upstreams,
             hooks=hooks,
@@ -137,7 +137,7 @@ class Proxy:
         # counts its own while it serves a connection, the listener those it has not handed
         # to one yet; the metrics read it at scrape time.
         self.connections_by_protocol: Counter[str] = Counter()
-        self._active_exchanges = 0
+        self.active_exchanges = 0  # in flight: see exchange_started() / exchange_finished()
         self.exchanges_started = 0  # ever; the drain log counts the ones it waited for
         self._pool_nursery: trio.Nursery | None = None
         self._reapers: dict[UpstreamGroup, trio.CancelScope] = {}
@@ -147,16 +147,25 @@ class Proxy:
     def server(self) -> ServerConfig:
         return self.config.server
 
-    @property
-    def active_exchanges(self) -> int:
-        """Exchanges in flight; front ends count them with ``+= 1`` / ``-= 1``."""
-        return self._active_exchanges
+    # -- exchanges ---------------------------------------------------------------------------
+    # Plain methods, not a context manager: they run for every request.
 
-    @active_exchanges.setter
-    def active_exchanges(self, value: int) -> None:
-        if value > self._active_exchanges:
-            self.exchanges_started += value - self._active_exchanges
-        self._active_exchanges = value
+    def exchange_started(self) -> None:
+        """A front end took a request on; it is in flight until ``exchange_finished``."""
+        self.active_exchanges += 1
+        self.exchanges_started += 1
+
+    def exchange_finished(self, record: ExchangeRecord) -> None:
+        """The exchange ``exchange_started`` counted is over, answered or not."""
+        self.active_exchanges -= 1
+        self.observe(record)
+
+    def observe(self, record: ExchangeRecord) -> None:
+        """``record`` is final: its duration, then the observers (metrics, access log,
+        inspector). A front end calls it alone for an answer given before any exchange."""
+        record.duration = trio.current_time() - record.start
+        for observer in self.observers:
+            observer(record)
 
     # -- drain -------------------------------------------------------------------------------
 
@@ -308,7 +317,6 @@ class Proxy:
         new = Forwarder(
             effective,
             connect=self._connect,
-            observers=self._observers,
             tap=self._tap,
             upstreams=kept,
             tls=tls.upstreams,

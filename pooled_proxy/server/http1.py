@@ -268,14 +268,14 @@ class HTTP1Connection:
             # tunnel reads the client itself.
             on_wait=self._arm_watch if upload is None and upgrade is None else None,
         )
-        self.proxy.active_exchanges += 1
+        self.proxy.exchange_started()
         try:
             if upgrade is None:  # a tunnel reads the client itself
                 self.watch.record = record
             await self.proxy.forwarder.forward(exchange)
         finally:
             self.watch.record = None
-            self.proxy.active_exchanges -= 1
+            self.proxy.exchange_finished(record)
             if upload is not None:
                 await upload.aclose()  # one the exchange abandoned (413, early answer, cancel)
         return not self.watch.client_gone and self.http.reusable() and not self.proxy.draining
@@ -314,9 +314,7 @@ class HTTP1Connection:
         except (ClientDisconnected, Unwritable):
             return
         finally:
-            record.duration = trio.current_time() - record.start
-            for observer in self.proxy.forwarder.observers:
-                observer(record)
+            self.proxy.observe(record)
 
 
 def _origin_form(target: bytes) -> tuple[bytes, bytes, bytes]:

@@ -586,7 +586,7 @@ class HTTP2Connection:
         proxy = self.proxy
         forwarder = proxy.forwarder
         record = stream.record
-        proxy.active_exchanges += 1
+        proxy.exchange_started()
         try:
             try:
                 head = request_head(
@@ -607,10 +607,7 @@ class HTTP2Connection:
                     elif name == b":path":
                         record.target = value
                 await forwarder.answer_error(stream, record, exc)
-                record.duration = trio.current_time() - record.start
-                for observer in forwarder.observers:
-                    observer(record)
-                return
+                return  # observed by exchange_finished(), as a forwarded one is
             if not head.has_body:
                 await forwarder.forward(
                     Exchange(head=head, body=NO_BODY, sink=stream, record=record)
@@ -652,7 +649,7 @@ class HTTP2Connection:
                 f" (request {record.request_id.decode('ascii')})" if record.request_id else "",
             )
         finally:
-            proxy.active_exchanges -= 1
+            proxy.exchange_finished(record)
             self._stream_done(stream)
 
     def _stream_done(self, stream: H2Stream) -> None:

@@ -212,10 +212,18 @@ class Replayer:
         )
         pending = PendingReplay(ident)
         self.inspector.replays[id(record)] = pending
-        nursery.start_soon(self.proxy.forwarder.forward, exchange)
+        nursery.start_soon(self._forward, exchange)
         with trio.move_on_after(OPEN_TIMEOUT):
             await pending.opened.wait()
         self.inspector.replays.pop(id(record), None)
         if pending.entry_id is None:
             raise ReplayError(500, "the replay did not start")
         return pending.entry_id
+
+    async def _forward(self, exchange: Exchange) -> None:
+        # Observed as a front end's exchange is (the inspector lists it from its record),
+        # but not counted in flight: a drain does not wait for a replay.
+        try:
+            await self.proxy.forwarder.forward(exchange)
+        finally:
+            self.proxy.observe(exchange.record)
