@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
+from pooled_proxy.config import ServerAddress, TlsConfig
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
+from tests.support.helpers import HOST
 
 
 def _outcomes(exc: BaseException) -> list[BaseException] | None:
@@ -44,3 +49,27 @@ async def demo_upstream(nursery: trio.Nursery) -> AsyncIterator[tuple[DemoUpstre
     upstream = DemoUpstream(event_interval=0.05)
     port = await nursery.start(upstream.serve, "127.0.0.1", 0)
     yield upstream, port
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path: Path) -> TlsConfig:
+    cert = ca.issue_cert(HOST, "localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(tmp_path / "cert.pem", append=True)
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    return TlsConfig(
+        listen=(ServerAddress(HOST, 0),), cert=tmp_path / "cert.pem", key=tmp_path / "key.pem"
+    )
+
+
+@pytest.fixture
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context

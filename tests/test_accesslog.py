@@ -17,7 +17,7 @@ from pooled_proxy.config import LogConfig
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.ops.accesslog import AccessLog, json_line
 from tests.support.helpers import HOST, H11Client, make_config, raw_exchange, start_proxy
-from tests.test_metrics import _closed_port
+from tests.support.ports import free_port
 
 COMBINED = re.compile(
     r'(?P<client>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}|-) '
@@ -71,7 +71,7 @@ async def test_json_lines_in_a_file_match_each_request(nursery, demo_upstream, t
 
 async def test_combined_format_on_stdout_carries_the_proxy_fields(nursery, demo_upstream, capsys):
     _, port = demo_upstream
-    dead_port = _closed_port()
+    dead_port = free_port()
     access_log = AccessLog.from_config(LogConfig(access="stdout", format="combined"))
     assert access_log is not None
     proxy = await start_proxy(nursery, make_config(port), observers=(access_log,))
@@ -102,7 +102,7 @@ async def test_combined_format_on_stdout_carries_the_proxy_fields(nursery, demo_
 
 
 async def test_event_streams_and_stale_retries_are_marked(nursery, demo_upstream):
-    from tests.test_stale import OneShotUpstream
+    from tests.support.one_shot_upstream import OneShotUpstream
 
     _, port = demo_upstream
     stale_upstream = OneShotUpstream()

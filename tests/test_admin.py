@@ -27,9 +27,10 @@ from pooled_proxy.ops.admin import (
 )
 from pooled_proxy.ops.metrics import ProxyMetrics
 from pooled_proxy.proxy import Proxy
+from tests.support.cli import CLI, stop, wait_for_port
 from tests.support.helpers import HOST, H11Client, make_config
 from tests.support.operations import Scrape, start_operated_proxy
-from tests.test_cli import CLI, free_port, stop, wait_for_port
+from tests.support.ports import free_port
 
 
 async def test_endpoints_answer_on_one_keepalive_connection(nursery, demo_upstream):

@@ -14,37 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.cli import CLI, stop, wait_for_port
+from tests.support.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "pooled_proxy"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"exited early with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_check_reports_every_problem_with_file_and_line(tmp_path):

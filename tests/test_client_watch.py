@@ -15,8 +15,7 @@ import h11
 import trio
 
 from pooled_proxy.exchange import ExchangeRecord
-from tests.support.helpers import H11Client, make_config, start_proxy
-from tests.test_streaming import sse_request, wait_until
+from tests.support.helpers import H11Client, make_config, sse_request, start_proxy, wait_until
 
 
 async def test_a_disconnect_on_a_later_exchange_cancels_it_at_once(nursery, demo_upstream):

@@ -23,7 +23,7 @@ from pooled_proxy.daemon.cli import _parser
 from pooled_proxy.ops.admin import HEALTH_PATH, METRICS_PATH, READY_PATH
 from tests.support.helpers import make_config, start_proxy
 from tests.support.operations import start_operated_proxy
-from tests.test_cli import free_port
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-import h11
 import trio
 import trio.testing
 
@@ -19,9 +18,7 @@ from pooled_proxy.proxy import Proxy
 from pooled_proxy.upstream.connection import UpstreamConnection
 from pooled_proxy.upstream.health import ProbeState
 from tests.support.faulty_upstream import (
-    FaultyUpstream,
-    SeenRequest,
-    _wait_for_close,
+    ProbedUpstream,
     memory_client,
     read_until_close,
     wait_until,
@@ -30,35 +27,6 @@ from tests.support.helpers import H11Client, make_config
 from tests.support.operations import start_operated_proxy
 
 CHECK = HealthCheckConfig(path="/healthz", interval=5.0, timeout=1.0, rise=2, fall=3)
-
-
-class ProbedUpstream(FaultyUpstream):
-    """Answers ``GET /healthz`` as ``health`` says (ok: 200, failing: 503, hang: never);
-    any other request as FaultyUpstream's ``/ok``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.health = "ok"
-        self.probes = 0
-
-    @property
-    def served(self) -> int:
-        """Requests other than probes."""
-        return sum(1 for r in self.requests if r.target != b"/healthz")
-
-    async def _answer(
-        self, stream: trio.abc.Stream, conn: h11.Connection, mode: str, request: SeenRequest
-    ) -> bool:
-        if request.target != b"/healthz":
-            return await super()._answer(stream, conn, mode, request)
-        self.probes += 1
-        if self.health == "hang":
-            await _wait_for_close(stream)
-            return False
-        status = 200 if self.health == "ok" else 503
-        response = h11.Response(status_code=status, headers=[("content-length", "0")])
-        await stream.send_all(conn.send(response) + conn.send(h11.EndOfMessage()))
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
 class Servers:

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from pooled_proxy.protocol.http1 import connection as http1
 from tests.support.helpers import HOST, make_config, raw_exchange, start_proxy
-from tests.test_fuzz_h1 import exchange as fuzz_exchange
-from tests.test_http1_direct_path_upstream import OK, as_h11_writes_it
-from tests.test_http1_direct_path_upstream import run as run_scripted
+from tests.support.memory_front_end import exchange as fuzz_exchange
+from tests.support.scripted_upstream import OK, as_h11_writes_it
+from tests.support.scripted_upstream import run as run_scripted
 
 CASES = [
     (b"GET", b"/", []),

@@ -24,7 +24,7 @@ from hyperframe.frame import (
 from pooled_proxy.server.http2 import IDLE_WORKERS, H2Stream
 from tests.support.h2client import H2Client, H2Reply
 from tests.support.helpers import H11Client, make_config, start_proxy
-from tests.test_http1_direct_path_upstream import run as run_scripted
+from tests.support.scripted_upstream import run as run_scripted
 
 ErrorCodes = h2.errors.ErrorCodes
 

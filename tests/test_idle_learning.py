@@ -20,7 +20,7 @@ from pooled_proxy.upstream.connection import UpstreamConnection
 from pooled_proxy.upstream.idle_close import RECENT, WINDOW, IdleCloseLearner
 from pooled_proxy.upstream.pool import UpstreamPool
 from tests.support.helpers import make_config, start_proxy
-from tests.test_pool import finish_exchange
+from tests.support.upstream_connection import finish_exchange
 
 SERVER = ServerAddress("127.0.0.1", 9)
 

@@ -16,8 +16,8 @@ import trio
 from pooled_proxy.config import InspectConfig, parse_config
 from pooled_proxy.errors import ConfigError
 from tests.support.helpers import H11Client, make_config
+from tests.support.memory import MIB, reset_peak_rss, status_kib
 from tests.support.operations import OperatedProxy, start_operated_proxy
-from tests.test_streaming import MIB, _reset_peak_rss, _status_kib
 
 INSPECT = InspectConfig(enabled=True)
 SECRET = "Bearer s3cr3t-t0ken"
@@ -435,12 +435,12 @@ async def test_a_256_mib_stream_each_way_through_the_inspector_keeps_memory_flat
 ):
     # As test_streaming's test without the inspector: one process, so the peak RSS bounds
     # what the inspector kept of the bodies (max_body_bytes of each), not the stream.
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         pytest.skip("cannot reset VmHWM via /proc/self/clear_refs")
     _, port = demo_upstream
     proxy = await inspecting(nursery, port)
     size = 256 * MIB
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     block = bytes(range(256)) * 256  # 64 KiB
     with trio.fail_after(120):
         async with await H11Client.connect(proxy.running.port) as client:
@@ -464,7 +464,7 @@ async def test_a_256_mib_stream_each_way_through_the_inspector_keeps_memory_flat
                 while isinstance(event := await client.next_event(), h11.Data):
                     echoed += len(event.data)
             assert echoed == size
-    growth_mib = (_status_kib("VmHWM") - baseline) / 1024
+    growth_mib = (status_kib("VmHWM") - baseline) / 1024
     assert growth_mib < 32, f"peak RSS grew by {growth_mib:.1f} MiB"
     [row] = (await admin_json(proxy, "/inspect/exchanges"))["exchanges"]
     got = await admin_json(proxy, f"/inspect/exchanges/{row['id']}")

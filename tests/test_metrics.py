@@ -3,8 +3,6 @@ matched against what was sent (and against what the upstream itself saw)."""
 
 from __future__ import annotations
 
-import socket
-
 import h11
 import httpx
 import prometheus_client
@@ -22,15 +20,9 @@ from pooled_proxy.config import (
 from pooled_proxy.ops.metrics import ProxyMetrics
 from tests.support.h2client import H2Client
 from tests.support.helpers import HOST, H11Client, make_config
+from tests.support.one_shot_upstream import OneShotUpstream
 from tests.support.operations import Scrape, start_operated_proxy
-from tests.test_stale import OneShotUpstream
-
-
-def _closed_port() -> int:
-    """A local port with nothing listening: connecting to it is refused."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+from tests.support.ports import free_port
 
 
 def _three_upstreams(app_port: int, dead_port: int) -> Config:
@@ -59,7 +51,7 @@ def _three_upstreams(app_port: int, dead_port: int) -> Config:
 
 async def test_scrape_counts_match_the_traffic_sent(nursery, demo_upstream):
     upstream, app_port = demo_upstream
-    dead_port = _closed_port()
+    dead_port = free_port()
     proxy = await start_operated_proxy(nursery, _three_upstreams(app_port, dead_port))
     app_bytes_out = 0
     with trio.fail_after(10):

@@ -17,9 +17,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.errors import PoolTimeout
-from pooled_proxy.protocol.http1 import ResponseHead
 from pooled_proxy.upstream.connection import UpstreamConnection
 from pooled_proxy.upstream.pool import WATCH_AFTER, PoolState, UpstreamPool, Waiter
+from tests.support.upstream_connection import finish_exchange
 
 SERVER = ServerAddress("127.0.0.1", 9)
 
@@ -42,15 +42,6 @@ class Connector:
 def make_pool(connector: Connector, **limits: object) -> UpstreamPool:
     config = UpstreamConfig(name="app", servers=(SERVER,), **limits)  # type: ignore[arg-type]
     return UpstreamPool(SERVER, config, connect=connector)
-
-
-def finish_exchange(connection: UpstreamConnection, response: bytes = b"") -> None:
-    """Walk the codec through one complete exchange, so it is reusable."""
-    conn = connection._http
-    conn.send_request(b"GET", b"/", [(b"host", b"x")], end=True)
-    conn.receive_data(response or b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-    assert isinstance(conn.next_event(), ResponseHead)
-    assert conn.buffered_body() == (b"", True)
 
 
 async def test_idle_connection_is_reused_lifo(autojump_clock):

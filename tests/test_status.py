@@ -20,8 +20,6 @@ import trio
 import trustme
 
 from pooled_proxy.config import (
-    Config,
-    RouteConfig,
     ServerAddress,
     ServerConfig,
     UpstreamConfig,
@@ -33,36 +31,14 @@ from pooled_proxy.ops.metrics import ProxyMetrics
 from pooled_proxy.ops.status import StatusBoard, config_json, merge_statuses
 from pooled_proxy.proxy import Proxy
 from pooled_proxy.upstream.balancer import ServerHealth
-from tests.support.daemon import DaemonConfig, running_daemon
+from tests.support.daemon import DaemonConfig, pids_serving, running_daemon
 from tests.support.faulty_upstream import refused_port
 from tests.support.h2client import H2Client
-from tests.support.helpers import HOST, H11Client, make_config
+from tests.support.helpers import HOST, H11Client, make_config, two_upstreams
 from tests.support.operations import OperatedProxy, start_operated_proxy
-from tests.test_websocket import WSClient, WSEchoUpstream
-from tests.test_workers import pids_serving
+from tests.support.websocket import WSClient, WSEchoUpstream
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
-
-
-def two_upstreams(
-    app: tuple[int, ...], other: tuple[int, ...], other_prefix: str = "/other/", **app_settings: Any
-) -> Config:
-    """``other_prefix`` goes to upstream "other" (stripped), the rest to "app"."""
-    return Config(
-        server=ServerConfig(listen=(ServerAddress(HOST, 0),)),
-        upstreams={
-            "app": UpstreamConfig(
-                name="app", servers=tuple(ServerAddress(HOST, p) for p in app), **app_settings
-            ),
-            "other": UpstreamConfig(
-                name="other", servers=tuple(ServerAddress(HOST, p) for p in other)
-            ),
-        },
-        routes=(
-            RouteConfig(upstream="other", path_prefix=other_prefix, strip_prefix=True),
-            RouteConfig(upstream="app"),
-        ),
-    )
 
 
 async def get_json(proxy: OperatedProxy, path: str) -> Any:

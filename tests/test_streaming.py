@@ -20,7 +20,8 @@ import trio
 
 from pooled_proxy.exchange import ExchangeRecord
 from tests.support.h2client import H2Client
-from tests.support.helpers import HOST, H11Client, make_config, start_proxy
+from tests.support.helpers import HOST, H11Client, make_config, sse_request, start_proxy, wait_until
+from tests.support.memory import MIB, reset_peak_rss, status_kib
 
 # -- tools -------------------------------------------------------------------------------------
 
@@ -86,14 +87,6 @@ def assert_prompt(arrivals: list[SSEArrival], requested: float, count: int) -> N
         assert abs((after.arrived - before.arrived) - (after.sent - before.sent)) < 0.05
 
 
-def sse_request(target: str) -> h11.Request:
-    return h11.Request(
-        method="GET",
-        target=target,
-        headers=[("host", "a"), ("accept", "text/event-stream"), ("accept-encoding", "gzip")],
-    )
-
-
 @dataclass
 class ScriptedUpstream:
     """A raw HTTP/1.1 upstream: reads one request head, then runs ``script`` on the socket.
@@ -152,11 +145,6 @@ async def start(nursery: trio.Nursery, upstream: ScriptedUpstream, **config: obj
     records: list[ExchangeRecord] = []
     proxy = await start_proxy(nursery, make_config(port, **config), observers=(records.append,))
     return proxy, records
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await trio.sleep(0.005)
 
 
 # -- SSE timing --------------------------------------------------------------------------------
@@ -513,25 +501,6 @@ async def test_expect_100_continue_lets_the_upstream_refuse_the_body(nursery, de
 # -- memory ------------------------------------------------------------------------------------
 
 
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field_name)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False if this kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-MIB = 1024 * 1024
 STREAM_SIZE = 256 * MIB
 
 
@@ -539,11 +508,11 @@ async def test_256_mib_up_and_down_keep_memory_flat(nursery, demo_upstream):
     # The proxy, the demo upstream and the client all run in this process, so the growth of
     # its peak RSS bounds what the proxy kept: a proxy that buffered a body would add 256 MiB.
     # (bench/stream_memory.py measures the proxy alone, as a separate process, on 1 GiB.)
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         pytest.skip("cannot reset VmHWM via /proc/self/clear_refs")
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     block = bytes(range(256)) * 256  # 64 KiB
     with trio.fail_after(120):
         async with await H11Client.connect(proxy.port) as client:
@@ -579,5 +548,5 @@ async def test_256_mib_up_and_down_keep_memory_flat(nursery, demo_upstream):
                 while isinstance(event := await client.next_event(), h11.Data):
                     echoed += len(event.data)
             assert echoed == STREAM_SIZE
-    growth_mib = (_status_kib("VmHWM") - baseline) / 1024
+    growth_mib = (status_kib("VmHWM") - baseline) / 1024
     assert growth_mib < 32, f"peak RSS grew by {growth_mib:.1f} MiB"

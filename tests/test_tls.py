@@ -10,49 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-import trustme
 
-from pooled_proxy.config import ServerAddress, TlsConfig
 from pooled_proxy.daemon.cli import main
 from tests.support.h2client import H2Client
-from tests.support.helpers import HOST, make_config
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> TlsConfig:
-    cert = ca.issue_cert(HOST, "localhost")
-    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(tmp_path / "cert.pem", append=True)
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    return TlsConfig(
-        listen=(ServerAddress(HOST, 0),), cert=tmp_path / "cert.pem", key=tmp_path / "key.pem"
-    )
-
-
-@pytest.fixture
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
-async def tls_port(nursery, upstream_port: int, tls: TlsConfig, **server) -> tuple[int, int]:
-    """Start the proxy with [server.tls]; returns (cleartext port, TLS port)."""
-    from pooled_proxy.daemon.lifecycle import serve
-    from pooled_proxy.proxy import Proxy
-
-    proxy = Proxy(make_config(upstream_port, server={"tls": tls, **server}))
-    addresses = await nursery.start(serve, proxy)
-    plain = [a.port for a in addresses if not a.tls]
-    secure = [a.port for a in addresses if a.tls]
-    assert len(plain) == 1 and len(secure) == 1, addresses
-    return plain[0], secure[0]
+from tests.support.helpers import HOST
+from tests.support.tls import tls_port
 
 
 async def test_httpx_with_http2_negotiates_h2_over_tls(

@@ -12,7 +12,7 @@ import logging
 import trio
 
 from tests.support.helpers import H11Client, make_config, start_proxy
-from tests.test_stale import OneShotUpstream
+from tests.support.one_shot_upstream import OneShotUpstream
 
 
 async def test_reset_while_the_upload_waits_for_the_body_is_a_502_not_a_broken_retry(

@@ -21,56 +21,13 @@ from prometheus_client.openmetrics.parser import (
 
 from pooled_proxy import __version__
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
-from tests.support.daemon import Daemon, DaemonConfig, running_daemon
+from tests.support.daemon import DaemonConfig, pids_serving, running_daemon, serving_pid
 from tests.support.helpers import HOST, H11Client, connection_storm
 from tests.support.operations import Scrape
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
 )
-
-
-def serving_pid(proxy_port: int, client: H11Client, pids: set[int]) -> int | None:
-    """The process among ``pids`` that holds the proxy's end of ``client``'s connection."""
-    client_port = client.stream.socket.getsockname()[1]
-    inode = None
-    with open("/proc/net/tcp") as table:
-        for row in list(table)[1:]:
-            fields = row.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if (local_port, remote_port) == (proxy_port, client_port):
-                inode = fields[9]
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except FileNotFoundError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-            except OSError:
-                continue
-    return None
-
-
-async def pids_serving(daemon: Daemon, pids: set[int], target: str, connections: int) -> set[int]:
-    """Open ``connections`` keep-alive connections, GET ``target`` on each (must be 200),
-    and return the pids that served them."""
-    clients = [await H11Client.connect(daemon.port) for _ in range(connections)]
-    try:
-        served = set()
-        for client in clients:
-            assert (await client.request("GET", target)).status == 200
-            pid = serving_pid(daemon.port, client, pids)
-            assert pid is not None
-            served.add(pid)
-        return served
-    finally:
-        for client in clients:
-            await client.aclose()
 
 
 def routes(*names: str) -> list[dict[str, object]]:
@@ -272,7 +229,7 @@ async def _until_ready(client: httpx.AsyncClient, url: str) -> None:
 async def test_readyz_of_the_group_asks_every_worker_about_its_upstreams(nursery, tmp_path):
     # Each worker probes on its own; /readyz (the supervisor's) is 503 while a worker has an
     # upstream with no server in rotation.
-    from tests.test_health_checks import ProbedUpstream
+    from tests.support.faulty_upstream import ProbedUpstream
 
     upstream = ProbedUpstream()
     upstream_port = await nursery.start(upstream.serve)

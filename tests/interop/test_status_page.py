@@ -21,9 +21,8 @@ import trio
 
 from tests.support.faulty_upstream import refused_port
 from tests.support.h2client import H2Client
-from tests.support.helpers import H11Client
+from tests.support.helpers import H11Client, two_upstreams
 from tests.support.operations import start_operated_proxy
-from tests.test_status import two_upstreams
 
 from .browser import Browser
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from tests.support.helpers import H11Client
+
 HOST = "127.0.0.1"
 # Generous: a cold interpreter on a busy CI machine; the tests' own guards start after it.
 STARTUP_TIMEOUT = 30.0
@@ -168,3 +170,46 @@ async def running_daemon(
                 except ProcessLookupError:
                     pass
             await process.wait()
+
+
+def serving_pid(proxy_port: int, client: H11Client, pids: set[int]) -> int | None:
+    """The process among ``pids`` that holds the proxy's end of ``client``'s connection."""
+    client_port = client.stream.socket.getsockname()[1]
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if (local_port, remote_port) == (proxy_port, client_port):
+                inode = fields[9]
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+async def pids_serving(daemon: Daemon, pids: set[int], target: str, connections: int) -> set[int]:
+    """Open ``connections`` keep-alive connections, GET ``target`` on each (must be 200),
+    and return the pids that served them."""
+    clients = [await H11Client.connect(daemon.port) for _ in range(connections)]
+    try:
+        served = set()
+        for client in clients:
+            assert (await client.request("GET", target)).status == 200
+            pid = serving_pid(daemon.port, client, pids)
+            assert pid is not None
+            served.add(pid)
+        return served
+    finally:
+        for client in clients:
+            await client.aclose()

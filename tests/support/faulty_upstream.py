@@ -325,3 +325,32 @@ class FaultyUpstream:
             await stream.send_all(data)
             return conn.our_state is h11.DONE and conn.their_state is h11.DONE
         return False
+
+
+class ProbedUpstream(FaultyUpstream):
+    """Answers ``GET /healthz`` as ``health`` says (ok: 200, failing: 503, hang: never);
+    any other request as FaultyUpstream's ``/ok``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.health = "ok"
+        self.probes = 0
+
+    @property
+    def served(self) -> int:
+        """Requests other than probes."""
+        return sum(1 for r in self.requests if r.target != b"/healthz")
+
+    async def _answer(
+        self, stream: trio.abc.Stream, conn: h11.Connection, mode: str, request: SeenRequest
+    ) -> bool:
+        if request.target != b"/healthz":
+            return await super()._answer(stream, conn, mode, request)
+        self.probes += 1
+        if self.health == "hang":
+            await _wait_for_close(stream)
+            return False
+        status = 200 if self.health == "ok" else 503
+        response = h11.Response(status_code=status, headers=[("content-length", "0")])
+        await stream.send_all(conn.send(response) + conn.send(h11.EndOfMessage()))
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE

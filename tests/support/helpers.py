@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -216,3 +216,37 @@ async def connection_storm(port: int, *, seconds: float = 10.0) -> AsyncIterator
         with trio.CancelScope(shield=True):
             process.kill()
             await process.wait()
+
+
+def sse_request(target: str) -> h11.Request:
+    return h11.Request(
+        method="GET",
+        target=target,
+        headers=[("host", "a"), ("accept", "text/event-stream"), ("accept-encoding", "gzip")],
+    )
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await trio.sleep(0.005)
+
+
+def two_upstreams(
+    app: tuple[int, ...], other: tuple[int, ...], other_prefix: str = "/other/", **app_settings: Any
+) -> Config:
+    """``other_prefix`` goes to upstream "other" (stripped), the rest to "app"."""
+    return Config(
+        server=ServerConfig(listen=(ServerAddress(HOST, 0),)),
+        upstreams={
+            "app": UpstreamConfig(
+                name="app", servers=tuple(ServerAddress(HOST, p) for p in app), **app_settings
+            ),
+            "other": UpstreamConfig(
+                name="other", servers=tuple(ServerAddress(HOST, p) for p in other)
+            ),
+        },
+        routes=(
+            RouteConfig(upstream="other", path_prefix=other_prefix, strip_prefix=True),
+            RouteConfig(upstream="app"),
+        ),
+    )
