@@ -25,7 +25,7 @@ from tests.support.helpers import make_config, start_proxy
 from tests.support.operations import start_operated_proxy
 from tests.support.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 

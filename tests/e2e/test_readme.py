@@ -20,7 +20,7 @@ from pooled_proxy.daemon.cli import _parser, dev_config_from_args, main
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.support.helpers import H11Client, start_proxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 # The user-facing documents: what they say must hold for this project alone.
 DOCUMENTS = ("README.md", "CONTRIBUTING.md", "bench/README.md")

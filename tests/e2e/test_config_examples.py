@@ -28,7 +28,7 @@ from pooled_proxy.routing import Router
 from tests.support.helpers import HOST, H11Client
 from tests.support.operations import start_operated_proxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config"
 EXAMPLES = sorted(CONFIG.glob("*.toml")) + [ROOT / "docker" / "pooled-proxy.toml"]
 

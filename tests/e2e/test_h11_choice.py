@@ -33,7 +33,7 @@ def test_compiled_h11_by_default_when_installed() -> None:
 def test_the_package_never_imports_h11_around_the_shim() -> None:
     """Every module takes h11 from _h11.py (the demo upstream excepted: it plays a third party),
     so h11 and h11_mypyc objects never meet in one process."""
-    package = os.path.join(os.path.dirname(__file__), "..", "pooled_proxy")
+    package = os.path.join(os.path.dirname(__file__), "..", "..", "pooled_proxy")
     offenders = []
     for folder, _, files in os.walk(package):
         for name in files:

@@ -17,7 +17,7 @@ from pooled_proxy.config import load_config
 from pooled_proxy.daemon.cli import _parser
 from pooled_proxy.daemon.lifecycle import DRAIN_SIGNALS, RELOAD_SIGNAL, REOPEN_SIGNAL
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "config" / "systemd" / "pooled-proxy.service"
 LOGROTATE = ROOT / "config" / "systemd" / "pooled-proxy.logrotate"
 INSTALLED = "/opt/pooled-proxy/bin/pooled-proxy"

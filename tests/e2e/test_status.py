@@ -38,7 +38,7 @@ from tests.support.helpers import HOST, H11Client, make_config, two_upstreams
 from tests.support.operations import OperatedProxy, start_operated_proxy
 from tests.support.websocket import WSClient, WSEchoUpstream
 
-CONFIG_DIR = Path(__file__).parent.parent / "config"
+CONFIG_DIR = Path(__file__).parents[2] / "config"
 
 
 async def get_json(proxy: OperatedProxy, path: str) -> Any:

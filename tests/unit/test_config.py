@@ -925,7 +925,7 @@ def test_dev_config() -> None:
 
 def test_dev_config_has_the_settings_of_config_dev_toml() -> None:
     """``pooled-proxy dev`` is what config/dev.toml says it is (its drain_timeout included)."""
-    dev_toml = load_config(Path(__file__).parent.parent / "config" / "dev.toml")
+    dev_toml = load_config(Path(__file__).parents[2] / "config" / "dev.toml")
     config = dev_config("127.0.0.1:3000")
     assert config.server == dev_toml.server
     assert config.server.drain_timeout == 2.0

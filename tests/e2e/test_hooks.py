@@ -36,7 +36,7 @@ from pooled_proxy.hooks import (
 from pooled_proxy.route_hooks import load_route_hooks
 from tests.support.helpers import HOST, H11Client, RunningProxy, start_proxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _modules = itertools.count()
 
 

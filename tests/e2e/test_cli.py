@@ -17,7 +17,7 @@ import pytest
 from tests.support.cli import CLI, stop, wait_for_port
 from tests.support.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_check_reports_every_problem_with_file_and_line(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from tests.interop.servers import REQUIRE_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Two cheap tests, each of which needs one program (neither of them in /usr/sbin or /sbin,
 # where require_program also looks).
 SELECTION = [
