@@ -169,6 +169,46 @@ class PoolStatistics:
     queue_wait_seconds: float
 
 
+class PoolCounts:
+    """What a pool has done so far (both pools keep these): the counters of its statistics."""
+
+    __slots__ = (
+        "closed",
+        "opened",
+        "queue_rejected",
+        "queue_timeouts",
+        "queue_wait_seconds",
+        "queue_waits",
+        "reused",
+    )
+
+    def __init__(self) -> None:
+        self.closed: Counter[str] = Counter()  # by reason
+        self.opened = 0
+        self.reused = 0
+        self.queue_rejected = 0
+        self.queue_timeouts = 0
+        self.queue_waits = 0
+        self.queue_wait_seconds = 0.0
+
+    def statistics(
+        self, *, in_use: int, idle: int, connecting: int, waiting: int
+    ) -> PoolStatistics:
+        return PoolStatistics(
+            in_use=in_use,
+            idle=idle,
+            connecting=connecting,
+            waiting=waiting,
+            opened=self.opened,
+            reused=self.reused,
+            closed=dict(self.closed),
+            queue_rejected=self.queue_rejected,
+            queue_timeouts=self.queue_timeouts,
+            queue_waits=self.queue_waits,
+            queue_wait_seconds=self.queue_wait_seconds,
+        )
+
+
 class PoolState(Generic[C]):
     """Pure pool accounting. Methods return what to close; the shell closes it."""
 
@@ -384,13 +424,7 @@ class UpstreamPool:
             max_idle=config.max_idle,
             idle_timeout=config.idle_timeout,
         )
-        self._closed_by: Counter[str] = Counter()
-        self._opened = 0
-        self._reused = 0
-        self._queue_rejected = 0
-        self._queue_timeouts = 0
-        self._queue_waits = 0
-        self._queue_wait_seconds = 0.0
+        self.counts = PoolCounts()
         self._closing = False
         self._waits_end = math.inf  # no queue wait lasts past this (set by a drain)
         self._reaper_wakeup = trio.Event()
@@ -419,18 +453,8 @@ class UpstreamPool:
 
     def statistics(self) -> PoolStatistics:
         s = self._state
-        return PoolStatistics(
-            in_use=s.in_use,
-            idle=len(s.idle),
-            connecting=s.connecting,
-            waiting=len(s.waiters),
-            opened=self._opened,
-            reused=self._reused,
-            closed=dict(self._closed_by),
-            queue_rejected=self._queue_rejected,
-            queue_timeouts=self._queue_timeouts,
-            queue_waits=self._queue_waits,
-            queue_wait_seconds=self._queue_wait_seconds,
+        return self.counts.statistics(
+            in_use=s.in_use, idle=len(s.idle), connecting=s.connecting, waiting=len(s.waiters)
         )
 
     @property
@@ -440,7 +464,7 @@ class UpstreamPool:
 
     def _close(self, connection: UpstreamConnection, reason: str) -> None:
         connection.close()
-        self._closed_by[reason] += 1
+        self.counts.closed[reason] += 1
 
     def take_idle(self, *, replayable: bool = True) -> UpstreamConnection | None:
         """An idle connection, at once and without waiting, if one is free (the connections
@@ -456,7 +480,7 @@ class UpstreamPool:
                 self._close(stale, reason)
             self._reaper_wakeup.set()  # a stale one may have taught a shorter timeout
         if connection is not None:
-            self._reused += 1
+            self.counts.reused += 1
         return connection
 
     async def acquire(
@@ -488,13 +512,13 @@ class UpstreamPool:
     async def _wait(self, on_wait: Callable[[], None] | None) -> tuple[UpstreamConnection, bool]:
         state = self._state
         if len(state.waiters) >= self.config.queue_size:
-            self._queue_rejected += 1
+            self.counts.queue_rejected += 1
             raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
         started = trio.current_time()
         deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
         waiter: Waiter[UpstreamConnection] = Waiter(trio.lowlevel.current_task(), deadline, on_wait)
         state.waiters.append(waiter)
-        self._queue_waits += 1
+        self.counts.queue_waits += 1
         wake_at = deadline  # the reaper's, for this waiter
         if on_wait is not None:
             wake_at = min(wake_at, self._watches.add(waiter, started))
@@ -503,9 +527,9 @@ class UpstreamPool:
         try:
             await wait_in_queue(state.waiters, waiter)
         finally:
-            self._queue_wait_seconds += trio.current_time() - started
+            self.counts.queue_wait_seconds += trio.current_time() - started
         if waiter.connection is not None:
-            self._reused += 1
+            self.counts.reused += 1
             return waiter.connection, True
         if waiter.may_connect:
             return await self._open(), False
@@ -513,7 +537,7 @@ class UpstreamPool:
             raise Draining("upstream pool is closing")
         if trio.current_time() >= self._waits_end:
             raise Draining("no upstream connection came free before drain_timeout")
-        self._queue_timeouts += 1
+        self.counts.queue_timeouts += 1
         raise PoolTimeout(
             f"no connection to {self.server} within queue_timeout ({self.config.queue_timeout:g}s)"
         )
@@ -538,7 +562,7 @@ class UpstreamPool:
         connection.connect_time = trio.current_time() - started
         state.connecting -= 1
         state.in_use += 1
-        self._opened += 1
+        self.counts.opened += 1
         return connection
 
     def _grant_capacity(self) -> None:

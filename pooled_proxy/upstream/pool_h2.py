@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -37,6 +37,7 @@ from ..errors import Draining, PoolTimeout, ProxyInternalError
 from .h2_connection import H2UpstreamConnection, H2UpstreamStream, open_h2_connection
 from .pool import (
     ClientWatches,
+    PoolCounts,
     PoolStatistics,
     due_waiters,
     move_deadlines,
@@ -79,14 +80,8 @@ class H2Pool:
         self._connections: list[H2UpstreamConnection] = []  # oldest first
         self._connecting = 0
         self._waiters: deque[_Waiter] = deque()
-        self._closed_by: Counter[str] = Counter()
-        self._closed_by_pool: set[H2UpstreamConnection] = set()  # counted in _closed_by
-        self._opened = 0
-        self._reused = 0
-        self._queue_rejected = 0
-        self._queue_timeouts = 0
-        self._queue_waits = 0
-        self._queue_wait_seconds = 0.0
+        self.counts = PoolCounts()
+        self._closed_by_pool: set[H2UpstreamConnection] = set()  # counted in counts.closed
         self._closing = False
         self._waits_end = math.inf  # no queue wait lasts past this (set by a drain)
         self._nursery: trio.Nursery | None = None
@@ -116,18 +111,8 @@ class H2Pool:
                 busy += 1
             else:
                 idle += 1
-        return PoolStatistics(
-            in_use=busy,
-            idle=idle,
-            connecting=self._connecting,
-            waiting=len(self._waiters),
-            opened=self._opened,
-            reused=self._reused,
-            closed=dict(self._closed_by),
-            queue_rejected=self._queue_rejected,
-            queue_timeouts=self._queue_timeouts,
-            queue_waits=self._queue_waits,
-            queue_wait_seconds=self._queue_wait_seconds,
+        return self.counts.statistics(
+            in_use=busy, idle=idle, connecting=self._connecting, waiting=len(self._waiters)
         )
 
     @property
@@ -144,7 +129,7 @@ class H2Pool:
             return None
         stream = self._take_stream()
         if stream is not None:
-            self._reused += 1
+            self.counts.reused += 1
         return stream
 
     async def acquire(
@@ -220,13 +205,13 @@ class H2Pool:
 
     async def _wait(self, on_wait: Callable[[], None] | None) -> tuple[H2UpstreamStream, bool]:
         if len(self._waiters) >= self.config.queue_size:
-            self._queue_rejected += 1
+            self.counts.queue_rejected += 1
             raise PoolTimeout(f"wait queue for {self.server} is full ({self.config.queue_size})")
         started = trio.current_time()
         deadline = min(started + (self.config.queue_timeout or math.inf), self._waits_end)
         waiter = _Waiter(trio.lowlevel.current_task(), deadline, on_wait)
         self._waiters.append(waiter)
-        self._queue_waits += 1
+        self.counts.queue_waits += 1
         wake_at = deadline  # the reaper's, for this waiter
         if on_wait is not None:  # called by the reaper if the wait lasts (pool.ClientWatches)
             wake_at = min(wake_at, self._watches.add(waiter, started))
@@ -235,9 +220,9 @@ class H2Pool:
         try:
             await wait_in_queue(self._waiters, waiter)
         finally:
-            self._queue_wait_seconds += trio.current_time() - started
+            self.counts.queue_wait_seconds += trio.current_time() - started
         if waiter.stream is not None:
-            self._reused += 1
+            self.counts.reused += 1
             return waiter.stream, True
         if waiter.may_connect:
             return await self._open()
@@ -245,7 +230,7 @@ class H2Pool:
             raise Draining("upstream pool is closing")
         if trio.current_time() >= self._waits_end:
             raise Draining("no upstream stream came free before drain_timeout")
-        self._queue_timeouts += 1
+        self.counts.queue_timeouts += 1
         raise PoolTimeout(
             f"no stream to {self.server} within queue_timeout ({self.config.queue_timeout:g}s)"
         )
@@ -273,7 +258,7 @@ class H2Pool:
             self._dispatch()
             raise
         self._connecting -= 1
-        self._opened += 1
+        self.counts.opened += 1
         connection.connect_time = trio.current_time() - started
         connection.on_change = lambda: self._changed(connection)
         self._connections.append(connection)
@@ -338,7 +323,7 @@ class H2Pool:
     def _close(self, connection: H2UpstreamConnection, reason: str) -> None:
         if connection not in self._closed_by_pool:
             self._closed_by_pool.add(connection)
-            self._closed_by[reason] += 1
+            self.counts.closed[reason] += 1
         connection.close()
 
     async def _run(self, connection: H2UpstreamConnection) -> None:
@@ -352,7 +337,7 @@ class H2Pool:
                 # The server ended it: after a GOAWAY or while idle, as servers do; else
                 # with streams in flight, a failure.
                 clean = connection.goaway is not None or not connection.active
-                self._closed_by["upstream_close" if clean else "error"] += 1
+                self.counts.closed["upstream_close" if clean else "error"] += 1
             self._dispatch()
 
     # -- reaping and closing ---------------------------------------------------------------
