@@ -161,8 +161,11 @@ class ExchangeTap(Protocol):
         sink that let the tap see what passes through them."""
         ...
 
-    def upstream_request(self, record: ExchangeRecord, target: bytes, headers: Headers) -> None:
-        """The request head as it goes upstream, rewritten (once per attempt)."""
+    def upstream_request(
+        self, record: ExchangeRecord, target: bytes, headers: Headers, version: bytes
+    ) -> None:
+        """The request head as it goes upstream, rewritten (once per attempt), and the
+        upstream connection's HTTP version as Via names it (b"1.1", b"2")."""
 
     def upstream_response(self, record: ExchangeRecord, status: int, headers: Headers) -> None:
         """The upstream's response head as it arrived, before the client's is made from it."""

@@ -371,7 +371,7 @@ class Forwarder:
             if not reused:
                 record.connect_time = connection.connect_time
             if self.tap is not None:
-                self.tap.upstream_request(record, target, headers)
+                self.tap.upstream_request(record, target, headers, connection.http_version)
             try:
                 whole = await self._exchange(
                     connection,

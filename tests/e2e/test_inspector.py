@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import h11
@@ -13,9 +14,10 @@ import httpx
 import pytest
 import trio
 
-from pooled_proxy.config import InspectConfig, parse_config
+from pooled_proxy.config import InspectConfig, ServerAddress, UpstreamConfig, parse_config
 from pooled_proxy.errors import ConfigError
-from tests.support.helpers import H11Client, make_config
+from tests.support.h2upstream import H2Upstream
+from tests.support.helpers import HOST, H11Client, make_config
 from tests.support.memory import MIB, reset_peak_rss, status_kib
 from tests.support.operations import OperatedProxy, start_operated_proxy
 
@@ -518,3 +520,17 @@ def test_the_inspector_needs_the_admin_listener():
         '[upstreams.app]\nservers = ["h:1"]\n'
     )
     assert config.inspect == InspectConfig(enabled=True, mask_headers=("x-key",))
+
+
+async def test_the_upstream_hop_names_the_upstreams_http_version(nursery, demo_upstream):
+    # An HTTP/1.1 client in front, an h2c server behind: each hop says what it spoke.
+    upstream = await H2Upstream().start(nursery)
+    app = UpstreamConfig(name="app", servers=(ServerAddress(HOST, upstream.port, h2=True),))
+    config = replace(make_config(demo_upstream[1]), upstreams={"app": app})
+    proxy = await start_operated_proxy(nursery, config, inspect=INSPECT)
+    async with await H11Client.connect(proxy.running.port) as client:
+        with trio.fail_after(5):
+            assert (await client.request("GET", "/over-h2")).status == 200
+    exchange = await finished(proxy, 1)
+    assert exchange["request"]["client"]["version"] == "HTTP/1.1"
+    assert exchange["request"]["upstream"]["version"] == "HTTP/2"

@@ -82,7 +82,8 @@ class Entry:
         self.record = record
         self.request_body = BodyCopy(body_limit)
         self.response_body = BodyCopy(body_limit)
-        self.upstream_request: tuple[bytes, Headers] | None = None  # target, headers
+        # target, headers, the upstream connection's HTTP version (b"1.1", b"2")
+        self.upstream_request: tuple[bytes, Headers, bytes] | None = None
         self.upstream_response: tuple[int, Headers] | None = None
         self.client_response: tuple[int, Headers] | None = None
         self.informational: list[tuple[int, Headers]] = []
@@ -205,10 +206,12 @@ class Inspector:
         self.touch(entry)
         return exchange
 
-    def upstream_request(self, record: ExchangeRecord, target: bytes, headers: Headers) -> None:
+    def upstream_request(
+        self, record: ExchangeRecord, target: bytes, headers: Headers, version: bytes
+    ) -> None:
         entry = self._open.get(id(record))
         if entry is not None:
-            entry.upstream_request = (target, headers)
+            entry.upstream_request = (target, headers, version)
             entry.acquired_at = trio.current_time()
             entry.attempts += 1
 

@@ -190,9 +190,9 @@ def detail(entry: Entry, masked: frozenset[bytes]) -> JsonObject:
     record = entry.record
     upstream_request = None
     if entry.upstream_request is not None:
-        target, headers = entry.upstream_request
+        target, headers, version = entry.upstream_request
         upstream_request = {
-            "version": "HTTP/1.1",
+            "version": "HTTP/" + version.decode("ascii"),
             "method": _text(entry.client_head.method),
             "target": _text(target),
             "headers": _headers(headers, masked),
