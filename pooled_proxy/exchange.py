@@ -152,6 +152,10 @@ class Exchange:
     on_wait: Callable[[], None] | None = None
 
 
+# Called with each finished exchange's record: the access log, the metrics.
+ExchangeObserver = Callable[[ExchangeRecord], None]
+
+
 class ExchangeTap(Protocol):
     """Sees every exchange go by (the request inspector). The forwarder calls it only when one
     is set, and never waits on it: a tap copies what passes and never holds it back."""

@@ -64,8 +64,6 @@ from .upstream.pool import Connector
 
 LOG = logging.getLogger("pooled_proxy.forward")
 
-ExchangeObserver = Callable[[ExchangeRecord], None]
-
 
 def _field(headers: Headers, name: bytes) -> bytes | None:
     for field_name, value in headers:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import trio
 
 from .config import Config, ServerConfig, TlsConfig
-from .exchange import ExchangeRecord, ExchangeTap
-from .forward import ExchangeObserver, Forwarder
+from .exchange import ExchangeObserver, ExchangeRecord, ExchangeTap
+from .forward import Forwarder
 from .route_hooks import RouteHooks
 from .tls_contexts import TlsContexts, load_tls_contexts, warn_unverified
 from .upstream.balancer import UpstreamGroup

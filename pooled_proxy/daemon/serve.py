@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ..config import Config
-from ..forward import ExchangeObserver
+from ..exchange import ExchangeObserver
 from ..ops.accesslog import AccessLog
 from ..ops.admin import AdminServer
 from ..ops.metrics import ProxyMetrics

@@ -21,8 +21,7 @@ from pooled_proxy.config import Config, load_config
 from pooled_proxy.daemon.cli import main
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from pooled_proxy.daemon.reload import Reloader
-from pooled_proxy.exchange import ExchangeRecord
-from pooled_proxy.forward import ExchangeObserver
+from pooled_proxy.exchange import ExchangeObserver, ExchangeRecord
 from pooled_proxy.hooks import (
     HeaderFields,
     Request,
