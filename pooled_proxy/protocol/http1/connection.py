@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from ..._h11 import h11
 from ...headers import Headers, comma_tokens, connection_tokens
@@ -120,6 +120,13 @@ class ResponseHead:
 
     def __repr__(self) -> str:
         return f"<ResponseHead {self.status_code}>"
+
+
+def _data_bytes(event: h11.Data) -> bytes:
+    """The body bytes of h11's Data event, which may hold a bytearray or memoryview despite its
+    annotation (read through Any, so that compiled code does not check it as bytes)."""
+    data: Any = cast(Any, event).data
+    return bytes(data)
 
 
 _Sendable = h11.Request | h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
@@ -255,7 +262,7 @@ class ServerConnection:
                 raise self.violation
             return NEED_DATA
         if isinstance(event, h11.Data):
-            return bytes(event.data)
+            return _data_bytes(event)
         if isinstance(event, h11.EndOfMessage):
             return END  # (request trailers are not forwarded)
         if isinstance(event, h11.Request):
@@ -609,7 +616,7 @@ class ClientConnection:
         if event is h11.NEED_DATA:
             return NEED_DATA
         if isinstance(event, h11.Data):
-            return bytes(event.data)
+            return _data_bytes(event)
         if isinstance(event, h11.Response):
             return ResponseHead(event.status_code, list(event.headers))
         if isinstance(event, h11.InformationalResponse):
