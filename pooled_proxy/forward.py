@@ -42,6 +42,7 @@ from .grpc import grpc_error_headers, grpc_timeout, is_grpc
 from .headers import (
     Headers,
     client_response_headers,
+    first_value,
     http_date,
     is_event_stream,
     upstream_request_headers,
@@ -63,13 +64,6 @@ from .upstream.connection import ResponseHead, UpstreamConnection
 from .upstream.pool import Connector
 
 LOG = logging.getLogger("pooled_proxy.forward")
-
-
-def _field(headers: Headers, name: bytes) -> bytes | None:
-    for field_name, value in headers:
-        if field_name == name:
-            return value
-    return None
 
 
 class _Upload:
@@ -217,7 +211,7 @@ class Forwarder:
         except ProxyError as exc:
             if self.request_id_header and not record.request_id:  # failed before it was set
                 record.request_id = choose_request_id(
-                    _field(exchange.head.headers, self.request_id_header)
+                    first_value(exchange.head.headers, self.request_id_header)
                 )
             await self.answer_error(exchange.sink, record, exc)
         finally:

@@ -32,6 +32,14 @@ _SET_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"host"})
 VIA_TOKEN = b"pooled-proxy"
 
 
+def first_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of the first field called ``name`` (lower-case), or None."""
+    for field_name, value in headers:
+        if field_name == name:
+            return value
+    return None
+
+
 def comma_tokens(value: bytes) -> list[bytes]:
     """The items of a comma-separated header value, lower-case, without the empty ones."""
     return [token for token in (t.strip().lower() for t in value.split(b",")) if token]

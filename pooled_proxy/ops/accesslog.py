@@ -23,6 +23,7 @@ from typing import TextIO
 
 from ..config import LogConfig
 from ..exchange import ExchangeRecord
+from ..headers import first_value
 
 LOG = logging.getLogger("pooled_proxy.accesslog")
 
@@ -38,13 +39,6 @@ def _text(value: bytes) -> str:
 def _escaped(value: bytes) -> str:
     """A value safe inside a combined-format field (no line or quote injection)."""
     return "".join(_ESCAPES.get(b) or chr(b) for b in value) if value else "-"
-
-
-def _header(record: ExchangeRecord, name: bytes) -> bytes:
-    for key, value in record.request_headers:
-        if key == name:
-            return value
-    return b""
 
 
 def _connection(record: ExchangeRecord) -> str | None:
@@ -159,7 +153,8 @@ def combined_line(record: ExchangeRecord) -> str:
     return (
         f'{_text(record.client_ip) or "-"} - - [{stamp}] "{_escaped(request)}" '
         f"{record.status or '-'} {record.bytes_out or '-'} "
-        f'"{_escaped(_header(record, b"referer"))}" "{_escaped(_header(record, b"user-agent"))}" '
+        f'"{_escaped(first_value(record.request_headers, b"referer") or b"")}" '
+        f'"{_escaped(first_value(record.request_headers, b"user-agent") or b"")}" '
         f"in={record.bytes_in} upstream={_upstreams(record)} "
         f"conn={_connection(record) or '-'} ttfb={ttfb} rt={record.duration:.3f} "
         f"error={record.error or '-'} rid={_escaped(record.request_id)}\n"
