@@ -30,6 +30,9 @@ class ProxyError(Exception):
     # The detail goes in the answer's Proxy-Status (RFC 9209 ``details``); not when it names
     # what a client has no business knowing (an upstream's address): the logs have it.
     public_detail: bool = True
+    # The HTTP/2 error code a client's stream is reset with when the response had already
+    # started (RFC 9113 INTERNAL_ERROR: the response is incomplete).
+    reset_code: int = 0x2
 
     def __init__(self, detail: str = "", *, client_detail: str | None = None) -> None:
         super().__init__(detail or self.reason)
@@ -185,6 +188,34 @@ class StreamNotProcessed(UpstreamClosed):
     away before it was sent. RFC 9113 section 8.7: it may be sent again, whatever its method."""
 
     reason = "upstream did not process the request"
+
+
+class UpstreamStreamReset(UpstreamError):
+    """An HTTP/2 upstream reset the exchange's stream (RST_STREAM) before the response was
+    complete, with an error code other than REFUSED_STREAM (that is ``StreamNotProcessed``).
+
+    Not the keep-alive race: the connection is alive and the server may have processed the
+    request, so it is never sent again. Before the response head the client gets a 502 whose
+    Proxy-Status names the code; after it, its stream is reset with ``reset_code``.
+    """
+
+    proxy_status = "http_response_incomplete"
+    reason = "upstream reset the stream"
+
+    def __init__(self, detail: str, *, error_code: int, code_name: str) -> None:
+        super().__init__(detail, client_detail=f"upstream reset the stream ({code_name})")
+        self.error_code = error_code
+        if error_code in RELAYED_RESET_CODES:
+            self.reset_code = error_code
+
+
+# The upstream's reset codes a client's stream is reset with as they came: INTERNAL_ERROR,
+# CANCEL and ENHANCE_YOUR_CALM say something about the exchange (gRPC clients read CANCELLED
+# and RESOURCE_EXHAUSTED from the last two). The others are INTERNAL_ERROR to the client:
+# PROTOCOL_ERROR, FLOW_CONTROL_ERROR and the like describe the proxy's connection to the
+# upstream, not the client's; REFUSED_STREAM after a response began would invite the client
+# to replay a request that was processed; NO_ERROR would hide that the response is cut short.
+RELAYED_RESET_CODES = frozenset({0x2, 0x8, 0xB})
 
 
 class UpstreamTimeout(UpstreamError):

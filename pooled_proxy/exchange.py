@@ -84,8 +84,10 @@ class ResponseSink(Protocol):
 
     async def end(self, trailers: Headers | None = None) -> None: ...
 
-    async def reset(self) -> None:
-        """Abort a response whose head was already sent, so the client sees it as incomplete."""
+    async def reset(self, error_code: int = 0x2) -> None:
+        """Abort a response whose head was already sent, so the client sees it as incomplete:
+        an HTTP/2 stream is reset with ``error_code`` (INTERNAL_ERROR unless the upstream's
+        own reset is relayed), an HTTP/1.1 connection is closed."""
 
 
 class ClientUpgrade(Protocol):

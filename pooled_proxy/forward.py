@@ -228,7 +228,7 @@ class Forwarder:
             self._log_failure(record, exc)
         try:
             if sink.head_sent:
-                await sink.reset()
+                await sink.reset(exc.reset_code)
                 return
             status, headers, body = error_response(exc)
             if record.request_id:
@@ -382,7 +382,11 @@ class Forwarder:
                 # An HTTP/2 server did not process it (GOAWAY, REFUSED_STREAM): whatever its
                 # method, it may be sent again, once, if nothing of it is lost (RFC 9113 8.7).
                 pool.release(connection, reusable=False)
-                if not unprocessed_retried and (upload is None or not upload.started):
+                if (
+                    not unprocessed_retried
+                    and not sink.head_sent
+                    and (upload is None or not upload.started)
+                ):
                     unprocessed_retried = True
                     record.retried = True
                     LOG.debug("%s did not process the request, sending it again", pool.server)

@@ -19,12 +19,14 @@ from .errors import (
     NoRoute,
     ProxyError,
     ProxyInternalError,
+    UpstreamStreamReset,
     UpstreamTimeout,
 )
 from .headers import Headers
 
 CONTENT_TYPE = b"application/grpc"
 # Status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html).
+CANCELLED = 1
 UNKNOWN = 2
 DEADLINE_EXCEEDED = 4
 PERMISSION_DENIED = 7
@@ -38,6 +40,9 @@ UNAUTHENTICATED = 16
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 # The gRPC spec's mapping of HTTP statuses, for the client errors the proxy answers.
 _FROM_HTTP = {400: INTERNAL, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: UNIMPLEMENTED}
+# The gRPC spec's mapping of the RST_STREAM codes the proxy relays (errors.py: CANCEL,
+# ENHANCE_YOUR_CALM); every other code is INTERNAL (REFUSED_STREAM was replayed).
+_FROM_RESET = {0x8: CANCELLED, 0xB: RESOURCE_EXHAUSTED}
 
 
 def is_grpc(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -68,6 +73,9 @@ def grpc_status(exc: ProxyError) -> int:
         return UNAVAILABLE  # nothing was sent: the client may try again
     if isinstance(exc, (UpstreamTimeout, DeadlineExceeded)):
         return DEADLINE_EXCEEDED
+    if isinstance(exc, UpstreamStreamReset):
+        # What the client would have read from the reset itself, had it been relayed.
+        return _FROM_RESET.get(exc.error_code, INTERNAL)
     if isinstance(exc, NoRoute):
         return UNIMPLEMENTED
     if isinstance(exc, ProxyInternalError):

@@ -302,5 +302,5 @@ class _HookedSink:
     async def end(self, trailers: Headers | None = None) -> None:
         await self._sink.end(trailers)
 
-    async def reset(self) -> None:
-        await self._sink.reset()
+    async def reset(self, error_code: int = 0x2) -> None:
+        await self._sink.reset(error_code)

@@ -114,7 +114,8 @@ class ResponseWriter:
         await self.write(data)
         return self.stream, behind
 
-    async def reset(self) -> None:
-        """Abort: close the connection mid-response so the client sees it incomplete."""
+    async def reset(self, error_code: int = 0x2) -> None:
+        """Abort: close the connection mid-response so the client sees it incomplete (HTTP/1.1
+        has no error code to give)."""
         self._http.send_failed()
         await trio.aclose_forcefully(self.stream)

@@ -242,8 +242,8 @@ class H2Stream:
         self.connection.schedule(self)
         await self._wait_for(lambda: self.ended)
 
-    async def reset(self) -> None:
-        self.connection.reset(self, ErrorCodes.INTERNAL_ERROR)
+    async def reset(self, error_code: int = ErrorCodes.INTERNAL_ERROR) -> None:
+        self.connection.reset(self, error_code)
         await trio.lowlevel.checkpoint()
 
     async def _wait_for(self, done: Callable[[], bool]) -> None:
@@ -798,7 +798,7 @@ class HTTP2Connection:
         self._sending[stream] = None
         self._wake_writer()
 
-    def reset(self, stream: H2Stream, error_code: ErrorCodes) -> None:
+    def reset(self, stream: H2Stream, error_code: int) -> None:
         if stream.closed:
             return
         stream.close()

@@ -47,6 +47,7 @@ from ..errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamStreamReset,
     UpstreamTlsError,
 )
 from ..headers import Headers
@@ -467,12 +468,16 @@ class H2UpstreamStream:
         self.wake()
 
     def reset_by_server(self, error_code: int) -> None:
-        if error_code == ErrorCodes.REFUSED_STREAM:
+        if error_code == ErrorCodes.REFUSED_STREAM and not self.received_bytes:
+            # (After part of a response, the server did process it: a reset like another.)
             self.fail(StreamNotProcessed(f"upstream {self.server} refused stream {self.id}"))
         elif not self.response_ended:
+            name = _error_name(error_code)
             self.fail(
-                UpstreamClosed(
-                    f"upstream {self.server} reset stream {self.id} ({_error_name(error_code)})"
+                UpstreamStreamReset(
+                    f"upstream {self.server} reset stream {self.id} ({name})",
+                    error_code=error_code,
+                    code_name=name,
                 )
             )
         else:

@@ -291,6 +291,47 @@ async def test_grpc_timeout_is_the_calls_deadline(nursery: trio.Nursery) -> None
     held.set()
 
 
+@pytest.mark.parametrize(
+    ("code", "after_headers", "status"),
+    [
+        (0x8, True, grpc.StatusCode.CANCELLED),  # CANCEL
+        (0xB, True, grpc.StatusCode.RESOURCE_EXHAUSTED),  # ENHANCE_YOUR_CALM
+        (0x1, True, grpc.StatusCode.INTERNAL),  # PROTOCOL_ERROR: the proxy's hop, not relayed
+        (0x8, False, grpc.StatusCode.CANCELLED),  # before headers: in a trailers-only answer
+        (0xB, False, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
+)
+async def test_an_upstream_reset_reaches_a_grpc_client_as_its_status(
+    nursery: trio.Nursery, code: int, after_headers: bool, status: grpc.StatusCode
+) -> None:
+    """A gRPC server that resets a call learns the client of its status by the reset's code
+    (the gRPC spec's mapping): the proxy relays the code, or answers with that status."""
+    from tests.support.h2upstream import H2Upstream
+
+    async def resets(connection: Any, request: Any) -> None:
+        await request.ended.wait()
+        if after_headers:
+            connection.h2.send_headers(
+                request.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+            )
+        await connection.reset(request.stream_id, code)
+
+    upstream = await H2Upstream(resets).start(nursery)
+    proxy = await start_proxy(nursery, grpc_config((ServerAddress(HOST, upstream.port, h2=True),)))
+
+    def grpcio_call() -> grpc.StatusCode:
+        with grpc.insecure_channel(f"{HOST}:{proxy.port}", options=CHANNEL_OPTIONS) as channel:
+            try:
+                call(channel, "unary_unary", "Unary")(b"hi", timeout=10)
+            except grpc.RpcError as exc:
+                result: grpc.StatusCode = exc.code()
+                return result
+        raise AssertionError("the call succeeded")
+
+    assert await trio.to_thread.run_sync(grpcio_call) == status
+    assert len(upstream.requests) == 1
+
+
 async def test_client_cancel_reaches_the_grpc_server(
     nursery: trio.Nursery, grpc_upstream: GrpcUpstream
 ) -> None:

@@ -128,20 +128,66 @@ async def test_unprocessed_requests_are_replayed(nursery: trio.Nursery, how: str
     assert proxy.pool().statistics().opened == 1 + replayed_on
 
 
-async def test_upstream_reset_mid_response_is_relayed_as_rst_stream(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize(
+    ("code", "relayed"),
+    [
+        (ErrorCodes.INTERNAL_ERROR, ErrorCodes.INTERNAL_ERROR),
+        (ErrorCodes.CANCEL, ErrorCodes.CANCEL),
+        (ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.ENHANCE_YOUR_CALM),
+        # About the proxy's connection, not the client's; a processed request; a cut response.
+        (ErrorCodes.FLOW_CONTROL_ERROR, ErrorCodes.INTERNAL_ERROR),
+        (ErrorCodes.REFUSED_STREAM, ErrorCodes.INTERNAL_ERROR),
+        (ErrorCodes.NO_ERROR, ErrorCodes.INTERNAL_ERROR),
+    ],
+)
+async def test_upstream_reset_mid_response_is_relayed_with_its_code(
+    nursery: trio.Nursery, code: ErrorCodes, relayed: ErrorCodes
+) -> None:
     async def handler(connection: ServerConnection, request: UpstreamRequest) -> None:
+        if request.header(b":path") == b"/next":
+            await answer(connection, request)
+            return
         await connection.respond(request.stream_id, body=b"partial", end=False)
-        await connection.reset(request.stream_id, ErrorCodes.INTERNAL_ERROR)
+        await connection.reset(request.stream_id, code)
 
     upstream = await H2Upstream(handler).start(nursery)
     proxy = await start_proxy(nursery, h2_config(upstream.port))
     async with await H2Client.connect(proxy.port) as client:
         with trio.fail_after(5):
             reply = await client.get("/")
-            ok = await client.get("/")  # the same connection serves the next one
+            ok = await client.get("/next")  # the same connection serves the next one
     assert reply.status == 200 and bytes(reply.body) == b"partial"
-    assert reply.reset_code is not None and not reply.ended
-    assert ok.reset_code is not None or ok.status == 200
+    assert (reply.reset_code, reply.ended) == (relayed, False)
+    assert ok.status == 200
+    assert len(upstream.requests) == 2  # never sent again: the response had begun
+    assert proxy.pool().statistics().opened == 1
+
+
+async def test_upstream_reset_before_the_response_is_a_502_naming_it_and_not_replayed(
+    nursery: trio.Nursery,
+) -> None:
+    """A bodiless POST reset (CANCEL) on a reused connection: the server may have acted on
+    it, and the connection is alive (not the keep-alive race), so it is not sent again."""
+
+    async def handler(connection: ServerConnection, request: UpstreamRequest) -> None:
+        if request.header(b":method") == b"POST":
+            await connection.reset(request.stream_id, ErrorCodes.CANCEL)
+        else:
+            await answer(connection, request)
+
+    upstream = await H2Upstream(handler).start(nursery)
+    proxy = await start_proxy(nursery, h2_config(upstream.port))
+    async with await H2Client.connect(proxy.port) as client:
+        with trio.fail_after(5):
+            first = await client.get("/warm")  # the POST reuses this connection
+            reply = await client.response(await client.start("POST", "/orders"))
+    assert first.status == 200
+    assert reply.status == 502 and reply.ended
+    assert reply.header(b"proxy-status") == (
+        b'pooled-proxy; error=http_response_incomplete; details="upstream reset the stream '
+        b'(CANCEL)"'
+    )
+    assert [r.header(b":path") for r in upstream.requests] == [b"/warm", b"/orders"]
     assert proxy.pool().statistics().opened == 1
 
 

@@ -151,9 +151,9 @@ class _TappedSink:
         self._entry.trailers = trailers
         await self._sink.end(trailers)
 
-    async def reset(self) -> None:
+    async def reset(self, error_code: int = 0x2) -> None:
         self._entry.reset = True
-        await self._sink.reset()
+        await self._sink.reset(error_code)
 
 
 class PendingReplay:

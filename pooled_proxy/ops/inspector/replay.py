@@ -63,7 +63,7 @@ class _Discard:
     async def end(self, trailers: Headers | None = None) -> None:
         pass
 
-    async def reset(self) -> None:
+    async def reset(self, error_code: int = 0x2) -> None:
         pass
 
 
