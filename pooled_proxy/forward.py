@@ -38,7 +38,7 @@ from .exchange import (
     RequestHead,
     ResponseSink,
 )
-from .grpc import grpc_error_headers, grpc_timeout, is_grpc
+from .grpc import grpc_error_headers, grpc_timeout, grpc_timeout_value, is_grpc
 from .headers import (
     Headers,
     client_response_headers,
@@ -116,6 +116,12 @@ class _Upload:
             return
         self.done = True
         self._start_header_clock(header_timeout)
+
+
+def _with_grpc_timeout(headers: Headers, seconds: float) -> Headers:
+    """``headers`` with ``grpc-timeout`` set to ``seconds``."""
+    value = grpc_timeout_value(seconds)
+    return [(name, value if name == b"grpc-timeout" else field) for name, field in headers]
 
 
 class _WholeResponse:
@@ -203,7 +209,7 @@ class Forwarder:
                 await self._forward(exchange)
             else:
                 with trio.CancelScope(deadline=record.start + timeout) as deadline:
-                    await self._forward(exchange)
+                    await self._forward(exchange, deadline.deadline)
                 if deadline.cancelled_caught:
                     raise DeadlineExceeded(f"grpc-timeout {timeout:g}s passed")
         except ClientDisconnected as exc:
@@ -289,7 +295,8 @@ class Forwarder:
         record.servers_failed += ((record.upstream_server, exc.proxy_status),)
         return choice
 
-    async def _forward(self, exchange: Exchange) -> None:
+    async def _forward(self, exchange: Exchange, call_deadline: float | None = None) -> None:
+        """``call_deadline``: when a gRPC call's ``grpc-timeout`` runs out."""
         head = exchange.head
         record = exchange.record
         record.request_headers = head.headers
@@ -362,6 +369,10 @@ class Forwarder:
             record.upstream_reused = reused
             if not reused:
                 record.connect_time = connection.connect_time
+            if call_deadline is not None:
+                # The upstream gets what is left of the call's time (the wait for a
+                # connection and the connect took some), as the client would have sent it.
+                headers = _with_grpc_timeout(headers, call_deadline - trio.current_time())
             if self.tap is not None:
                 self.tap.upstream_request(record, target, headers, connection.http_version)
             try:

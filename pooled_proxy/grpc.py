@@ -10,6 +10,7 @@ the header block that ends the stream. Pure: no trio.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from .errors import (
@@ -37,6 +38,7 @@ UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 
 # grpc-timeout units, in seconds (the gRPC over HTTP/2 spec: 1 to 8 digits, then the unit).
+_MAX_TIMEOUT_VALUE = 99_999_999
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 # The gRPC spec's mapping of HTTP statuses, for the client errors the proxy answers.
 _FROM_HTTP = {400: INTERNAL, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: UNIMPLEMENTED}
@@ -65,6 +67,19 @@ def grpc_timeout(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
                 return int(digits) * _UNITS[unit]
             return None
     return None
+
+
+def grpc_timeout_value(seconds: float) -> bytes:
+    """``seconds`` as a ``grpc-timeout`` value: whole milliseconds, rounded up (a call with
+    under a millisecond left must not read as one already over), or a coarser unit when the
+    milliseconds need more than the 8 digits allowed."""
+    # (Less a nanosecond: 0.2 - 0.05 is 0.15000000000000002, not 151 ms.)
+    millis = max(1, math.ceil(seconds * 1000 - 1e-6))
+    for unit, per in ((b"m", 1), (b"S", 1000), (b"M", 60_000), (b"H", 3_600_000)):
+        value = -(-millis // per)
+        if value <= _MAX_TIMEOUT_VALUE:
+            return b"%d%s" % (value, unit)
+    return b"%dH" % _MAX_TIMEOUT_VALUE
 
 
 def grpc_status(exc: ProxyError) -> int:

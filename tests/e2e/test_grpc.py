@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from pooled_proxy.config import (
@@ -286,7 +287,9 @@ async def test_grpc_timeout_is_the_calls_deadline(nursery: trio.Nursery) -> None
             await upstream.requests[0].reset.wait()
     assert 0.2 <= elapsed < 3
     assert (reply.status, reply.header(b"grpc-status")) == (200, b"4")
-    assert upstream.requests[0].header(b"grpc-timeout") == b"200m"  # passed on as it came
+    # What was left of the 200 ms when the request went up (the connect took some).
+    sent = upstream.requests[0].header(b"grpc-timeout")
+    assert sent is not None and sent.endswith(b"m") and 1 <= int(sent[:-1]) <= 200
     assert upstream.requests[0].header(b"te") == b"trailers"
     held.set()
 
@@ -330,6 +333,62 @@ async def test_an_upstream_reset_reaches_a_grpc_client_as_its_status(
 
     assert await trio.to_thread.run_sync(grpcio_call) == status
     assert len(upstream.requests) == 1
+
+
+async def test_grpc_timeout_goes_up_less_the_time_spent_in_the_queue(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """One stream on one connection: the second call waits 0.75 s for it, and its 2 s
+    grpc-timeout goes up as the 1.25 s left. (A MockClock that moves only when told: the
+    sockets are real.)"""
+    from tests.support.h2upstream import H2Upstream, answer
+
+    first_may_end = trio.Event()
+
+    async def holds_the_first(connection: Any, request: Any) -> None:
+        if request.header(b":path") == b"/first":
+            await first_may_end.wait()
+        await answer(connection, request)
+
+    upstream = await H2Upstream(holds_the_first, max_streams=1).start(nursery)
+    config = grpc_config(
+        (ServerAddress(HOST, upstream.port, h2=True),), max_connections=1, queue_timeout=10.0
+    )
+    proxy = await start_proxy(nursery, config)
+    pool = proxy.pool()
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        while not predicate():  # real I/O, no timer: the clock stands still meanwhile
+            await trio.testing.wait_all_tasks_blocked()
+
+    async with await H2Client.connect(proxy.port) as client:
+        first = await client.start("POST", "/first", headers=GRPC_HEADERS, body=b"")
+        await until(lambda: len(upstream.requests) == 1)
+        second = await client.start(
+            "POST", "/second", headers=[*GRPC_HEADERS, ("grpc-timeout", "2S")], body=b""
+        )
+        await until(lambda: pool.statistics().waiting == 1)
+        mock_clock.jump(0.75)
+        first_may_end.set()
+        await client.response(first)
+        reply = await client.response(second)
+    assert reply.status == 200
+    assert [r.header(b"grpc-timeout") for r in upstream.requests] == [None, b"1250m"]
+
+
+def test_grpc_timeout_values_keep_the_syntax() -> None:
+    from pooled_proxy.grpc import grpc_timeout, grpc_timeout_value
+
+    assert grpc_timeout_value(1.25) == b"1250m"
+    assert grpc_timeout_value(0.0001) == b"1m"  # under a millisecond left: not zero
+    assert grpc_timeout_value(-3.0) == b"1m"  # (the proxy's own deadline ends the call)
+    assert grpc_timeout_value(99_999.999) == b"99999999m"  # 8 digits at most
+    assert grpc_timeout_value(100_000.0) == b"100000S"
+    assert grpc_timeout_value(1e9) == b"16666667M"
+    assert grpc_timeout_value(1e12) == b"99999999H"
+    for seconds in (0.2, 1.25, 3600.0, 123_456.0):
+        value = grpc_timeout_value(seconds)
+        assert grpc_timeout([(b"grpc-timeout", value)]) == pytest.approx(seconds, rel=1e-3)
 
 
 async def test_client_cancel_reaches_the_grpc_server(
