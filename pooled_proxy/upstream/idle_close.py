@@ -11,7 +11,10 @@ The rule (pure: ages and times in, no I/O):
 
 - Evidence of a close: an idle connection of the server found closed (at checkout, by a
   probe while it sits in the pool, or by the keep-alive race itself), at the idle age it was
-  found. Several connections found closed at the same moment are one piece of evidence, at
+  found. The race is a close found within ``RACE`` of sending the request, at the idle age
+  the request was sent at (from the end of the last response): a close later than that
+  came while the server had the request (it failed or crashed on it), and says nothing of
+  its idle timeout. Several connections found closed at the same moment are one piece of evidence, at
   their largest age: a restart closes them all at once, whatever their ages.
 - Evidence of life: a connection reused successfully, or probed, after being idle ``age``.
   It withdraws every close at or below that age (the server kept a connection longer), and
@@ -38,6 +41,9 @@ AGREEMENT = 1.25  # two closes agree when the later age is at most this times th
 WINDOW = 600.0  # seconds a close counts as evidence
 SIMULTANEOUS = 0.01  # closes found within this many seconds of each other are one event
 RECENT = 0.1  # idle seconds a non-replayable request accepts before anything is learned
+# Seconds after sending a request on a reused connection within which finding it closed is
+# the keep-alive race: the server's close crossed the request on the way (a round trip).
+RACE = 0.5
 
 
 def margin(timeout: float) -> float:

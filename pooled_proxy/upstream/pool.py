@@ -26,7 +26,7 @@ import trio
 from ..config import ServerAddress, UpstreamConfig
 from ..errors import Draining, PoolTimeout
 from .connection import UpstreamConnection, open_connection
-from .idle_close import IdleCloseLearner
+from .idle_close import RACE, IdleCloseLearner
 
 
 class PooledConnection(Protocol):
@@ -268,7 +268,7 @@ class PoolState(Generic[C]):
                 dead.append((connection, self._expiry_reason(connection, expires_at)))
             elif connection.is_readable():
                 dead.append((connection, "stale"))
-                self.learn_close(connection.idle_since, now)
+                self.learn_close(now - connection.idle_since, now)
             else:
                 age = now - connection.idle_since
                 if (
@@ -344,9 +344,9 @@ class PoolState(Generic[C]):
 
     # -- learning the server's idle timeout ------------------------------------------------
 
-    def learn_close(self, idle_since: float, now: float) -> None:
-        """The server closed a connection idle since ``idle_since``."""
-        if self.learner.record_close(now - idle_since, now):
+    def learn_close(self, age: float, now: float) -> None:
+        """The server closed a connection at the idle age ``age``; found closed ``now``."""
+        if self.learner.record_close(age, now):
             self._relearned(now)
 
     def _relearned(self, now: float) -> None:
@@ -571,12 +571,19 @@ class UpstreamPool:
             wake(waiter)
 
     def closed_under_us(self, connection: UpstreamConnection) -> None:
-        """The keep-alive race: the server closed this reused connection as we sent on it,
-        after it had been idle ``connection.idle_age``. The caller still releases it."""
+        """The server closed this reused connection before the first byte of its response;
+        the caller still releases it. The keep-alive race, and evidence of the server's idle
+        timeout, only if the close came within ``idle_close.RACE`` of the request.
+
+        The request goes up in the same step as the checkout (the forwarder does not wait in
+        between), so the connection was idle ``idle_age`` when it was sent, and the request
+        was sent at ``idle_since + idle_age``: no clock read on every request for this."""
         if connection.idle_age:
             now = trio.current_time()
-            self._state.learn_close(now - connection.idle_age, now)
-            self._reaper_wakeup.set()
+            sent_at = connection.idle_since + connection.idle_age
+            if now - sent_at <= RACE:
+                self._state.learn_close(connection.idle_age, now)
+                self._reaper_wakeup.set()
 
     @property
     def learned_idle_timeout(self) -> float | None:

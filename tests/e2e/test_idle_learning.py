@@ -9,6 +9,7 @@ connections without announcing it.
 from __future__ import annotations
 
 import socket
+from functools import partial
 
 import h11
 import pytest
@@ -19,7 +20,7 @@ from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.upstream.connection import UpstreamConnection
 from pooled_proxy.upstream.idle_close import RECENT, WINDOW, IdleCloseLearner
 from pooled_proxy.upstream.pool import UpstreamPool
-from tests.support.helpers import make_config, start_proxy
+from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.support.upstream_connection import finish_exchange
 
 SERVER = ServerAddress("127.0.0.1", 9)
@@ -261,3 +262,75 @@ async def test_posts_around_an_unannounced_idle_close_never_get_a_502(nursery):
     stats = pool.statistics()
     assert stats.closed.get("learned_timeout", 0) >= 1, stats
     assert proxy.proxy.forwarder.stale_retries == 0
+
+
+class CrashingUpstream:
+    """Answers the first request of each connection; on a later one it works until ``crash``
+    is set, then closes without answering (a worker that died on the request)."""
+
+    def __init__(self) -> None:
+        self.working = 0
+        self.crash = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        answered = False
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.EndOfMessage):
+                    if answered:
+                        self.working += 1
+                        await self.crash.wait()
+                        self.working -= 1
+                        return
+                    answered = True
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
+                        + conn.send(h11.Data(data=b"ok"))
+                        + conn.send(h11.EndOfMessage())
+                    )
+                    conn.start_next_cycle()
+
+
+@pytest.mark.parametrize(("dies_after", "learned"), [(3.0, None), (0.0, 5.0)])
+async def test_a_close_long_after_the_request_is_not_an_idle_close(
+    nursery, mock_clock, dies_after, learned
+):
+    """Twice, a connection idle 5 s is reused and the server dies 3 s into the request: the
+    request is replayed on a fresh connection, and the pool learns no 5 s idle timeout from
+    it (it would retire its connections after 4 s from then on). A close as the request
+    went up is the keep-alive race, and teaches it. On a MockClock that moves only when
+    told: the sockets are real."""
+    upstream = CrashingUpstream()
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
+    proxy = await start_proxy(nursery, make_config(listeners[0].socket.getsockname()[1]))
+    pool = proxy.pool()
+
+    async def until(predicate):
+        while not predicate():  # real I/O, no timer: the clock stands still meanwhile
+            await trio.testing.wait_all_tasks_blocked()
+
+    replies = []
+    async with await H11Client.connect(proxy.port) as client:
+
+        async def work():
+            replies.append((await client.request("GET", "/work")).status)
+
+        assert (await client.request("GET", "/warm")).status == 200
+        for round_ in range(2):
+            mock_clock.jump(5.0)
+            nursery.start_soon(work)
+            await until(lambda: upstream.working == 1)
+            mock_clock.jump(dies_after)
+            upstream.crash.set()
+            await until(lambda round_=round_: len(replies) == round_ + 1)
+            upstream.crash = trio.Event()
+    assert replies == [200, 200]
+    assert proxy.proxy.forwarder.stale_retries == 2
+    assert pool.learned_idle_timeout == learned
