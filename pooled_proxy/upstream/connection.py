@@ -101,17 +101,31 @@ def _connect_error(server: ServerAddress, exc: BaseException) -> UpstreamConnect
             f"TLS with {server}: certificate rejected: {why}",
             client_detail=f"certificate rejected: {why.split(',')[0]}",
         )
+    alert = tls_alert(server, exc)
+    if alert is not None:
+        return alert
     if isinstance(cause, ssl.SSLError):
+        why = cause.reason or str(cause)
+        return UpstreamTlsError(
+            f"TLS handshake with {server} failed: {why}", client_detail=f"handshake failed: {why}"
+        )
+    return UpstreamConnectError(f"connect to {server} failed: {cause or exc}")
+
+
+def tls_alert(server: ServerAddress, exc: BaseException) -> UpstreamTlsAlert | None:
+    """The TLS alert the server ended the connection with, if ``exc`` (a failed handshake,
+    read or write) is one. Under TLS 1.3 a server checks the client's certificate after the
+    handshake looked complete to the client: its refusal (``certificate required``, say)
+    is read by the first read after the handshake, not by the handshake."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLCertVerificationError):
         why = cause.reason or str(cause)
         if "_ALERT_" in why:
             return UpstreamTlsAlert(
                 f"TLS with {server}: the server sent the alert {why}",
                 client_detail=f"the server sent the alert {why}",
             )
-        return UpstreamTlsError(
-            f"TLS handshake with {server} failed: {why}", client_detail=f"handshake failed: {why}"
-        )
-    return UpstreamConnectError(f"connect to {server} failed: {cause or exc}")
+    return None
 
 
 def _socket_of(stream: trio.abc.Stream) -> Any:
@@ -261,7 +275,9 @@ class UpstreamConnection:
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close()
-            raise UpstreamClosed(f"upstream {self.server} reset the connection: {exc}") from None
+            raise tls_alert(self.server, exc) or UpstreamClosed(
+                f"upstream {self.server} reset the connection: {exc}"
+            ) from None
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:

@@ -52,7 +52,7 @@ from ..errors import (
 )
 from ..headers import Headers
 from ..protocol.h2_client import Goaway, GoawaySplitter
-from .connection import MAX_RESPONSE_HEAD, ResponseHead, open_stream
+from .connection import MAX_RESPONSE_HEAD, ResponseHead, open_stream, tls_alert
 
 LOG = logging.getLogger("pooled_proxy.upstream_h2")
 
@@ -183,7 +183,7 @@ class H2UpstreamConnection:
                     self._receive(bytes(received))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # Nothing was sent yet: a failed connect, as far as the request is concerned.
-            raise UpstreamConnectError(
+            raise tls_alert(self.server, exc) or UpstreamConnectError(
                 f"upstream {self.server} reset the connection in the HTTP/2 handshake: {exc}"
             ) from None
         if scope.cancelled_caught:

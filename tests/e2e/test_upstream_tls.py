@@ -36,14 +36,29 @@ class TlsUpstream:
     handshake_errors: list[BaseException] = field(default_factory=list)
 
 
+async def send_pending_alert(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Send the alert OpenSSL wrote when it refused the handshake, as a server on a plain
+    socket does (Python's ssl module, nginx, Go's crypto/tls): trio's SSLStream raises
+    without sending what its failed handshake left to send."""
+    alert = stream._outgoing.read()  # trio has no public way to it
+    if alert:
+        try:
+            await stream.transport_stream.send_all(alert)
+        except trio.BrokenResourceError:
+            pass
+
+
 async def start_tls_upstream(
     nursery: trio.Nursery,
     cert: trustme.LeafCert,
     *,
     client_ca: trustme.CA | None = None,
+    alpn: list[str] | None = None,
 ) -> TlsUpstream:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
+    if alpn:
+        context.set_alpn_protocols(alpn)
     upstream = TlsUpstream(DemoUpstream())
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
@@ -59,6 +74,7 @@ async def start_tls_upstream(
             await stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             upstream.handshake_errors.append(exc)
+            await send_pending_alert(stream)
             return
         peer = stream.getpeercert()
         if peer:
@@ -195,8 +211,12 @@ async def test_a_client_certificate_is_presented_to_an_upstream_that_requires_on
     subject_alt_names = upstream.client_certs[0]["subjectAltName"]
     assert ("email", "proxy@example.test") in subject_alt_names
     # Refused by the upstream. Under TLS 1.3 it says so after the handshake, which looked
-    # complete to the proxy: the request finds the connection closed, a 502.
+    # complete to the proxy: the first read after it finds the alert.
     assert bad.status == 502
+    assert bad.headers[b"proxy-status"] == (
+        b'pooled-proxy; error=tls_alert_received; details="the server sent the alert '
+        b'TLSV13_ALERT_CERTIFICATE_REQUIRED"'
+    )
     assert len(upstream.handshake_errors) == 1
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in repr(upstream.handshake_errors[0].__cause__)
     assert upstream.demo.stats.requests == 1
@@ -379,3 +399,25 @@ async def test_an_h2_upstream_that_does_not_select_h2_by_alpn_is_a_502(nursery, 
         b'pooled-proxy; error=tls_protocol_error; details="the server did not select h2 by ALPN"'
     )
     assert upstream.demo.stats.requests == 0
+
+
+async def test_an_h2_upstream_refusing_a_missing_client_certificate_is_a_tls_alert(
+    nursery, ca, other_ca, tmp_path
+):
+    """The alert of a TLS 1.3 server that wants a client certificate arrives where the
+    HTTP/2 handshake waits for the server's SETTINGS."""
+    upstream = await start_tls_upstream(
+        nursery, ca.issue_cert(HOST), client_ca=other_ca, alpn=["h2"]
+    )
+    write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    path = write_config(tmp_path, upstream.port, 'tls_ca = "ca.pem"', 'protocol = "h2"')
+    running = await proxy_for(nursery, path)
+    with trio.fail_after(5):
+        async with await H11Client.connect(running.port) as client:
+            reply = await client.request("GET", "/echo")
+    assert reply.status == 502
+    assert reply.headers[b"proxy-status"] == (
+        b'pooled-proxy; error=tls_alert_received; details="the server sent the alert '
+        b'TLSV13_ALERT_CERTIFICATE_REQUIRED"'
+    )
+    assert len(upstream.handshake_errors) == 1
