@@ -470,7 +470,12 @@ class H2UpstreamStream:
     def reset_by_server(self, error_code: int) -> None:
         if error_code == ErrorCodes.REFUSED_STREAM and not self.received_bytes:
             # (After part of a response, the server did process it: a reset like another.)
-            self.fail(StreamNotProcessed(f"upstream {self.server} refused stream {self.id}"))
+            self.fail(
+                StreamNotProcessed(
+                    f"upstream {self.server} refused stream {self.id}",
+                    client_detail="upstream reset the stream (REFUSED_STREAM)",
+                )
+            )
         elif not self.response_ended:
             name = _error_name(error_code)
             self.fail(

@@ -191,6 +191,23 @@ async def test_upstream_reset_before_the_response_is_a_502_naming_it_and_not_rep
     assert proxy.pool().statistics().opened == 1
 
 
+async def test_a_stream_refused_twice_is_a_502_naming_the_reset(nursery: trio.Nursery) -> None:
+    async def refuses(connection: ServerConnection, request: UpstreamRequest) -> None:
+        await connection.reset(request.stream_id, ErrorCodes.REFUSED_STREAM)
+
+    upstream = await H2Upstream(refuses).start(nursery)
+    proxy = await start_proxy(nursery, h2_config(upstream.port))
+    async with await H2Client.connect(proxy.port) as client:
+        with trio.fail_after(5):
+            reply = await client.response(await client.start("POST", "/orders", body=b"{}"))
+    assert reply.status == 502
+    assert reply.header(b"proxy-status") == (
+        b'pooled-proxy; error=http_response_incomplete; details="upstream reset the stream '
+        b'(REFUSED_STREAM)"'
+    )
+    assert len(upstream.requests) == 2  # sent again once: it was not processed
+
+
 async def test_client_reset_resets_the_upstream_stream_only(nursery: trio.Nursery) -> None:
     held = Gate()
     upstream = await H2Upstream(held).start(nursery)
