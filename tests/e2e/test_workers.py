@@ -38,9 +38,11 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
     nursery, demo_upstream, tmp_path
 ):
     upstream, upstream_port = demo_upstream
-    config = DaemonConfig(upstreams={"app": upstream_port}, workers=2, drain_timeout="3s")
+    # The slow requests must still be in flight when SIGTERM comes, after the connection
+    # storm has started: on a loaded machine that can take seconds.
+    config = DaemonConfig(upstreams={"app": upstream_port}, workers=2, drain_timeout="10s")
     async with running_daemon(nursery, tmp_path, config) as daemon:
-        with trio.fail_after(20):
+        with trio.fail_after(30):
             first = daemon.worker_pids
             assert len(first) == 2
             # Both workers take connections on the one shared port.
@@ -67,7 +69,7 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
                     assert (await client.request("GET", "/echo")).status == 200
                     in_flight_on.add(serving_pid(daemon.port, client, now))
                 base = upstream.stats.requests
-                slow = h11.Request(method="GET", target="/slow?delay=0.5", headers=[("host", "x")])
+                slow = h11.Request(method="GET", target="/slow?delay=3", headers=[("host", "x")])
                 for client in clients:
                     await client.send(slow, h11.EndOfMessage())
                 while upstream.stats.requests < base + len(clients):
