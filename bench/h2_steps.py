@@ -1,14 +1,15 @@
-"""Count trio's scheduler steps and tasks per h2c request through the proxy.
+"""Count trio's scheduler steps and tasks per h2c (or HTTP/1.1) request through the proxy.
 
-    .venv/bin/python bench/h2_steps.py [--seconds 5] [--h1]
+    .venv/bin/python bench/h2_steps.py [--seconds 5] [--h1 [--post] [--connections N]] [--where]
 
 The same upstream and proxy config as bench/ab_h2.py, but the proxy runs in this process,
 pinned to CPU 0, under a ``trio.abc.Instrument`` that counts task steps (by the task's
-function name), tasks spawned and I/O waits (``before_io_wait`` calls, i.e. trips to epoll)
-while ``h2load -c16 -m10`` (``wrk -c64`` with ``--h1``) runs from a thread on CPU 1; with
-``--where``, also the function (and line) each step ended waiting in. It prints them per
-request: a scheduler step costs a few microseconds here, so fewer per exchange is
-one of the ways to a cheaper request.
+function name), tasks spawned, cancel scopes entered and I/O waits (``before_io_wait``
+calls, i.e. trips to epoll) while ``h2load -c16 -m10`` runs from a thread on CPU 1 (with
+``--h1``, ``wrk -c64`` GETs, or POSTs of 100 bytes with ``--post``); with ``--where``, also
+the function (and line) each step ended waiting in. It prints them per request: a
+scheduler step costs a few microseconds here, so fewer per exchange is one of the ways to
+a cheaper request.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class StepCounter(trio.abc.Instrument):
         self.steps: Counter[str] = Counter()
         self.spawned = 0
         self.io_waits = 0
+        self.scopes = 0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if self.counting:
@@ -61,6 +63,19 @@ class StepCounter(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         if self.counting:
             self.io_waits += 1
+
+
+def count_cancel_scopes(counter: StepCounter) -> None:
+    """Count the cancel scopes entered while the counter counts (trio has no instrument
+    hook for them: ``CancelScope.__enter__`` is wrapped, in this process only)."""
+    enter = trio.CancelScope.__enter__
+
+    def counting_enter(scope: trio.CancelScope) -> trio.CancelScope:
+        if counter.counting:
+            counter.scopes += 1
+        return enter(scope)
+
+    trio.CancelScope.__enter__ = counting_enter  # type: ignore[method-assign]
 
 
 def _suspension_point(task: trio.lowlevel.Task) -> str:
@@ -80,12 +95,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--h1", action="store_true", help="wrk -c64 over HTTP/1.1 instead")
     parser.add_argument(
+        "--post", action="store_true", help="with --h1: POSTs of 100 bytes (make bench's row)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=0, help="with --h1: wrk's connections (64)"
+    )
+    parser.add_argument(
         "--where", action="store_true", help="also count where the tasks wait after each step"
     )
     args = parser.parse_args()
     vs_nginx.ensure_tools()
     counter = StepCounter()
     counter.where = args.where
+    count_cancel_scopes(counter)
     results: dict[str, float] = {}
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-steps-")))
@@ -112,6 +134,14 @@ def main() -> int:
         config_file.write_text(vs_nginx.pooled_proxy_toml(setup, workers=1, connections=1000))
         config = load_config(str(config_file))
         load = vs_nginx.run_wrk if args.h1 else vs_nginx.run_h2load
+        if args.post:
+            if not args.h1:
+                parser.error("--post goes with --h1")
+            script = workdir / "post.lua"
+            script.write_text(vs_nginx.POST_LUA)
+            load = partial(vs_nginx.run_wrk, script=script)
+        if args.h1 and args.connections:
+            load = partial(load, connections=args.connections)
 
         def drive() -> None:
             time.sleep(1.0)  # the proxy is listening by then
@@ -137,6 +167,7 @@ def main() -> int:
         for point, count in counter.suspended.most_common(15):
             print(f"  {count / requests:6.2f}  {point}")
     print(f"tasks spawned per request: {counter.spawned / requests:.2f}")
+    print(f"cancel scopes entered per request: {counter.scopes / requests:.2f}")
     print(f"I/O waits (epoll) per request: {counter.io_waits / requests:.2f}")
     return 0
 
