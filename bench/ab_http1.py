@@ -2,20 +2,24 @@
 
     .venv/bin/python bench/ab_http1.py A_TREE B_TREE [--runs 5] [--seconds 5]
     .venv/bin/python bench/ab_http1.py ../base ../step1 . --runs 8 --rows get,queued
+    .venv/bin/python bench/ab_http1.py ../base . --together
 
 On a machine others use, req/s and even CPU per request drift by tens of percent over
 minutes; a change is judged by runs of each tree taken in the same minutes, each tree going
-first in turn. Each tree's proxy runs as ``make bench`` runs it (``vs_nginx.py``: one
-worker pinned to CPU 0, the access log off, the nginx upstream and wrk on CPU 1), started
-with the tree as its working directory so that ``python -m pooled_proxy`` imports that
-tree's package (the working directory comes first on ``sys.path``).
+first in turn. With ``--together`` the trees' runs of a round go at the same time (a wrk per
+tree): the proxies share CPU 0 and whatever else the machine runs in those seconds, which
+cancels more of the noise. Each tree's proxy runs as ``make bench`` runs it
+(``vs_nginx.py``: one worker pinned to CPU 0, the access log off, the nginx upstream and wrk
+on CPU 1), started with the tree as its working directory so that ``python -m pooled_proxy``
+imports that tree's package (the working directory comes first on ``sys.path``).
 
 Rows (``--rows``, default get,post): ``get`` (wrk -c64 GET), ``post`` (wrk -c64, 100-byte
 POST), ``queued`` (wrk -c256 against an upstream of max_connections 100: requests wait in
 the pool's queue), ``unqueued`` (wrk -c256 with connections enough for every client).
 
 It prints every run, then per row the medians of the proxy's CPU time per request and of
-req/s for each tree, and the median of each round's difference to the first tree (A).
+req/s for each tree, the median of each round's difference to the first tree (A), and in how
+many rounds the tree was below A.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per run (5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
     parser.add_argument("--rows", default="get,post", help="get, post, queued, unqueued (get,post)")
+    parser.add_argument(
+        "--together", action="store_true", help="run the trees of a round at the same time"
+    )
     args = parser.parse_args(argv)
     rows = args.rows.split(",")
     if unknown := set(rows) - {"get", "post", "queued", "unqueued"}:
@@ -126,9 +134,25 @@ def main(argv: list[str] | None = None) -> int:
             # Each tree goes first in turn.
             order = names[number % len(names) :] + names[: number % len(names)]
             for row in rows:
-                for name in order:
+                runs: dict[str, dict[str, float]] = {}
+
+                def measured(
+                    name: str, row: str = row, runs: dict[str, dict[str, float]] = runs
+                ) -> None:
                     measure(row, ports[name], args.warmup, None, post)
-                    run = measure(row, ports[name], args.seconds, pids[name], post)
+                    runs[name] = measure(row, ports[name], args.seconds, pids[name], post)
+
+                if args.together:
+                    threads = [threading.Thread(target=measured, args=(name,)) for name in order]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                else:
+                    for name in order:
+                        measured(name)
+                for name in order:
+                    run = runs[name]
                     results.setdefault((row, name), []).append(run)
                     print(
                         f"round {number + 1} {row:8} {name}: {run['cpu_us']:6.1f} us/request "
@@ -157,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = [cell(base)]
         for name in others:
             runs = results[(row, name)]
-            diff = statistics.median(y["cpu_us"] - x["cpu_us"] for x, y in zip(base, runs))
-            cells += [cell(runs), f"{diff:+.1f}"]
+            diffs = [y["cpu_us"] - x["cpu_us"] for x, y in zip(base, runs)]
+            lower = sum(diff < 0 for diff in diffs)
+            cells += [cell(runs), f"{statistics.median(diffs):+.1f} ({lower}/{len(diffs)} lower)"]
         print(f"| {row} | " + " | ".join(cells) + " |")
     return 0
 
