@@ -146,11 +146,12 @@ class Exchange:
     # Set by the HTTP/1.1 front end for a bodiless request asking for a WebSocket upgrade:
     # forward() then keeps the Upgrade headers and turns a 101 into a byte tunnel.
     upgrade: ClientUpgrade | None = None
-    # Called by the forwarder (maybe more than once) before it waits on something other than
-    # the client: a pool queue, a connect, the upstream's answer; it asks the pool and the
+    # Called by the forwarder (maybe more than once) when it waits on something other than
+    # the client: a connect, a pool queue or the upstream's answer head once either has
+    # lasted the pool's WATCH_AFTER, the rest of a response body; it asks the pool and the
     # upstream connection, which answer without waiting, whether it must. The HTTP/1.1 front
-    # end starts watching the client for a disconnect only then, so an exchange answered at
-    # once costs no watch at all.
+    # end starts watching the client for a disconnect only then, so an exchange answered
+    # soon costs no watch at all.
     on_wait: Callable[[], None] | None = None
 
 

@@ -61,7 +61,7 @@ from .tunnel import (
 from .upstream.api import ServerPool, UpstreamChannel
 from .upstream.balancer import ServerHealth, UpstreamGroup
 from .upstream.connection import ResponseHead, UpstreamConnection
-from .upstream.pool import Connector
+from .upstream.pool import WATCH_AFTER, Connector
 
 LOG = logging.getLogger("pooled_proxy.forward")
 
@@ -521,6 +521,28 @@ class Forwarder:
             raise relay_error
         return None
 
+    async def _response_head(
+        self,
+        connection: UpstreamChannel,
+        deadline: float,
+        on_wait: Callable[[], None] | None,
+    ) -> ResponseHead:
+        """The connection's next response head; ``trio.TooSlowError`` at ``deadline``.
+
+        ``on_wait`` is called once the head has been waited for ``WATCH_AFTER``: most come
+        sooner, and a short wait is not worth watching the client for (a watch task woken to
+        watch, then woken again to hand over the next request: two task steps), as in the
+        pool's queue.
+        """
+        if on_wait is not None and not connection.response_at_hand():
+            watch_at = trio.current_time() + WATCH_AFTER
+            if watch_at < deadline:
+                try:
+                    return await connection.receive_response_head(watch_at)
+                except trio.TooSlowError:
+                    on_wait()
+        return await connection.receive_response_head(deadline)
+
     async def _relay_response(
         self,
         connection: UpstreamChannel,
@@ -540,16 +562,16 @@ class Forwarder:
         (most small responses do) and no request body is still on its way: the caller sends
         it in one write once the upstream connection is back in the pool.
 
-        ``on_wait`` (the exchange's) is called before the relay has to wait for the upstream.
+        ``on_wait`` (the exchange's) is called once the relay has waited ``WATCH_AFTER`` for
+        the response head (see ``_response_head``), and before it waits for the rest of the
+        body.
         """
         while True:
             timed_out = False
-            if on_wait is not None and not connection.response_at_hand():
-                on_wait()
             if upload is None:
                 # The deadline is fixed: the connection only sets a timer if it has to wait.
                 try:
-                    response = await connection.receive_response_head(header_deadline)
+                    response = await self._response_head(connection, header_deadline, on_wait)
                 except trio.TooSlowError:
                     timed_out = True
             else:

@@ -127,8 +127,12 @@ class HTTP1Connection:
                     await delivered.wait()
                     if watch.client_gone:
                         return False
+                wait_first = delivered is None  # receive_now just found nothing
                 while not http.request_bytes_waiting:
-                    data = await fastio.receive_some(self.stream, fastio.MAX_RECEIVE)
+                    data = await fastio.receive_some(
+                        self.stream, fastio.MAX_RECEIVE, wait_first=wait_first
+                    )
+                    wait_first = False
                     http.receive_data(data)
                     if not data or http.violation is not None:
                         break
@@ -263,9 +267,9 @@ class HTTP1Connection:
             sink=self.response,
             record=record,
             upgrade=upgrade,
-            # A bodiless exchange watches the client only once it has to wait upstream; one
-            # with a body, once the body is read (_request_body), never while it is read; a
-            # tunnel reads the client itself.
+            # A bodiless exchange watches the client only once it waits upstream (a connect,
+            # or a wait that lasts the pool's WATCH_AFTER); one with a body, once the body is
+            # read (_request_body), never while it is read; a tunnel reads the client itself.
             on_wait=self._arm_watch if upload is None and upgrade is None else None,
         )
         self.proxy.exchange_started()

@@ -19,7 +19,13 @@ from hyperframe.frame import HeadersFrame
 
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.proxy import Proxy
-from tests.support.faulty_upstream import FaultyUpstream, memory_client, read_until_close
+from pooled_proxy.upstream.pool import WATCH_AFTER
+from tests.support.faulty_upstream import (
+    RECEIVE_SIZE,
+    FaultyUpstream,
+    memory_client,
+    read_until_close,
+)
 from tests.support.h2client import H2Client
 from tests.support.helpers import make_config
 
@@ -179,6 +185,53 @@ async def test_silent_upstream_is_504_at_response_header_timeout(
     assert b"error=http_response_timeout" in reply
     await trio.testing.wait_all_tasks_blocked()
     assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+
+
+@guarded
+async def test_head_that_drips_past_the_client_watch_start_is_relayed_whole(
+    nursery, autojump_clock, proxy, upstream
+):
+    # The wait for the head has two parts (before and after the client watch starts, at
+    # WATCH_AFTER): bytes of the head that came in the first are kept for the second.
+    upstream.drip_interval = 0.01
+    client = memory_client(nursery, proxy)
+    start = trio.current_time()
+    await client.send_all(b"GET /drip HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    reply = await read_until_close(client)
+    elapsed = trio.current_time() - start
+    assert elapsed > 3 * WATCH_AFTER  # the head's 38 bytes took 0.38 s
+    assert _statuses(reply) == [200]
+    assert reply.endswith(b"\r\n\r\ndripped")
+
+
+@guarded
+async def test_client_leaving_while_the_upstream_is_silent_is_seen_once_watched(
+    nursery, autojump_clock, upstream
+):
+    # On a reused connection, the client is watched only once the head has been waited for
+    # WATCH_AFTER; from then its leaving cancels the exchange, and the upstream connection
+    # is closed, not pooled.
+    records: list[ExchangeRecord] = []
+    proxy = Proxy(
+        make_config(1, server=SERVER, **UPSTREAM),
+        connect=upstream.connector(nursery),
+        observers=(records.append,),
+    )
+    client = memory_client(nursery, proxy)
+    # A first exchange leaves a connection in the pool (a connect is watched at once).
+    await client.send_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _statuses(await client.receive_some(RECEIVE_SIZE)) == [200]
+    await trio.sleep(1)
+    start = trio.current_time()
+    await client.send_all(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+    await trio.sleep(0.01)
+    assert upstream.requests and upstream.connections_open == 1
+    await client.aclose()
+    await trio.sleep_until(start + WATCH_AFTER - 0.01)
+    assert upstream.connections_open == 1 and len(records) == 1
+    await trio.sleep_until(start + WATCH_AFTER + 0.01)
+    assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+    assert [r.error for r in records] == ["", "client_disconnected"]
 
 
 @guarded
