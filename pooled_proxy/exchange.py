@@ -147,11 +147,11 @@ class Exchange:
     # forward() then keeps the Upgrade headers and turns a 101 into a byte tunnel.
     upgrade: ClientUpgrade | None = None
     # Called by the forwarder (maybe more than once) when it waits on something other than
-    # the client: a connect, a pool queue or the upstream's answer head once either has
-    # lasted the pool's WATCH_AFTER, the rest of a response body; it asks the pool and the
-    # upstream connection, which answer without waiting, whether it must. The HTTP/1.1 front
-    # end starts watching the client for a disconnect only then, so an exchange answered
-    # soon costs no watch at all.
+    # the client: before a connect; once a wait in a pool queue, for the upstream's answer
+    # head or for the rest of its body has lasted the pool's WATCH_AFTER. It asks the pool
+    # and the upstream connection, which answer without waiting, whether it must. The
+    # HTTP/1.1 front end starts watching the client for a disconnect only then, so an
+    # exchange answered soon costs no watch at all.
     on_wait: Callable[[], None] | None = None
 
 

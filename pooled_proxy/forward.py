@@ -563,8 +563,7 @@ class Forwarder:
         it in one write once the upstream connection is back in the pool.
 
         ``on_wait`` (the exchange's) is called once the relay has waited ``WATCH_AFTER`` for
-        the response head (see ``_response_head``), and before it waits for the rest of the
-        body.
+        the response head (see ``_response_head``), or for the rest of the body.
         """
         while True:
             timed_out = False
@@ -622,13 +621,22 @@ class Forwarder:
         await sink.send_head(response.status_code, response_headers, body=body)
 
         read_timeout = upstream.read_timeout or math.inf
+        # As for the head: the client is watched once the rest of the body has taken
+        # WATCH_AFTER, so a response relayed sooner needs no watch.
+        watch_at = math.inf
         if not ended and on_wait is not None:
-            on_wait()  # the rest of the body is (almost always) not here yet
+            watch_at = trio.current_time() + WATCH_AFTER
+        # A deadline handed down, as for the head: a timer only when a read must wait.
+        deadline = trio.current_time() + read_timeout
         while not ended:
-            # A deadline handed down, as for the head: a timer only when a read must wait.
             try:
-                chunk = await connection.receive_data(trio.current_time() + read_timeout)
+                chunk = await connection.receive_data(min(deadline, watch_at))
             except trio.TooSlowError:
+                if watch_at < deadline:
+                    assert on_wait is not None
+                    on_wait()
+                    watch_at = math.inf
+                    continue
                 connection.close()
                 raise ReadTimeout(
                     f"{connection.server} sent nothing for {upstream.read_timeout:g}s mid-body"
@@ -640,6 +648,7 @@ class Forwarder:
             if more:
                 chunk += more
             await sink.send_data(chunk)
+            deadline = trio.current_time() + read_timeout
         return None
 
     async def _tunnel(

@@ -252,6 +252,33 @@ async def test_upstream_silent_mid_body_is_cut_at_read_timeout(
 
 
 @guarded
+async def test_client_leaving_mid_body_is_seen_once_the_body_took_the_watch_time(
+    nursery, autojump_clock, upstream
+):
+    # The rest of a body that is not there with the head: the client is watched once it
+    # has taken WATCH_AFTER; then its leaving cuts the exchange and the upstream connection.
+    records: list[ExchangeRecord] = []
+    proxy = Proxy(
+        make_config(1, server=SERVER, **UPSTREAM),
+        connect=upstream.connector(nursery),
+        observers=(records.append,),
+    )
+    client = memory_client(nursery, proxy)
+    await client.send_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _statuses(await client.receive_some(RECEIVE_SIZE)) == [200]
+    await trio.sleep(1)
+    start = trio.current_time()
+    await client.send_all(b"GET /hang-mid-body HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _statuses(await client.receive_some(RECEIVE_SIZE)) == [200]  # head and 10 bytes
+    await client.aclose()
+    await trio.sleep_until(start + WATCH_AFTER - 0.01)
+    assert upstream.connections_open == 1 and len(records) == 1
+    await trio.sleep_until(start + WATCH_AFTER + 0.01)
+    assert upstream.connections_open == 0 and _pool_in_use(proxy) == 0
+    assert [r.error for r in records] == ["", "client_disconnected"]
+
+
+@guarded
 async def test_queued_request_is_503_with_retry_after_at_queue_timeout(
     nursery, autojump_clock, upstream
 ):
