@@ -291,9 +291,14 @@ class Forwarder:
             choice = group.choose(exclude=failed)
         except UpstreamUnavailable:
             return None
-        self._log_failure(record, exc, f"; trying {choice[0].server}")
-        record.servers_failed += ((record.upstream_server, exc.proxy_status),)
+        self._moving_on(record, exc, f"; trying {choice[0].server}")
         return choice
+
+    def _moving_on(self, record: ExchangeRecord, exc: UpstreamError, then: str) -> None:
+        """``record.upstream_server`` failed with ``exc`` and the request is sent again:
+        logged, and listed in the access log and metrics."""
+        self._log_failure(record, exc, then)
+        record.servers_failed += ((record.upstream_server, exc.proxy_status),)
 
     async def _forward(self, exchange: Exchange, call_deadline: float | None = None) -> None:
         """``call_deadline``: when a gRPC call's ``grpc-timeout`` runs out."""
@@ -346,16 +351,16 @@ class Forwarder:
         replayable = upload is None and (whole_body is None or head.idempotent)
         pool, health = group.choose()
         failed: tuple[ServerPool, ...] = ()  # servers this request left for another
-        stale_retried = unprocessed_retried = False
+        stale_retried = unprocessed_retried = fresh = False
         while True:
             record.upstream_server = str(pool.server)
             try:
-                connection = pool.take_idle(replayable=replayable)
+                connection = None if fresh else pool.take_idle(replayable=replayable)
                 if connection is not None:
                     reused = True
                 else:
                     connection, reused = await pool.acquire(
-                        replayable=replayable, on_wait=exchange.on_wait
+                        replayable=replayable, on_wait=exchange.on_wait, fresh=fresh
                     )
             except (UpstreamConnectError, ConnectTimeout) as exc:
                 # Nothing was sent: any request may go on to the next server.
@@ -411,12 +416,12 @@ class Forwarder:
                 resendable = unanswered and (
                     replayable or (upload is not None and not upload.started)
                 )
-                if reused and unanswered:
-                    # The keep-alive race: the upstream closed this idle connection just as
-                    # we reused it (the pool learns the server's idle timeout from it).
-                    pool.closed_under_us(connection)
+                # The keep-alive race: the upstream closed this idle connection just as we
+                # reused it, within RACE of the request (the pool learns the server's idle
+                # timeout from it). A later close is the server failing on the request.
+                race = reused and unanswered and pool.closed_under_us(connection)
                 pool.release(connection, reusable=False)
-                if reused and resendable and not stale_retried:
+                if race and resendable and not stale_retried:
                     # Not the server's fault: once, on a fresh connection.
                     stale_retried = True
                     self.stale_retries += 1
@@ -425,12 +430,18 @@ class Forwarder:
                     pool, health = group.choose(exclude=failed)
                     continue
                 health.record_failure(trio.current_time(), exc)
-                if resendable and not reused:
-                    # A fresh connection the server dropped: the server failed, not the race.
-                    failed += (pool,)
-                    choice = self._next_server(group, failed, record, exc)
+                if resendable and not race:
+                    # A connection the server dropped with the request: it failed.
+                    choice = self._next_server(group, (*failed, pool), record, exc)
                     if choice is not None:
+                        failed += (pool,)
                         pool, health = choice
+                        continue
+                    if reused and not fresh and len(group.pools) == 1:
+                        # Its only server gets it again on a new connection, as the race
+                        # would: the closed one may have been all that was wrong.
+                        fresh = True
+                        self._moving_on(record, exc, "; trying it on a new connection")
                         continue
                 raise
             except UpstreamError as exc:

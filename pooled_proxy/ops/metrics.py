@@ -268,8 +268,9 @@ class ProxyMetrics:
         )
         self._next_server = _Counter(
             "pooled_proxy_upstream_next_server",
-            "Requests that went on to another server after this one failed before anything "
-            "was sent or answered, by the failure (the Proxy-Status error).",
+            "Requests that went on to another server (an upstream's only server: to a new "
+            "connection to it) after this one failed before anything was answered, by the "
+            "failure (the Proxy-Status error).",
             ["upstream", "server", "reason"],
         )
         self._event_streams = _Counter(

@@ -78,11 +78,16 @@ class ServerPool(Protocol):
         ...
 
     async def acquire(
-        self, *, replayable: bool = True, on_wait: Callable[[], None] | None = None
+        self,
+        *,
+        replayable: bool = True,
+        on_wait: Callable[[], None] | None = None,
+        fresh: bool = False,
     ) -> tuple[UpstreamChannel, bool]:
         """``on_wait`` (the exchange's) is called when the request has to wait: before a
         connect, or once a wait in the queue has lasted a while (the pool's reaper calls it:
-        most queue waits end sooner, and need no watch on the client)."""
+        most queue waits end sooner, and need no watch on the client). ``fresh``: a new
+        connection rather than an idle one, where the pool has room for one."""
         ...
 
     async def open_unpooled(self) -> UpstreamChannel:
@@ -92,8 +97,11 @@ class ServerPool(Protocol):
     # ``connection`` is what this pool's acquire() handed out (each pool its own kind).
     def release(self, connection: Any, *, reusable: bool, close_reason: str = "error") -> None: ...
 
-    def closed_under_us(self, connection: Any) -> None:
-        """The server closed a reused connection as the exchange began on it."""
+    def closed_under_us(self, connection: Any) -> bool:
+        """The server closed a reused connection before any of the response: True if that
+        was the keep-alive race (a close as the request went up), False if the server
+        failed on the request."""
+        ...
 
     def end_waits_by(self, deadline: float) -> None:
         """No request waits in the queue past ``deadline`` (the drain's)."""

@@ -276,14 +276,18 @@ class UpstreamConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close()
             raise tls_alert(self.server, exc) or UpstreamClosed(
-                f"upstream {self.server} reset the connection: {exc}"
+                f"upstream {self.server} reset the connection: {exc}",
+                client_detail="upstream reset the connection",
             ) from None
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
         if not data and not self.received_bytes:
             self.close()
-            raise UpstreamClosed(f"upstream {self.server} closed the connection before responding")
+            raise UpstreamClosed(
+                f"upstream {self.server} closed the connection before responding",
+                client_detail="upstream closed the connection before responding",
+            )
         self.received_bytes += len(data)
         try:
             self._http.receive_data(data)

@@ -294,6 +294,7 @@ class PoolState(Generic[C]):
         if connection.idle_age and self.learner.record_alive(connection.idle_age):
             self._relearned(now)
         connection.idle_age = 0.0
+        connection.idle_since = now  # handed to a waiter, it is checked out at once
         if self.waiters:
             waiter = self.waiters.popleft()
             waiter.connection = connection
@@ -301,7 +302,6 @@ class PoolState(Generic[C]):
             return waiter, None
         if len(self.idle) >= self.max_idle:
             return None, "max_idle"
-        connection.idle_since = now
         expires_at = self.expiry(connection, now)
         if expires_at <= now:
             return None, self._expiry_reason(connection, expires_at)
@@ -484,7 +484,11 @@ class UpstreamPool:
         return connection
 
     async def acquire(
-        self, *, replayable: bool = True, on_wait: Callable[[], None] | None = None
+        self,
+        *,
+        replayable: bool = True,
+        on_wait: Callable[[], None] | None = None,
+        fresh: bool = False,
     ) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it is a reused one.
 
@@ -493,11 +497,13 @@ class UpstreamPool:
         ``replayable``: as for ``take_idle``. ``on_wait`` (the exchange's: the client is
         watched from then on) is called when there is no idle connection to hand out at
         once: before a connect, or, by the reaper, once a wait in the queue has lasted
-        ``WATCH_AFTER``.
+        ``WATCH_AFTER``. ``fresh``: a new connection rather than an idle one, if there is
+        room for one (a request sent again after the server failed on a reused one).
         """
         if self._closing:
             raise Draining("upstream pool is closing")
-        connection = self.take_idle(replayable=replayable)
+        fresh = fresh and self._state.can_open()
+        connection = None if fresh else self.take_idle(replayable=replayable)
         if connection is not None:
             # No checkpoint on this path on purpose: it is the hot path, and the exchange
             # checkpoints on its first send anyway.
@@ -570,20 +576,22 @@ class UpstreamPool:
         if waiter is not None:
             wake(waiter)
 
-    def closed_under_us(self, connection: UpstreamConnection) -> None:
+    def closed_under_us(self, connection: UpstreamConnection) -> bool:
         """The server closed this reused connection before the first byte of its response;
-        the caller still releases it. The keep-alive race, and evidence of the server's idle
-        timeout, only if the close came within ``idle_close.RACE`` of the request.
+        the caller still releases it. True if that is the keep-alive race: the close came
+        within ``idle_close.RACE`` of the request, and it is evidence of the server's idle
+        timeout. A later close came while the server had the request: it failed on it.
 
         The request goes up in the same step as the checkout (the forwarder does not wait in
         between), so the connection was idle ``idle_age`` when it was sent, and the request
         was sent at ``idle_since + idle_age``: no clock read on every request for this."""
+        now = trio.current_time()
+        if now - (connection.idle_since + connection.idle_age) > RACE:
+            return False
         if connection.idle_age:
-            now = trio.current_time()
-            sent_at = connection.idle_since + connection.idle_age
-            if now - sent_at <= RACE:
-                self._state.learn_close(connection.idle_age, now)
-                self._reaper_wakeup.set()
+            self._state.learn_close(connection.idle_age, now)
+            self._reaper_wakeup.set()
+        return True
 
     @property
     def learned_idle_timeout(self) -> float | None:

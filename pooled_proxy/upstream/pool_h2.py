@@ -133,7 +133,11 @@ class H2Pool:
         return stream
 
     async def acquire(
-        self, *, replayable: bool = True, on_wait: Callable[[], None] | None = None
+        self,
+        *,
+        replayable: bool = True,
+        on_wait: Callable[[], None] | None = None,
+        fresh: bool = False,
     ) -> tuple[H2UpstreamStream, bool]:
         """A stream for one exchange, and whether its connection was already open.
 
@@ -142,7 +146,8 @@ class H2Pool:
         ``replayable`` is HTTP/1.1's care about reusing a connection the server may be
         closing: an HTTP/2 server says GOAWAY first, and what it did not process is replayed.
         ``on_wait`` is called as the HTTP/1.1 pool calls it (before a connect, or once a
-        wait in the queue has lasted ``pool.WATCH_AFTER``).
+        wait in the queue has lasted ``pool.WATCH_AFTER``). ``fresh`` too is HTTP/1.1's: a
+        stream is new whatever connection it is on.
         """
         if self._closing:
             raise Draining("upstream pool is closing")
@@ -178,9 +183,11 @@ class H2Pool:
         finally:
             self._unpooled.discard(connection)
 
-    def closed_under_us(self, connection: H2UpstreamStream) -> None:
+    def closed_under_us(self, connection: H2UpstreamStream) -> bool:
         """Nothing to learn (HTTP/1.1's pool learns the server's idle timeout from this):
-        an HTTP/2 server that closes an idle connection says GOAWAY first."""
+        an HTTP/2 server that closes an idle connection says GOAWAY first. Taken as the
+        race, as it always was: the stream has no send time to tell it by."""
+        return True
 
     def _take_stream(self) -> H2UpstreamStream | None:
         for connection in self._connections:

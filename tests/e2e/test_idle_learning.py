@@ -9,7 +9,6 @@ connections without announcing it.
 from __future__ import annotations
 
 import socket
-from functools import partial
 
 import h11
 import pytest
@@ -20,6 +19,7 @@ from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.upstream.connection import UpstreamConnection
 from pooled_proxy.upstream.idle_close import RECENT, WINDOW, IdleCloseLearner
 from pooled_proxy.upstream.pool import UpstreamPool
+from tests.support.faulty_upstream import CrashingUpstream, until_blocked
 from tests.support.helpers import H11Client, make_config, start_proxy
 from tests.support.upstream_connection import finish_exchange
 
@@ -180,6 +180,37 @@ async def test_a_server_with_a_long_timeout_keeps_its_connections(autojump_clock
     assert pool.statistics().closed == {"idle_timeout": 1}
 
 
+async def test_a_connection_handed_to_a_waiting_request_is_sent_on_from_the_handoff(
+    mock_clock, nursery, pairs
+):
+    """A connection that goes from one exchange straight to a request waiting for it is
+    checked out then, idle 0 s: a close 0.1 s later is the race, one 1 s later is not, however
+    long ago the connection was last idle."""
+    config = UpstreamConfig(name="app", servers=(SERVER,), idle_timeout=60.0, max_connections=1)
+    pool = UpstreamPool(SERVER, config, connect=pairs)
+    await serve_once(pool)  # idle from 0 s
+    mock_clock.jump(10.0)
+    first, reused = await pool.acquire()
+    assert reused
+    finish_exchange(first)
+    handed = []
+
+    async def wait() -> None:
+        handed.append(await pool.acquire())
+
+    nursery.start_soon(wait)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(5.0)
+    pool.release(first, reusable=True)
+    await trio.testing.wait_all_tasks_blocked()
+    assert handed == [(first, True)]
+    mock_clock.jump(0.1)
+    assert pool.closed_under_us(first)
+    mock_clock.jump(1.0)
+    assert not pool.closed_under_us(first)
+    pool.release(first, reusable=False)
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 
@@ -264,57 +295,23 @@ async def test_posts_around_an_unannounced_idle_close_never_get_a_502(nursery):
     assert proxy.proxy.forwarder.stale_retries == 0
 
 
-class CrashingUpstream:
-    """Answers the first request of each connection; on a later one it works until ``crash``
-    is set, then closes without answering (a worker that died on the request)."""
-
-    def __init__(self) -> None:
-        self.working = 0
-        self.crash = trio.Event()
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        answered = False
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.EndOfMessage):
-                    if answered:
-                        self.working += 1
-                        await self.crash.wait()
-                        self.working -= 1
-                        return
-                    answered = True
-                    await stream.send_all(
-                        conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
-                        + conn.send(h11.Data(data=b"ok"))
-                        + conn.send(h11.EndOfMessage())
-                    )
-                    conn.start_next_cycle()
-
-
-@pytest.mark.parametrize(("dies_after", "learned"), [(3.0, None), (0.0, 5.0)])
+@pytest.mark.parametrize(
+    ("dies_after", "learned", "stale_retries", "failure"),
+    [(3.0, None, 0, "http_response_incomplete"), (0.0, 5.0, 2, None)],
+)
 async def test_a_close_long_after_the_request_is_not_an_idle_close(
-    nursery, mock_clock, dies_after, learned
+    nursery, mock_clock, dies_after, learned, stale_retries, failure
 ):
     """Twice, a connection idle 5 s is reused and the server dies 3 s into the request: the
-    request is replayed on a fresh connection, and the pool learns no 5 s idle timeout from
-    it (it would retire its connections after 4 s from then on). A close as the request
-    went up is the keep-alive race, and teaches it. On a MockClock that moves only when
-    told: the sockets are real."""
+    server failed (it counts against its health) and the request goes to it again on a new
+    connection, its only server; the pool learns no 5 s idle timeout from it (it would
+    retire its connections after 4 s from then on). A close as the request went up is the
+    keep-alive race: replayed as stale, not counted, and it teaches the timeout. On a
+    MockClock that moves only when told: the sockets are real."""
     upstream = CrashingUpstream()
-    listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
-    proxy = await start_proxy(nursery, make_config(listeners[0].socket.getsockname()[1]))
+    port = await nursery.start(upstream.serve)
+    proxy = await start_proxy(nursery, make_config(port))
     pool = proxy.pool()
-
-    async def until(predicate):
-        while not predicate():  # real I/O, no timer: the clock stands still meanwhile
-            await trio.testing.wait_all_tasks_blocked()
 
     replies = []
     async with await H11Client.connect(proxy.port) as client:
@@ -326,11 +323,15 @@ async def test_a_close_long_after_the_request_is_not_an_idle_close(
         for round_ in range(2):
             mock_clock.jump(5.0)
             nursery.start_soon(work)
-            await until(lambda: upstream.working == 1)
+            await until_blocked(lambda: upstream.working == 1)
             mock_clock.jump(dies_after)
             upstream.crash.set()
-            await until(lambda round_=round_: len(replies) == round_ + 1)
+            await until_blocked(lambda round_=round_: len(replies) == round_ + 1)
             upstream.crash = trio.Event()
     assert replies == [200, 200]
-    assert proxy.proxy.forwarder.stale_retries == 2
+    assert upstream.connections == 3  # each replay went up on a new connection
+    assert proxy.proxy.forwarder.stale_retries == stale_retries
+    health = proxy.proxy.forwarder.upstreams["app"].health[0]
+    # (The replay's success then cleared the count of failures: the last one stays.)
+    assert (health.last_failure and health.last_failure[1]) == failure
     assert pool.learned_idle_timeout == learned

@@ -3,7 +3,8 @@ client, and before the request could have reached the server (or when it can be 
 goes on to the upstream's other servers, at most ``next_server_tries`` of them.
 
 Real sockets throughout: ports nothing listens on (refused), a listener whose accept queue is
-full (a connect that times out), upstreams that reset the connection after reading the request.
+full (a connect that times out), upstreams that reset the connection after reading the request,
+or drop a reused connection seconds into a request (on a MockClock that moves when told).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from pooled_proxy.config import ServerAddress, UpstreamConfig
 from pooled_proxy.exchange import ExchangeRecord
 from pooled_proxy.ops.accesslog import AccessLog, combined_line
 from pooled_proxy.ops.metrics import ProxyMetrics
-from tests.support.faulty_upstream import FaultyUpstream, refused_port
+from tests.support.faulty_upstream import (
+    CrashingUpstream,
+    FaultyUpstream,
+    refused_port,
+    until_blocked,
+)
 from tests.support.helpers import HOST, H11Client, RunningProxy, make_config, start_proxy
 from tests.support.operations import Scrape
 
@@ -216,3 +222,122 @@ def test_by_default_a_request_tries_every_server_up_to_three():
 
     assert [tries(n) for n in (1, 2, 3, 5)] == [1, 2, 3, 3]
     assert (tries(5, 5), tries(2, 5), tries(3, 1)) == (5, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("reset", "dies_after", "upstream_failed"),
+    [(False, 3.0, True), (True, 3.0, True), (False, 0.0, False)],
+)
+async def test_a_reused_connection_closed_well_into_the_request_moves_on(
+    nursery, mock_clock, reset, dies_after, upstream_failed
+):
+    """A connection reused after 5 s idle, whose server closes (or resets) it 3 s into the
+    request: the server failed on it, as if a new connection had been dropped. The request
+    goes on to the next server, and it counts against the first one. A close as the request
+    went up (within RACE) is still the keep-alive race: replayed, nothing counted. On a
+    MockClock that moves only when told: the sockets are real."""
+    crashing = CrashingUpstream(reset=reset)
+    good = FaultyUpstream(mode="ok")
+    crashing_port = await nursery.start(crashing.serve)
+    good_port = await nursery.start(good.serve)
+    proxy = await Watched.start(nursery, crashing_port, good_port)
+    replies = []
+    async with await H11Client.connect(proxy.running.port) as client:
+
+        async def work():
+            replies.append(await client.request("GET", "/work"))
+
+        for _ in range(2):  # round robin: one connection to each server, left idle
+            assert (await client.request("GET", "/warm")).status == 200
+        mock_clock.jump(5.0)
+        nursery.start_soon(work)
+        await until_blocked(lambda: crashing.working == 1)
+        mock_clock.jump(dies_after)
+        crashing.crash.set()
+        await until_blocked(lambda: len(replies) == 1)
+    assert replies[0].status == 200 and replies[0].body == b"ok"
+    assert len(good.requests) == 2  # the warm-up and the request the first server dropped
+    line = proxy.lines()[-1]
+    health = proxy.running.proxy.forwarder.upstreams["app"].health[0]
+    if upstream_failed:
+        assert line["upstream_failed"] == failed((crashing_port, "http_response_incomplete"))
+        assert proxy.next_server_count(crashing_port, "http_response_incomplete") == 1
+        assert health.recent_failures(trio.current_time()) == 1
+        assert line["retried"] is False
+    else:
+        assert line["upstream_failed"] == [] and line["retried"] is True
+        assert health.last_failure is None
+    assert crashing.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("reset", "details"),
+    [(False, "upstream closed the connection before responding"),
+     (True, "upstream reset the connection")],
+)  # fmt: skip
+async def test_a_request_that_cannot_be_resent_gets_a_502_naming_the_late_close(
+    nursery, mock_clock, caplog, reset, details
+):
+    """A POST (its body held, but not idempotent) on a connection reused after 5 s idle,
+    dropped 3 s into the request: not sent again, a 502 that says what the server did, a
+    warning, and a failure of the server."""
+    crashing = CrashingUpstream(reset=reset)
+    port = await nursery.start(crashing.serve)
+    # One connection at most: the POST gets the idle one, however long it has been idle.
+    proxy = await Watched.start(nursery, port, max_connections=1)
+    replies = []
+    async with await H11Client.connect(proxy.running.port) as client:
+
+        async def post():
+            replies.append(await client.request("POST", "/work", body=b"order=1"))
+
+        assert (await client.request("GET", "/warm")).status == 200
+        mock_clock.jump(5.0)
+        nursery.start_soon(post)
+        await until_blocked(lambda: crashing.working == 1)
+        mock_clock.jump(3.0)
+        crashing.crash.set()
+        await until_blocked(lambda: len(replies) == 1)
+    assert replies[0].status == 502
+    assert replies[0].headers[b"proxy-status"] == (
+        f'pooled-proxy; error=http_response_incomplete; details="{details}"'.encode()
+    )
+    assert crashing.connections == 1  # never sent again
+    assert proxy.lines()[-1]["retried"] is False
+    last = proxy.running.proxy.forwarder.upstreams["app"].health[0].last_failure
+    assert last is not None and last[1] == "http_response_incomplete"
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "POST /work" in warning.getMessage()
+
+
+async def test_an_only_server_gets_the_request_again_on_a_new_connection(nursery, mock_clock):
+    """The only server drops a reused connection 3 s into a request: the request goes to it
+    again, once, on a new connection, not on the other idle one (older still, and as likely
+    to be on a worker in the same trouble)."""
+    crashing = CrashingUpstream()
+    port = await nursery.start(crashing.serve)
+    proxy = await Watched.start(nursery, port)
+    pool = proxy.running.pool()
+    replies = []
+
+    async def request(target: str) -> None:
+        async with await H11Client.connect(proxy.running.port) as client:
+            replies.append(await client.request("GET", target))
+
+    async with trio.open_nursery() as warm:  # at the same time: two connections
+        warm.start_soon(request, "/warm")
+        warm.start_soon(request, "/warm")
+    assert crashing.connections == 2 and pool.statistics().idle == 2
+    mock_clock.jump(5.0)
+    nursery.start_soon(request, "/work")
+    await until_blocked(lambda: crashing.working == 1)
+    mock_clock.jump(3.0)
+    crashing.crash.set()
+    await until_blocked(lambda: len(replies) == 3)
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert crashing.connections == 3
+    assert proxy.running.proxy.forwarder.stale_retries == 0
+    assert pool.statistics().idle == 2  # the other idle one was left alone
+    line = proxy.lines()[-1]
+    assert line["upstream_failed"] == failed((port, "http_response_incomplete"))
+    assert line["upstream_server"] == f"{HOST}:{port}"

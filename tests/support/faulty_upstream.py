@@ -22,8 +22,8 @@ forces one for every request):
 =====================  ===================================================================
 
 Every mode that does not close by itself waits until the proxy closes the connection, so
-``connections_open`` going back to zero shows the proxy let go of it. ``refused_port()``
-gives a port nothing listens on. ``connector()`` serves the same faults over in-memory
+``connections_open`` going back to zero shows the proxy let go of it. ``CrashingUpstream``
+fails on a reused connection when told to. ``refused_port()`` gives a port nothing listens on. ``connector()`` serves the same faults over in-memory
 streams, for tests on trio's MockClock.
 """
 
@@ -354,3 +354,58 @@ class ProbedUpstream(FaultyUpstream):
         response = h11.Response(status_code=status, headers=[("content-length", "0")])
         await stream.send_all(conn.send(response) + conn.send(h11.EndOfMessage()))
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+class CrashingUpstream:
+    """Answers the first request of each connection; on a later one it works until ``crash``
+    is set, then closes without answering, or resets with ``reset`` (a worker that died on
+    the request). For tests on a MockClock that moves only when told: the sockets are real,
+    and the crash comes when the test has moved the clock on."""
+
+    def __init__(self, *, reset: bool = False) -> None:
+        self.reset = reset
+        self.working = 0
+        self.crash = trio.Event()
+        self.connections = 0
+        self.answered = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        answered = False
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.EndOfMessage):
+                    if answered:
+                        self.working += 1
+                        await self.crash.wait()
+                        self.working -= 1
+                        if self.reset:
+                            await _reset(stream)
+                        return
+                    answered = True
+                    self.answered += 1
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
+                        + conn.send(h11.Data(data=b"ok"))
+                        + conn.send(h11.EndOfMessage())
+                    )
+                    conn.start_next_cycle()
+
+
+async def until_blocked(predicate: Callable[[], bool]) -> None:
+    """Wait for ``predicate`` without moving a MockClock: real I/O, no timer, so the clock
+    stands still meanwhile."""
+    while not predicate():
+        await trio.testing.wait_all_tasks_blocked()
