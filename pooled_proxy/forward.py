@@ -444,6 +444,25 @@ class Forwarder:
                         self._moving_on(record, exc, "; trying it on a new connection")
                         continue
                 raise
+            except UpstreamConnectError as exc:
+                # Raised by the exchange, not the connect: a TLS 1.3 server refuses our client
+                # certificate (or its absence) after the handshake looked complete to us, and
+                # the first read of the new connection finds its alert. Nothing was processed:
+                # as for a failed connect, the request goes on if nothing of it is lost.
+                pool.release(connection, reusable=False)
+                health.record_failure(trio.current_time(), exc)
+                if (
+                    not reused
+                    and connection.received_bytes == 0
+                    and not sink.head_sent
+                    and (upload is None or not upload.started)
+                ):
+                    failed += (pool,)
+                    choice = self._next_server(group, failed, record, exc)
+                    if choice is not None:
+                        pool, health = choice
+                        continue
+                raise
             except UpstreamError as exc:
                 # An invalid response or a timeout is the server failing too (passive health),
                 # not only a refused or reset connection.

@@ -222,6 +222,39 @@ async def test_a_client_certificate_is_presented_to_an_upstream_that_requires_on
     assert upstream.demo.stats.requests == 1
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_server_refusing_the_client_certificate_after_the_handshake_is_skipped(
+    nursery, ca, other_ca, tmp_path, method
+):
+    """Two servers, the first refusing the proxy (it has no client certificate). Its TLS
+    1.3 alert comes with the first read after the handshake, yet nothing of the request
+    was processed: the request goes on to the other server, as after a failed handshake,
+    a POST with its body too; the refusal counts against the first."""
+    refusing = await start_tls_upstream(nursery, ca.issue_cert(HOST), client_ca=other_ca)
+    accepting = await start_tls_upstream(nursery, ca.issue_cert(HOST))
+    write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    path = write_config(tmp_path, refusing.port, 'tls_ca = "ca.pem"')
+    path.write_text(
+        path.read_text().replace(
+            f'"https://{HOST}:{refusing.port}"',
+            f'"https://{HOST}:{refusing.port}", "https://{HOST}:{accepting.port}"',
+        )
+    )
+    running = await proxy_for(nursery, path)
+    with trio.fail_after(5):
+        async with await H11Client.connect(running.port) as client:
+            reply = await client.request(
+                method, "/echo", body=b"order=1" if method == "POST" else b""
+            )
+    assert reply.status == 200  # round robin's first choice was the refusing server
+    if method == "POST":
+        assert reply.body == b"order=1"
+    assert len(refusing.handshake_errors) == 1 and refusing.demo.stats.requests == 0
+    assert accepting.demo.stats.requests == 1
+    last = running.proxy.forwarder.upstreams["app"].health[0].last_failure
+    assert last is not None and last[1] == "tls_alert_received"
+
+
 async def test_tls_verify_false_accepts_any_certificate_and_warns_at_start(
     nursery, other_ca, tmp_path, caplog
 ):
