@@ -563,8 +563,12 @@ class Forwarder:
         sooner, and a short wait is not worth watching the client for (a watch task woken to
         watch, then woken again to hand over the next request: two task steps), as in the
         pool's queue.
+
+        The head is looked for at once, without a checkpoint: the request's write ended with
+        a yield, in which the upstream usually answered, and a second trip through the
+        scheduler after the read would only let the other tasks run once more.
         """
-        if on_wait is not None and not connection.response_at_hand():
+        if not connection.response_at_hand() and on_wait is not None:
             watch_at = trio.current_time() + WATCH_AFTER
             if watch_at < deadline:
                 try:
