@@ -9,8 +9,13 @@ after a complete response with nothing behind it, from an HTTP/1.1 upstream that
 
 from __future__ import annotations
 
+import errno
+import functools
+import ipaddress
 import math
+import os
 import select
+import socket
 import ssl
 from typing import Any
 
@@ -69,7 +74,12 @@ async def open_stream(
         raise UpstreamTlsError(f"no TLS context for {server}")
     try:
         with trio.fail_after(connect_timeout or math.inf):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(server.host, server.port)
+            family = _address_family(server.host)
+            stream: trio.abc.Stream = (
+                await trio.open_tcp_stream(server.host, server.port)
+                if family is None
+                else await _connect_to_address(family, server.host, server.port)
+            )
             if ssl_context is not None and server.tls:
                 tls = trio.SSLStream(
                     stream,
@@ -88,6 +98,39 @@ async def open_stream(
     except (OSError, trio.BrokenResourceError) as exc:
         raise _connect_error(server, exc) from None
     return stream
+
+
+@functools.lru_cache(maxsize=256)
+def _address_family(host: str) -> socket.AddressFamily | None:
+    """The address family of an IP address, ``None`` for a name to look up."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+async def _connect_to_address(
+    family: socket.AddressFamily, host: str, port: int
+) -> trio.SocketStream:
+    """A TCP stream to an IP address: what ``trio.open_tcp_stream`` does for one address,
+    without the task, nursery and resolver step it spends on trying several in turn."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        error = sock.connect_ex((host, port))
+        if error == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if error:
+            raise OSError(error, os.strerror(error))
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _connect_error(server: ServerAddress, exc: BaseException) -> UpstreamConnectError:
