@@ -691,3 +691,26 @@ async def test_a_small_body_goes_up_whole_with_a_length_and_a_slow_one_streams(n
     assert b"\r\ncontent-length: 5\r\n" in first and first.endswith(b"\r\n\r\nhello")
     assert b"transfer-encoding" not in first
     assert b"\r\ntransfer-encoding: chunked\r\n" in second and b"content-length" not in second
+
+
+async def test_response_blocks_need_none_of_h2s_outbound_normalization(nursery):
+    # The front end turns h2's outbound header checks and normalization off: the block it
+    # builds from an HTTP/1.1 response must already be one h2 would send. The hand-driven
+    # client checks what it receives as h2 does (names lower-case, no connection-specific
+    # fields, no surrounding whitespace in values).
+    messy = (
+        b"HTTP/1.1 200 OK\r\nX-Mixed-Case: a \r\nConnection: X-Hop, keep-alive\r\nX-Hop: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
+        b"Host: upstream.local\r\nSET-Cookie:\ts=1\t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n"
+    )
+    _, proxy = await run_scripted(nursery, {"/messy": [messy]})
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            reply = await client.get("/messy")
+    assert (reply.status, bytes(reply.body)) == (200, b"ok")
+    fields = dict(reply.headers)
+    assert fields[b"x-mixed-case"] == b"a" and fields[b"set-cookie"] == b"s=1"
+    names = set(fields)
+    assert not names & {b"connection", b"x-hop", b"keep-alive", b"proxy-connection", b"upgrade"}
+    assert not names & {b"host", b"transfer-encoding"}
