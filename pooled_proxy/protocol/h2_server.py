@@ -21,7 +21,7 @@ from typing import Any
 import h2.events
 import h2.exceptions
 import h2.utilities
-from hpack import NeverIndexedHeaderTuple
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 from ..errors import ClientError
 from ..exchange import RequestHead
@@ -249,6 +249,19 @@ def never_indexed(block: list[tuple[bytes, bytes]], name: bytes) -> None:
         if block[index][0] == name:
             block[index] = NeverIndexedHeaderTuple(*block[index])
             return
+
+
+class PlainLiteralEncoder(Encoder):
+    """hpack's encoder, writing string literals as they are instead of Huffman-coded.
+
+    A response block is mostly fields the client's table already holds (sent as indexes);
+    the literal nearly every one carries is the request ID, new each time, and hpack
+    Huffman-codes in a Python loop over its bytes, which makes it the dearest field of the
+    block for the few bytes it saves (RFC 7541 lets an encoder choose per string).
+    """
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 # -- h2's inbound header checks, run here: fast for an ordinary request ------------------

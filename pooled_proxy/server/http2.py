@@ -52,6 +52,7 @@ from ..protocol.h2_server import (
     FrameGuard,
     H2Abuse,
     HeaderBlockRefused,
+    PlainLiteralEncoder,
     check_header_blocks,
     never_indexed,
     request_head,
@@ -317,6 +318,7 @@ class HTTP2Connection:
                 normalize_inbound_headers=False,
             )
         )
+        self.h2.encoder = PlainLiteralEncoder()
         self.streams: dict[int, H2Stream] = {}
         self.streams_started = 0
         self.responses_with_id = 0  # response header blocks with a request ID sent

@@ -210,13 +210,29 @@ async def test_request_ids_stay_out_of_the_clients_hpack_table(nursery, demo_ups
     assert len(table) < 10
 
 
+async def test_response_literals_go_out_without_huffman_coding(nursery, demo_upstream):
+    # hpack's Huffman coding is a Python loop per byte: the literals of a response block
+    # (the request ID in every one) are sent as they are, which any client decodes.
+    _, port = demo_upstream
+    proxy = await start_proxy(nursery, make_config(port))
+    with trio.fail_after(5):
+        async with await H2Client.connect(proxy.port) as client:
+            replies = [await client.get("/bytes/10") for _ in range(3)]
+        async with h2c_client(proxy.url) as httpx_client:
+            response = await httpx_client.get("/echo")
+    for reply in replies:
+        request_id = reply.header(b"x-request-id")
+        assert request_id is not None and request_id in client.received
+    assert response.status_code == 200 and response.headers["x-request-id"]
+
+
 async def test_a_connection_keeps_nothing_of_its_finished_streams(nursery, demo_upstream):
     # Its stream workers wait for the next stream holding nothing of the last one.
     _, port = demo_upstream
     proxy = await start_proxy(nursery, make_config(port))
     with trio.fail_after(5):
         async with await H2Client.connect(proxy.port) as client:
-            replies = [await client.get("/echo") for _ in range(3)]
+            replies = [await client.get("/bytes/10") for _ in range(3)]
             while proxy.proxy.active_exchanges:
                 await trio.sleep(0.01)
             gc.collect()

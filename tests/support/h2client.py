@@ -55,6 +55,7 @@ class H2Client:
         self.goaways: list[GoAway] = []
         self.closed = False  # the server closed the socket
         self.data_bytes = 0
+        self.received = bytearray()  # every byte the server sent, as it came
         self._pending = bytearray()
 
     @classmethod
@@ -116,6 +117,7 @@ class H2Client:
         if not data:
             self.closed = True
             return False
+        self.received += data
         for event in self.conn.receive_data(self._without_goaway(data)):
             self.events.append(event)
             self._apply(event)
