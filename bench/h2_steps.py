@@ -1,13 +1,16 @@
 """Count trio's scheduler steps and tasks per h2c (or HTTP/1.1) request through the proxy.
 
-    .venv/bin/python bench/h2_steps.py [--seconds 5] [--h1 [--post] [--connections N]] [--where]
+    .venv/bin/python bench/h2_steps.py [--seconds 5] [--h1 [--post] [--connections N]]
+        [--queued | --unqueued] [--events] [--where]
 
 The same upstream and proxy config as bench/ab_h2.py, but the proxy runs in this process,
 pinned to CPU 0, under a ``trio.abc.Instrument`` that counts task steps (by the task's
 function name), tasks spawned, cancel scopes entered and I/O waits (``before_io_wait``
 calls, i.e. trips to epoll) while ``h2load -c16 -m10`` runs from a thread on CPU 1 (with
-``--h1``, ``wrk -c64`` GETs, or POSTs of 100 bytes with ``--post``); with ``--where``, also
-the function (and line) each step ended waiting in. It prints them per request: a
+``--h1``, ``wrk -c64`` GETs, or POSTs of 100 bytes with ``--post``; with ``--queued`` and
+``--unqueued``, ``wrk -c256`` on the routes of ``make bench``'s queued and unqueued rows);
+with ``--where``, also the function (and line) each step ended waiting in; with
+``--events``, the ``trio.Event`` objects made. It prints them per request: a
 scheduler step costs a few microseconds here, so fewer per exchange is one of the ways to
 a cheaper request.
 """
@@ -78,6 +81,21 @@ def count_cancel_scopes(counter: StepCounter) -> None:
     trio.CancelScope.__enter__ = counting_enter  # type: ignore[method-assign]
 
 
+def count_events(counter: StepCounter) -> Counter[str]:
+    """Count the ``trio.Event`` objects made while the counter counts (``__init__`` wrapped,
+    in this process only)."""
+    made: Counter[str] = Counter()
+    init = trio.Event.__init__
+
+    def counting_init(event: trio.Event) -> None:
+        if counter.counting:
+            made["Event"] += 1
+        init(event)
+
+    trio.Event.__init__ = counting_init  # type: ignore[method-assign,assignment]
+    return made
+
+
 def _suspension_point(task: trio.lowlevel.Task) -> str:
     """The two innermost of the task's awaiting functions, with their lines."""
     frames: list[str] = []
@@ -101,6 +119,13 @@ def main() -> int:
         "--connections", type=int, default=0, help="with --h1: wrk's connections (64)"
     )
     parser.add_argument(
+        "--queued", action="store_true", help="wrk -c256 with every request queued instead"
+    )
+    parser.add_argument(
+        "--unqueued", action="store_true", help="wrk -c256 with connections for every client"
+    )
+    parser.add_argument("--events", action="store_true", help="also count the Events made")
+    parser.add_argument(
         "--where", action="store_true", help="also count where the tasks wait after each step"
     )
     args = parser.parse_args()
@@ -108,6 +133,7 @@ def main() -> int:
     counter = StepCounter()
     counter.where = args.where
     count_cancel_scopes(counter)
+    events = count_events(counter) if args.events else Counter[str]()
     results: dict[str, float] = {}
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pp-steps-")))
@@ -142,6 +168,9 @@ def main() -> int:
             load = partial(vs_nginx.run_wrk, script=script)
         if args.h1 and args.connections:
             load = partial(load, connections=args.connections)
+        if args.queued or args.unqueued:
+            path = vs_nginx.QUEUE_PATH if args.queued else vs_nginx.UNQUEUED_PATH
+            load = partial(vs_nginx.run_wrk, connections=vs_nginx.QUEUE_CLIENTS, path=path)
 
         def drive() -> None:
             time.sleep(1.0)  # the proxy is listening by then
@@ -166,6 +195,8 @@ def main() -> int:
         print("where the steps end (innermost first):")
         for point, count in counter.suspended.most_common(15):
             print(f"  {count / requests:6.2f}  {point}")
+    for name, count in events.items():
+        print(f"{name}s made per request: {count / requests:.2f}")
     print(f"tasks spawned per request: {counter.spawned / requests:.2f}")
     print(f"cancel scopes entered per request: {counter.scopes / requests:.2f}")
     print(f"I/O waits (epoll) per request: {counter.io_waits / requests:.2f}")

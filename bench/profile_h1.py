@@ -1,11 +1,13 @@
 """Profile pooled-proxy's HTTP/1.1 hot path with py-spy while wrk loads it.
 
     .venv/bin/pip install py-spy
-    .venv/bin/python bench/profile_h1.py [--seconds 10] [--h2] [--out profile.txt]
+    .venv/bin/python bench/profile_h1.py [--seconds 10] [--h2 | --queued | --unqueued]
+        [--out profile.txt]
 
 Starts the same upstream and pooled-proxy as bench/vs_nginx.py (proxy pinned to CPU 0,
-upstream and wrk on CPU 1), runs ``wrk -t1 -c64`` (or ``h2load -c16 -m10`` with ``--h2``)
-for ``--seconds`` while ``py-spy record --format raw`` samples the proxy, and prints the
+upstream and wrk on CPU 1), runs ``wrk -t1 -c64`` (or ``h2load -c16 -m10`` with ``--h2``;
+``wrk -t1 -c256`` on the routes of ``make bench``'s queued and unqueued rows with
+``--queued`` and ``--unqueued``) for ``--seconds`` while ``py-spy record --format raw`` samples the proxy, and prints the
 functions with the most samples: self time (the frame on top) and total time (anywhere on
 the stack), then the samples grouped by owner (the library or part of the proxy whose code
 was running; a standard-library frame counts for whoever called it) beside the proxy's user
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -132,6 +135,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--h2", action="store_true", help="h2load over h2c instead of wrk")
+    parser.add_argument(
+        "--queued", action="store_true", help="wrk -c256 with every request queued instead"
+    )
+    parser.add_argument(
+        "--unqueued", action="store_true", help="wrk -c256 with connections for every client"
+    )
     parser.add_argument("--out", type=Path, default=Path("profile.txt"), help="collapsed stacks")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
@@ -144,7 +153,13 @@ def main() -> int:
         measured: dict[str, float] = {}
 
         def run_load() -> None:
-            run = vs_nginx.run_h2load if args.h2 else vs_nginx.run_wrk
+            if args.h2:
+                run = vs_nginx.run_h2load
+            elif args.queued or args.unqueued:
+                path = vs_nginx.QUEUE_PATH if args.queued else vs_nginx.UNQUEUED_PATH
+                run = partial(vs_nginx.run_wrk, connections=vs_nginx.QUEUE_CLIENTS, path=path)
+            else:
+                run = vs_nginx.run_wrk
             measured.update(
                 run(setup.proxy_port, args.seconds + 2, vs_nginx.LOAD_CPU, setup.proxy_pid)
             )
