@@ -4,7 +4,8 @@
 mypyc: the same API and state machine, about three times faster at parsing and serializing,
 which is most of the proxy's own work per HTTP/1.1 request. It is an optional accelerator:
 without it the pure-Python ``h11`` is used, and ``POOLED_PROXY_H11=h11`` in the environment
-forces that fallback (the test suite runs both ways). Every module of the package takes h11
+forces that fallback, as does ``POOLED_PROXY_PURE=1`` (the whole pure build, ``_compiled.py``);
+the test suite runs both ways. Every module of the package takes h11
 from here, so one process never mixes the two: their event classes and exceptions are
 distinct types. (The demo upstream keeps plain h11: it plays a third-party server.)
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING or os.environ.get("POOLED_PROXY_H11") == "h11":
+from ._compiled import pure_requested
+
+if TYPE_CHECKING or os.environ.get("POOLED_PROXY_H11") == "h11" or pure_requested():
     import h11
 else:
     try:

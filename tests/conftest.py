@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -8,9 +9,28 @@ import pytest
 import trio
 import trustme
 
+from pooled_proxy._compiled import MODULES, is_compiled, pure_requested
 from pooled_proxy.config import ServerAddress, TlsConfig
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
 from tests.support.helpers import HOST
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compiled modules older than their source would test yesterday's code: stop at once."""
+    if pure_requested():
+        return
+    stale = []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        source = Path(module.__file__ or "").with_name(name.rpartition(".")[2] + ".py")
+        if is_compiled(module) and source.stat().st_mtime > Path(module.__file__ or "").stat().st_mtime:
+            stale.append(str(source))
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source ({', '.join(stale)}): run `make compiled`,"
+            " or POOLED_PROXY_PURE=1 for the pure build",
+            returncode=4,
+        )
 
 
 def _outcomes(exc: BaseException) -> list[BaseException] | None:

@@ -16,6 +16,7 @@ from functools import partial
 import trio
 
 from .. import __version__
+from .._compiled import describe as describe_build
 from ..config import Config, dev_config, load_config, parse_address
 from ..errors import ConfigError
 from ..ops.healthcheck import check as check_health
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pooled-proxy",
         description="A reverse proxy with bounded keep-alive upstream pools, HTTP/1.1 and HTTP/2.",
     )
-    parser.add_argument("--version", action="version", version=f"pooled-proxy {__version__}")
+    parser.add_argument("--version", action="version", version=f"pooled-proxy {__version__} ({describe_build()})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = _subcommand(
@@ -191,7 +192,8 @@ def _load(path: str) -> tuple[Config, TlsContexts]:
 def describe(config: Config, mode: str, path: str | None) -> list[str]:
     """What this process is about to do, line by line, for the log at start."""
     source = f"config {os.path.abspath(path)}" if path else "no config file"
-    lines = [f"pooled-proxy {__version__} ({mode}, pid {os.getpid()}): {source}"]
+    build = describe_build()
+    lines = [f"pooled-proxy {__version__} ({mode}, pid {os.getpid()}, {build}): {source}"]
     server = config.server
     listeners = [f"http://{address}" for address in server.listen]
     if server.tls is not None:

@@ -50,6 +50,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
+from .._compiled import codec, h11_library
 from ..exchange import ExchangeRecord
 from ..proxy import PENDING
 from ..upstream.health import PROBE_RESULTS
@@ -191,10 +192,12 @@ class ReloadState(Protocol):
 def runtime_families(state: ReloadState) -> list[Metric]:
     """``pooled_proxy_build_info`` and the config reload gauges of ``state``."""
     build = GaugeMetricFamily(
-        "pooled_proxy_build_info", "Always 1; the version of pooled-proxy running.",
-        labels=["version"],
+        "pooled_proxy_build_info",
+        "Always 1; the version of pooled-proxy running, its HTTP/1.1 codec (compiled, pure or"
+        " mixed) and h11 library (h11-mypyc or h11).",
+        labels=["version", "codec", "h11"],
     )  # fmt: skip
-    build.add_metric([__version__], 1)
+    build.add_metric([__version__, codec(), h11_library()], 1)
     return [
         build,
         GaugeMetricFamily(

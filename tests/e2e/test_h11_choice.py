@@ -13,7 +13,8 @@ PROBE = "from pooled_proxy._h11 import ACCELERATED, h11; print(h11.__name__, ACC
 
 
 def _choice(**env: str) -> str:
-    environment = {k: v for k, v in os.environ.items() if k != "POOLED_PROXY_H11"} | env
+    switches = ("POOLED_PROXY_H11", "POOLED_PROXY_PURE")
+    environment = {k: v for k, v in os.environ.items() if k not in switches} | env
     return subprocess.run(
         [sys.executable, "-c", PROBE], env=environment, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -21,6 +22,7 @@ def _choice(**env: str) -> str:
 
 def test_pure_h11_when_asked_for() -> None:
     assert _choice(POOLED_PROXY_H11="h11") == "h11 False"
+    assert _choice(POOLED_PROXY_PURE="1") == "h11 False"  # the whole pure build
 
 
 @pytest.mark.skipif(

@@ -296,6 +296,7 @@ async def test_openmetrics_is_served_when_asked_for(nursery, demo_upstream):
 
 async def test_process_build_and_reload_metrics(nursery, demo_upstream, tmp_path):
     from pooled_proxy import __version__
+    from pooled_proxy._compiled import codec, h11_library
     from pooled_proxy.daemon.reload import Reloader
     from tests.support.daemon import DaemonConfig
 
@@ -315,7 +316,8 @@ async def test_process_build_and_reload_metrics(nursery, demo_upstream, tmp_path
     assert started.value("process_cpu_seconds_total") > 0
     assert started.value("process_resident_memory_bytes") > 0
     assert started.has("python_gc_collections_total")
-    assert started.value("pooled_proxy_build_info", version=__version__) == 1
+    build = {"version": __version__, "codec": codec(), "h11": h11_library()}
+    assert started.value("pooled_proxy_build_info", **build) == 1
     assert started.value("pooled_proxy_config_last_reload_success") == 1
     loaded = started.value("pooled_proxy_config_last_reload_success_timestamp_seconds")
     assert failed.value("pooled_proxy_config_last_reload_success") == 0
