@@ -304,6 +304,11 @@ class ServerConnection:
         )
 
     @property
+    def direct(self) -> bool:
+        """The current request was read on the direct path (h11 stays idle for its cycle)."""
+        return self._direct
+
+    @property
     def request_bytes_waiting(self) -> bool:
         """Bytes of a next request are here already, read or not."""
         return self._next_direct is not None or bool(self._h11.trailing_data[0])
