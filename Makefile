@@ -9,6 +9,7 @@ LISTEN ?= 127.0.0.1:8080
 # in-place build.
 COMPILED_SOURCES := $(shell $(PYTHON) -c 'import runpy; print(*runpy.run_path("pooled_proxy/_compiled.py")["source_paths"]())')
 COMPILED := build/.compiled-in-place
+BUILD_FILES := setup.py build_backend.py
 
 .PHONY: demo test test-all test-h11 compiled lint interop-deps bench clean
 
@@ -24,14 +25,14 @@ demo: $(STAMP)
 # The compiled build, in the working tree: an extension module beside each listed module's
 # source, and their shared library at the top (pooled_proxy__mypyc.*.so, found through the
 # venv's path to the tree: editable_mode=compat above); rebuilt when a source changes. The
-# tree's Python imports them first (POOLED_PROXY_PURE=1 takes the source instead).
+# tree's Python imports them first (POOLED_PROXY_PURE=1 takes the source instead). They are
+# touched at the end: a copy keeps the time of the build it came from when the C did not
+# change, and the suite refuses extension modules older than their source.
 compiled: $(COMPILED)
 
 $(COMPILED): $(STAMP) $(COMPILED_SOURCES) pooled_proxy/_compiled.py setup.py
 	rm -f pooled_proxy__mypyc.*.so && find pooled_proxy -name '*.so' -delete
 	POOLED_PROXY_COMPILE=1 $(VENV)/bin/python setup.py --quiet build_ext --inplace
-	# (the copies keep the time of the build they were made from, if the C was unchanged;
-	# the suite checks they are newer than their source)
 	touch pooled_proxy__mypyc.*.so $(COMPILED_SOURCES:.py=.*.so) $@
 
 # The suite on the compiled build: our compiled modules and h11-mypyc.
@@ -46,11 +47,11 @@ test-all: $(STAMP) $(COMPILED)
 test-h11: $(STAMP)
 	POOLED_PROXY_PURE=1 $(VENV)/bin/pytest -m "not slow"
 
-# ruff (lint and format) on the whole tree, mypy --strict on the package.
+# ruff (lint and format) on the whole tree, mypy --strict on the package and its build.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pooled_proxy tests bench
-	$(VENV)/bin/ruff format --check pooled_proxy tests bench
-	$(VENV)/bin/mypy --strict pooled_proxy
+	$(VENV)/bin/ruff check pooled_proxy tests bench $(BUILD_FILES)
+	$(VENV)/bin/ruff format --check pooled_proxy tests bench $(BUILD_FILES)
+	$(VENV)/bin/mypy --strict pooled_proxy $(BUILD_FILES)
 
 # The programs the interop tests run (nginx, h2load, nghttp, chromium, node, curl), with apt;
 # without them `make test` skips those tests.

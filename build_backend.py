@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from setuptools import build_meta as _setuptools
-from setuptools.build_meta import *  # noqa: F403 (the other hooks are setuptools' own)
+from setuptools.build_meta import *  # the other hooks are setuptools' own
 
 _COMPILED = runpy.run_path(os.path.join(os.path.dirname(__file__), "pooled_proxy", "_compiled.py"))
 

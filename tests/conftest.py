@@ -23,7 +23,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     for name in MODULES:
         module = importlib.import_module(name)
         source = Path(module.__file__ or "").with_name(name.rpartition(".")[2] + ".py")
-        if is_compiled(module) and source.stat().st_mtime > Path(module.__file__ or "").stat().st_mtime:
+        if (
+            is_compiled(module)
+            and source.stat().st_mtime > Path(module.__file__ or "").stat().st_mtime
+        ):
             stale.append(str(source))
     if stale:
         pytest.exit(

@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="pooled-proxy",
         description="A reverse proxy with bounded keep-alive upstream pools, HTTP/1.1 and HTTP/2.",
     )
-    parser.add_argument("--version", action="version", version=f"pooled-proxy {__version__} ({describe_build()})")
+    parser.add_argument(
+        "--version", action="version", version=f"pooled-proxy {__version__} ({describe_build()})"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = _subcommand(

@@ -20,6 +20,8 @@ import pytest
 
 from pooled_proxy import __version__
 from pooled_proxy._compiled import MODULES, PURE_SWITCH, codec, describe, h11_library
+from pooled_proxy.config import dev_config
+from pooled_proxy.daemon.cli import describe as start_up_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = (
@@ -75,5 +77,9 @@ def test_version_and_start_up_log_name_the_build() -> None:
         text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert version == f"pooled-proxy {__version__} ({describe()})"
-    pure = _run("from pooled_proxy._compiled import describe; print(describe())", **{PURE_SWITCH: "1"})
+    first = start_up_lines(dev_config("http://127.0.0.1:9000"), "dev", None)[0]
+    assert first.startswith(f"pooled-proxy {__version__} (dev, pid {os.getpid()}, {describe()}): ")
+    pure = _run(
+        "from pooled_proxy._compiled import describe; print(describe())", **{PURE_SWITCH: "1"}
+    )
     assert pure == "pure-Python codec, h11"
