@@ -60,7 +60,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,9 @@ GOAL_SSE_FIRST_MS = 3.0
 GOAL_IDLE_MIB = 40
 GOAL_IDLE_CONNS_MIB = 200
 GOAL_STREAM_MIB = 64
+# 2 workers against 1 (nothing pinned): what 2 would serve with a core each, in units of one
+# worker's requests (measure_scaling).
+GOAL_SCALING = 1.9
 
 # The queued row: more clients than upstream connections, so that (nearly) every request
 # waits in pooled-proxy's queue for one to come back; HAProxy queues the same way (its
@@ -197,8 +200,29 @@ def rss_mib(pid: int) -> float:
     return sum(status_kib(p, "VmRSS") for p in tree_pids(pid)) / 1024
 
 
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+def pinned(cpu: int | str | None, argv: list[str]) -> list[str]:
+    """``argv`` run on ``cpu`` (a CPU number or a ``taskset`` list); None: as this script runs."""
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+# Every CPU this script may use, read before it pins itself to LOAD_CPU: the scaling rows run
+# their processes on all of them.
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
+ALL_CPUS_LIST = ",".join(str(cpu) for cpu in sorted(ALL_CPUS))
+
+
+def set_affinity(pid: int, cpus: Iterable[int]) -> None:
+    """Move every thread of ``pid`` and its descendants to ``cpus``."""
+    for p in tree_pids(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                os.sched_setaffinity(int(task), set(cpus))
+            except OSError:
+                pass
 
 
 # -- the processes -------------------------------------------------------------------------------
@@ -217,10 +241,14 @@ class Setup:
     caddy_port: int = 0
     proxy_port: int = 0
     admin_port: int = 0
+    proxy2_port: int = 0  # the scaling rows' pooled-proxy with 2 workers
+    admin2_port: int = 0
+    upstream_pid: int = 0
     nginx_pid: int = 0
     haproxy_pid: int = 0
     caddy_pid: int = 0
     proxy_pid: int = 0
+    proxy2_pid: int = 0
 
 
 def nginx_prelude(workdir: Path, name: str, *, connections: int) -> str:
@@ -343,15 +371,17 @@ http://{HOST}:{setup.caddy_port} {{
 """
 
 
-def pooled_proxy_toml(setup: Setup, *, workers: int, connections: int) -> str:
+def pooled_proxy_toml(
+    setup: Setup, *, workers: int, connections: int, port: int, admin_port: int
+) -> str:
     return f"""# written by bench/vs_nginx.py
 [server]
-listen = ["{HOST}:{setup.proxy_port}"]
+listen = ["{HOST}:{port}"]
 workers = {workers}
 max_connections = {connections + 1024}
 
 [admin]
-listen = "{HOST}:{setup.admin_port}"
+listen = "{HOST}:{admin_port}"
 
 [log]
 access = "off"
@@ -408,6 +438,8 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
             "caddy_port",
             "proxy_port",
             "admin_port",
+            "proxy2_port",
+            "admin2_port",
         ):
             setattr(setup, name, free_port())
         big = workdir / "big.bin"
@@ -432,11 +464,12 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
         load_cpu = None if args.no_pin else LOAD_CPU
         proxy_cpu = None if args.no_pin else PROXY_CPU
         (workdir / "upstream.conf").write_text(upstream_nginx_conf(setup, big))
-        start(
+        upstream = start(
             pinned(load_cpu, ["nginx", "-p", str(workdir), "-c", str(workdir / "upstream.conf")]),
             "upstream nginx",
             setup.upstream_port,
         )
+        setup.upstream_pid = upstream.pid
         start(
             pinned(
                 load_cpu,
@@ -486,27 +519,42 @@ def running_setup(args: argparse.Namespace) -> Iterator[Setup]:
             },
         )
         setup.caddy_pid = caddy.pid
-        (workdir / "pooled-proxy.toml").write_text(
-            pooled_proxy_toml(setup, workers=args.workers, connections=args.idle_connections)
-        )
-        proxy_cpu_pp = proxy_cpu if args.workers == 1 else None
-        proxy = start(
-            pinned(
-                proxy_cpu_pp,
-                [
-                    sys.executable,
-                    "-m",
-                    "pooled_proxy",
-                    "run",
-                    "-c",
-                    str(workdir / "pooled-proxy.toml"),
-                ],
-            ),
+
+        def start_pooled(name: str, workers: int, port: int, admin_port: int, cpu: int | str | None
+                         ) -> int:  # fmt: skip
+            (workdir / f"{name}.toml").write_text(
+                pooled_proxy_toml(
+                    setup,
+                    workers=workers,
+                    connections=args.idle_connections,
+                    port=port,
+                    admin_port=admin_port,
+                )
+            )
+            argv = [
+                sys.executable,
+                "-m",
+                "pooled_proxy",
+                "run",
+                "-c",
+                str(workdir / f"{name}.toml"),
+            ]
+            proxy = start(pinned(cpu, argv), name, port)
+            wait_for_port(admin_port, proxy, f"{name} admin", workdir / f"{name}.log")
+            return proxy.pid
+
+        # More than one worker: on every CPU, sharing them with the load generator.
+        setup.proxy_pid = start_pooled(
             "pooled-proxy",
+            args.workers,
             setup.proxy_port,
+            setup.admin_port,
+            proxy_cpu if args.workers == 1 else ALL_CPUS_LIST,
         )
-        wait_for_port(setup.admin_port, proxy, "pooled-proxy admin", workdir / "pooled-proxy.log")
-        setup.proxy_pid = proxy.pid
+        if args.scaling:
+            setup.proxy2_pid = start_pooled(
+                "pooled-proxy-2", 2, setup.proxy2_port, setup.admin2_port, ALL_CPUS_LIST
+            )
         time.sleep(0.5)  # let both settle (imports, first GC) before the idle figure
         yield setup
 
@@ -522,11 +570,12 @@ def _duration_ms(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
-def cpu_ns(pid: int | None) -> int:
-    """CPU time a process tree has used so far, every thread counted (Caddy's Go runtime works
-    on threads other than the main one), from ``/proc/PID/task/TID/schedstat``, in nanoseconds."""
+def cpu_ns(pid: int | None, *, tree: bool = True) -> int:
+    """CPU time a process tree (or with ``tree=False`` the process alone) has used so far,
+    every thread counted (Caddy's Go runtime works on threads other than the main one), from
+    ``/proc/PID/task/TID/schedstat``, in nanoseconds."""
     total = 0
-    for p in tree_pids(pid) if pid else ():
+    for p in (tree_pids(pid) if tree else [pid]) if pid else ():
         try:
             tasks = os.listdir(f"/proc/{p}/task")
         except OSError:
@@ -566,35 +615,35 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
 
+def run_load(argv: list[str], seconds: float, probe: Callable[[], None] | None) -> str:
+    """Run a load generator to its end, its output; ``probe`` is called half way through."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as load:
+        if probe is not None:
+            time.sleep(seconds / 2)
+            probe()
+        out, err = load.communicate()
+    if load.returncode:
+        raise RuntimeError(f"{argv[0]} failed ({load.returncode}):\n{out}{err}")
+    return out
+
+
 def run_wrk(
     port: int,
     seconds: float,
-    cpu: int | None,
+    cpu: int | str | None,
     pid: int | None = None,
     script: Path | None = None,
     *,
     connections: int = 64,
     path: str = "/",
+    probe: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     before = cpu_ns(pid)
     extra = ["-s", str(script)] if script is not None else []
-    out = subprocess.run(
-        pinned(
-            cpu,
-            [
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{max(1, round(seconds))}s",
-                "--latency",
-                *extra,
-                f"http://{HOST}:{port}{path}",
-            ],
-        ),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    out = run_load(
+        pinned(cpu, [*argv, *extra, f"http://{HOST}:{port}{path}"]), max(1, round(seconds)), probe
+    )
     used = cpu_ns(pid) - before
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -613,17 +662,20 @@ def run_wrk(
 
 
 def run_h2load(
-    port: int, seconds: float, cpu: int | None, pid: int | None = None
+    port: int,
+    seconds: float,
+    cpu: int | str | None,
+    pid: int | None = None,
+    *,
+    probe: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     before = cpu_ns(pid)
-    out = subprocess.run(
-        pinned(
-            cpu, ["h2load", "-c16", "-m10", f"-D{max(1, round(seconds))}", f"http://{HOST}:{port}/"]
-        ),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    whole = max(1, round(seconds))
+    out = run_load(
+        pinned(cpu, ["h2load", "-c16", "-m10", f"-D{whole}", f"http://{HOST}:{port}/"]),
+        whole,
+        probe,
+    )
     if "Application protocol: h2c" not in out:
         raise RuntimeError(f"h2load did not speak h2c to {port}:\n{out}")
     used = cpu_ns(pid) - before
@@ -633,6 +685,103 @@ def run_h2load(
     if failed and (failed.group(1) != "0" or failed.group(2) != "0"):
         print(f"    h2load on {port}: {failed.group(0)}", flush=True)
     return {"rps": rps, "cpu_us": used / 1000 / done if pid and done else float("nan")}
+
+
+# -- scaling: 2 workers vs 1 -------------------------------------------------------------------
+
+
+def established_inodes(port: int) -> set[int]:
+    """The socket inodes of the established TCP connections whose local port is ``port``."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def connections_per_process(pids: Sequence[int], port: int) -> list[int]:
+    """How many of the established connections to ``port`` each of ``pids`` holds."""
+    inodes = established_inodes(port)
+    counts = []
+    for pid in pids:
+        held = 0
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                held += 1
+        counts.append(held)
+    return counts
+
+
+def scaling_load(
+    proto: str, port: int, pid: int, args: argparse.Namespace
+) -> tuple[dict[str, float], dict[int, int], list[int]]:
+    """One scaling run on every CPU against ``port`` after a warm-up: wrk's or h2load's
+    figures, the CPU each process of ``pid``'s tree used (ns), and the connections each
+    worker held half way through (the supervisor first in the tree, when there is one)."""
+    pids = tree_pids(pid)
+    workers = pids[1:] if len(pids) > 1 else pids
+    held: list[int] = []
+
+    def probe() -> None:
+        held[:] = connections_per_process(workers, port)
+
+    run = run_wrk if proto == "h1" else run_h2load
+    run(port, args.warmup, ALL_CPUS_LIST)
+    before = {p: cpu_ns(p, tree=False) for p in pids}
+    measured = run(port, args.scaling_duration, ALL_CPUS_LIST, pid, probe=probe)
+    used = {p: cpu_ns(p, tree=False) - first for p, first in before.items()}
+    return measured, used, held
+
+
+def measure_scaling(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
+    """pooled-proxy with 1 worker and with 2 under the same load, everything on every CPU.
+
+    Two CPUs cannot show 2 workers' req/s against 1 (the load generator needs one), so the
+    figure judged is what they would serve with a core each: one worker's CPU per request
+    over the CPU the busiest of the 2 spent per request of the group. It is 2.0 when the
+    work splits evenly and a request costs the same in either; it falls with any overhead
+    of a second worker (the supervisor's CPU is counted in the group's CPU per request, not
+    in the busiest worker's) and with an uneven spread.
+    """
+    results: dict[str, float] = {}
+    if not args.no_pin:  # the 1-worker proxy and the upstream join the 2-worker one on every CPU
+        set_affinity(setup.proxy_pid, ALL_CPUS)
+        set_affinity(setup.upstream_pid, ALL_CPUS)
+    try:
+        for proto in ("h1", "h2"):
+            one, _, _ = scaling_load(proto, setup.proxy_port, setup.proxy_pid, args)
+            two, used, held = scaling_load(proto, setup.proxy2_port, setup.proxy2_pid, args)
+            key = f"pooled.scale_{proto}"
+            results[f"{key}_1w_rps"], results[f"{key}_1w_cpu_us"] = one["rps"], one["cpu_us"]
+            results[f"{key}_2w_rps"], results[f"{key}_2w_cpu_us"] = two["rps"], two["cpu_us"]
+            workers = [cpu for p, cpu in used.items() if p != setup.proxy2_pid]
+            busiest_us = two["cpu_us"] * max(workers) / max(1, sum(used.values()))
+            results[f"{key}_2w_busiest_pct"] = 100 * max(workers) / max(1, sum(workers))
+            results[f"{key}_2w_conns_busiest_pct"] = (
+                100 * max(held) / max(1, sum(held)) if held else float("nan")
+            )
+            for index, count in enumerate(held):
+                results[f"{key}_2w_conns{index}"] = count
+            results[f"{key}_x"] = one["cpu_us"] / busiest_us if busiest_us else float("nan")
+    finally:
+        if not args.no_pin:
+            set_affinity(setup.proxy_pid, {PROXY_CPU})
+            set_affinity(setup.upstream_pid, {LOAD_CPU})
+    return results
 
 
 # -- SSE -----------------------------------------------------------------------------------------
@@ -876,6 +1025,8 @@ def one_run(args: argparse.Namespace, number: int) -> dict[str, float]:
             run_h2load(port, args.warmup, load_cpu)
             for key, value in run_h2load(port, args.duration, load_cpu, targets.get(name)).items():
                 results[f"{name}.h2_{key}"] = value
+        if args.scaling:
+            results.update(measure_scaling(setup, args))
         # Every request queued: more clients than pooled-proxy's upstream connections; what it
         # costs over the GET above. The share that waited is read from its admin listener.
         for name, port in h1_ports.items():
@@ -1032,6 +1183,30 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
         "unqueued_cpu_us",
         1,
     )
+    scalings = [("h1", "HTTP/1.1 (wrk -c64)"), ("h2", "h2c (h2load -c16 -m10)")]
+    for proto, label in scalings if args.scaling else ():
+        key = f"scale_{proto}"
+        row(
+            f"2 workers vs 1, {label}, nothing pinned: scaling x",
+            f"{key}_x",
+            2,
+            goal=f">= {GOAL_SCALING:g}x",
+            met=lambda p: p >= GOAL_SCALING,
+        )
+        row(f"{label}: CPU us/request, 1 worker", f"{key}_1w_cpu_us", 1)
+        row(f"{label}: CPU us/request, 2 workers (supervisor included)", f"{key}_2w_cpu_us", 1)
+        row(
+            f"{label}: 2 workers, the busiest one's share of their CPU %",
+            f"{key}_2w_busiest_pct",
+            1,
+        )
+        row(
+            f"{label}: 2 workers, the busiest one's share of the connections %",
+            f"{key}_2w_conns_busiest_pct",
+            1,
+        )
+        row(f"{label}: req/s, 1 worker", f"{key}_1w_rps", 0)
+        row(f"{label}: req/s, 2 workers", f"{key}_2w_rps", 0)
     row("SSE per-event latency p50 ms", "sse_event_p50_ms", 3)
     row(
         "SSE per-event latency p99 ms",
@@ -1099,6 +1274,12 @@ def report(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
             a99 = get(name, k99) - get("direct", k99)
             parts.append(f"{name} {_fmt(a50, digits)} / {_fmt(a99, digits)}")
         lines.append(f"{label}: " + "; ".join(parts))
+    for proto, label in scalings if args.scaling else ():
+        spread = ", ".join(
+            "+".join(str(round(run.get(f"pooled.scale_{proto}_2w_conns{i}", 0))) for i in (0, 1))
+            for run in runs
+        )
+        lines.append(f"{label}, connections per worker of 2 (each run): {spread}")
     return "\n".join(lines)
 
 
@@ -1127,6 +1308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=1, help="pooled-proxy worker processes (1)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--scaling-duration",
+        type=float,
+        default=5.0,
+        help="seconds per load run of the 2-workers-vs-1 rows (5); 0 skips them",
+    )
     parser.add_argument("--quick", action="store_true", help="1 run, 3 s each: a smoke test")
     parser.add_argument("--json", type=Path, help="also write the runs and medians here")
     args = parser.parse_args(argv)
@@ -1138,6 +1325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             3.0,
             20,
         )
+        args.scaling_duration = min(args.scaling_duration, 3.0)
+    # The scaling rows compare a second pooled-proxy of 2 workers with the one-worker proxy.
+    args.scaling = args.scaling_duration > 0 and args.workers == 1
     if (os.cpu_count() or 1) < 2 and not args.no_pin:
         print("one CPU only: running unpinned", file=sys.stderr)
         args.no_pin = True
