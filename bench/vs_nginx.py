@@ -771,6 +771,9 @@ def measure_scaling(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
             workers = [cpu for p, cpu in used.items() if p != setup.proxy2_pid]
             busiest_us = two["cpu_us"] * max(workers) / max(1, sum(used.values()))
             results[f"{key}_2w_busiest_pct"] = 100 * max(workers) / max(1, sum(workers))
+            results[f"{key}_2w_supervisor_pct"] = (
+                100 * used[setup.proxy2_pid] / max(1, sum(used.values()))
+            )
             results[f"{key}_2w_conns_busiest_pct"] = (
                 100 * max(held) / max(1, sum(held)) if held else float("nan")
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from ..config import Config, parse_address, parse_config
+from ..server import group
 from .runtime import tune_gc_for_serving
 from .serve import configure_logging, run_with_operations
 from .workers import EXIT_OK, EXIT_RUNTIME, WORKER_ENV, WorkerSpec
@@ -53,12 +54,23 @@ def worker_config(spec: WorkerSpec, text: str) -> tuple[Config, Config]:
     return replace(launch, server=server, admin=None), launch
 
 
+def adopt_group(spec: WorkerSpec) -> None:
+    """Take the supervisor's listening sockets and the group's connection counts."""
+    inherited = group.WorkerGroup(group.ConnectionCounts(spec.counts_fd, spec.index))
+    for addresses, fds in ((spec.listen, spec.listen_fds), (spec.tls_listen, spec.tls_listen_fds)):
+        for text, fd in zip(addresses, fds, strict=True):
+            address = parse_address(text)
+            inherited.sockets[address.host, address.port] = socket.socket(fileno=fd)
+    group.current = inherited
+
+
 def worker_main() -> int:
     spec = WorkerSpec(**json.loads(os.environ[WORKER_ENV]))
     size = int(sys.stdin.buffer.readline())
     text = sys.stdin.buffer.read(size).decode()
     config, launch = worker_config(spec, text)
     configure_logging(config.log.level, tag=f"[worker {spec.index} pid {os.getpid()}]")
+    adopt_group(spec)
     tune_gc_for_serving()
     try:
         trio.run(_serve_worker, config, launch, spec.config_path, spec.report_fd)

@@ -1,9 +1,11 @@
 """``server.workers = N``: a supervisor process and N worker processes sharing the port.
 
-The supervisor binds every listen address with SO_REUSEPORT but never listens on it: that
-turns port 0 into one real port for all workers and holds the port while a worker restarts.
-Each worker is a fresh interpreter (``python -m pooled_proxy.daemon.worker``) that binds the same
-addresses with SO_REUSEPORT and listens, so the kernel spreads new connections across them.
+The supervisor listens on every listen address (port 0 becomes one real port for all
+workers) but never accepts: each worker is a fresh interpreter (``python -m
+pooled_proxy.daemon.worker``) that inherits the listening sockets and accepts from them, a
+worker with more client connections than another leaving new ones to it first
+(server/group.py). A connection waiting to be accepted is not lost when a worker dies: the
+others, and the one restarted in its place, accept it.
 
 The supervisor passes the config text it validated to each worker on its stdin, so a worker
 restarted after someone broke the file still starts with the last good config; the pipe then
@@ -50,7 +52,8 @@ from ..errors import ConfigError
 from ..ops.admin import AdminServer
 from ..ops.metrics_group import GroupMetrics, Report
 from ..ops.status import GroupStatus, JsonObject
-from ..server.listen import bind_reuse_port
+from ..server.group import ConnectionCounts
+from ..server.listen import listening_sockets
 from .lifecycle import HANDLED_SIGNALS, IGNORED_SIGNALS, REOPEN_SIGNAL
 from .reload import log_problems, read_config, watch_file
 from .sdnotify import ENV as NOTIFY_ENV
@@ -77,20 +80,22 @@ class WorkerSpec:
 
     index: int
     config_path: str
-    listen: list[str]  # the supervisor's reserved addresses, port 0 resolved
+    listen: list[str]  # the supervisor's listening addresses, port 0 resolved
     tls_listen: list[str]
     report_fd: int = -1  # the worker's end of its WorkerLink, if the supervisor has [admin]
+    listen_fds: tuple[int, ...] = ()  # the listening sockets of ``listen``, in its order
+    tls_listen_fds: tuple[int, ...] = ()
+    counts_fd: int = -1  # the group's ConnectionCounts
 
 
 def _reserve(address: ServerAddress) -> list[socket.socket]:
-    """Bind (no listen) with SO_REUSEPORT every address ``address`` stands for (both
-    families for ``*``, one missing on this system skipped): workers can bind the same
-    ports, nobody else can."""
+    """Listen on every address ``address`` stands for (both families for ``*``, one missing
+    on this system skipped), for the workers to inherit."""
     infos = socket.getaddrinfo(
         address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     try:
-        return bind_reuse_port(infos)
+        return listening_sockets(infos)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
 
@@ -202,6 +207,8 @@ class Supervisor:
         self._reload_lock = trio.Lock()
         self._listen: list[str] = []
         self._tls_listen: list[str] = []
+        self._sockets: dict[str, list[socket.socket]] = {"listen": [], "tls_listen": []}
+        self._counts_fd = -1
         # For the reload gauges, as a proxy keeps them: the supervisor's check decides.
         self.last_reload_ok = True
         self.config_loaded_at = time.time()
@@ -218,31 +225,44 @@ class Supervisor:
     # -- ports --------------------------------------------------------------------------------
 
     def reserve(self) -> list[socket.socket]:
-        """Reserve every listen address; the caller closes the sockets at exit."""
+        """Listen on every listen address; the caller closes the sockets at exit (the
+        supervisor closes them earlier when it stops, so that new connections are refused
+        once the workers closed theirs)."""
         sockets: list[socket.socket] = []
         try:
             tls = self.config.server.tls
-            for addresses, into in (
-                (self.config.server.listen, self._listen),
-                (tls.listen if tls is not None else (), self._tls_listen),
+            for addresses, into, kind in (
+                (self.config.server.listen, self._listen, "listen"),
+                (tls.listen if tls is not None else (), self._tls_listen, "tls_listen"),
             ):
                 for address in addresses:
                     for sock in _reserve(address):
                         sockets.append(sock)
+                        self._sockets[kind].append(sock)
                         host, port = sock.getsockname()[:2]
                         into.append(str(ServerAddress(host, port)))
         except BaseException:
             for sock in sockets:
                 sock.close()
             raise
+        self._counts_fd = ConnectionCounts.create(self.config.server.workers)
         return sockets
+
+    def _close_listeners(self) -> None:
+        for socks in self._sockets.values():
+            for sock in socks:
+                sock.close()
 
     # -- workers ------------------------------------------------------------------------------
 
     async def _spawn(self, index: int) -> trio.Process:
         ours, theirs = socket.socketpair() if self.metrics is not None else (None, None)
         report_fd = theirs.fileno() if theirs is not None else -1
-        spec = WorkerSpec(index, self.path, self._listen, self._tls_listen, report_fd)
+        listen_fds = tuple(sock.fileno() for sock in self._sockets["listen"])
+        tls_listen_fds = tuple(sock.fileno() for sock in self._sockets["tls_listen"])
+        spec = WorkerSpec(index, self.path, self._listen, self._tls_listen, report_fd,
+                          listen_fds, tls_listen_fds, self._counts_fd)  # fmt: skip
+        inherited = (*listen_fds, *tls_listen_fds, self._counts_fd)
         env = {**os.environ, WORKER_ENV: json.dumps(asdict(spec))}
         env.pop(NOTIFY_ENV, None)  # systemd hears the supervisor, not each worker
         if self._worker_notify is not None:
@@ -253,7 +273,7 @@ class Supervisor:
                 stdin=subprocess.PIPE,
                 env=env,
                 process_group=0,  # its own group: terminal signals reach the supervisor only
-                pass_fds=(report_fd,) if theirs is not None else (),
+                pass_fds=(*inherited, report_fd) if theirs is not None else inherited,
             )
         except BaseException:
             if ours is not None:
@@ -467,6 +487,7 @@ class Supervisor:
                 self.notifier.stopping()
                 LOG.info("%s: draining %d worker(s)", name, len(self.workers))
                 self._broadcast(signal.SIGTERM)
+                self._close_listeners()
                 nursery.start_soon(self._kill_after, self.config.server.drain_timeout + KILL_MARGIN)
             else:
                 LOG.warning("%s again: stopping %d worker(s) now", name, len(self.workers))

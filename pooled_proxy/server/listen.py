@@ -20,6 +20,8 @@ from ..config import ServerAddress
 from ..errors import TooManyConnections
 from ..protocol.http1 import raw_response
 from ..proxy import PENDING, Proxy
+from . import group as worker_groups
+from .group import ACCEPT_CAPACITY_ERRNOS, ConnectionCounts, WorkerGroup, accept_balanced
 from .http1 import HTTP1Connection
 
 LOG = logging.getLogger("pooled_proxy.listen")
@@ -141,10 +143,10 @@ async def refuse_over_limit(stream: trio.abc.Stream, limit: int) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def bind_reuse_port(infos: Iterable[AddressInfo]) -> list[socket.socket]:
-    """A socket bound (not listening) with SO_REUSEPORT for each of ``infos`` (what
-    ``getaddrinfo`` answered; a family this system lacks is skipped, as for "*" without IPv6):
-    processes that all do this share the ports, nobody else can bind them."""
+def listening_sockets(infos: Iterable[AddressInfo]) -> list[socket.socket]:
+    """A listening socket for each of ``infos`` (what ``getaddrinfo`` answered; a family this
+    system lacks is skipped, as for "*" without IPv6): the supervisor's, which every worker
+    of its group inherits and accepts from (group.py)."""
     socks: list[socket.socket] = []
     try:
         for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
@@ -156,10 +158,10 @@ def bind_reuse_port(infos: Iterable[AddressInfo]) -> list[socket.socket]:
                 raise
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
+            sock.listen(0xFFFF)  # the kernel caps it at net.core.somaxconn
     except BaseException:
         for sock in socks:
             sock.close()
@@ -167,42 +169,24 @@ def bind_reuse_port(infos: Iterable[AddressInfo]) -> list[socket.socket]:
     return socks
 
 
-async def open_reuse_port_listeners(address: ServerAddress) -> list[trio.SocketListener]:
-    """Like ``trio.open_tcp_listeners``, with SO_REUSEPORT: worker processes each bind the
-    same port and the kernel spreads new connections between them."""
-    infos = await trio.socket.getaddrinfo(
-        address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    socks = bind_reuse_port(infos)
-    try:
-        for sock in socks:
-            sock.listen(0xFFFF)  # the kernel caps it at net.core.somaxconn
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
-
-
 async def open_listeners(
-    addresses: tuple[ServerAddress, ...], *, reuse_port: bool = False
+    addresses: tuple[ServerAddress, ...], *, group: WorkerGroup | None = None
 ) -> list[trio.SocketListener]:
+    """Listen on ``addresses``; in a worker of a group, on the supervisor's sockets."""
     listeners: list[trio.SocketListener] = []
     for address in addresses:
+        inherited = group.take(address) if group is not None else None
+        if inherited is not None:
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(inherited)))
+            continue
         try:
-            if reuse_port:
-                listeners += await open_reuse_port_listeners(address)
-            else:
-                # host None (from "*"): every family the system has, as trio does it
-                listeners += await trio.open_tcp_listeners(address.port, host=address.host or None)
+            # host None (from "*"): every family the system has, as trio does it
+            listeners += await trio.open_tcp_listeners(address.port, host=address.host or None)
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     return listeners
-
-
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 # The most connections taken from one listener's accept queue when the drain starts (the
@@ -237,8 +221,11 @@ async def accept_until_drain(
     handler: Callable[[trio.abc.Stream], Awaitable[None]],
     handler_nursery: trio.Nursery,
     drain_started: trio.Event,
+    counts: ConnectionCounts | None = None,
 ) -> None:
     """Accept until ``drain_started``, then close the listeners: new connections are refused.
+
+    ``counts``: the listeners are a worker group's, shared; accept as group.py balances.
 
     Before closing, the connections the kernel had completed when the drain started are
     accepted and served: their clients saw ``connect()`` succeed, and closing a listener
@@ -251,12 +238,24 @@ async def accept_until_drain(
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def run_counted(stream: trio.abc.Stream, counts: ConnectionCounts) -> None:
+        try:
+            await run_handler(stream)
+        finally:
+            counts.closed()
+
+    def start_counted(stream: trio.abc.Stream, counts: ConnectionCounts) -> None:
+        counts.opened()  # at once: the next connection may already be waiting
+        handler_nursery.start_soon(run_counted, stream, counts)
+
     async def accept_forever(listener: trio.SocketListener) -> None:
+        while counts is not None:
+            start_counted(await accept_balanced(listener, counts), counts)
         while True:
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[exc.errno])
                 await trio.sleep(0.1)
@@ -273,12 +272,20 @@ async def accept_until_drain(
         swept = 0
         for listener in listeners:
             for stream in close_after_backlog(listener):
-                handler_nursery.start_soon(run_handler, stream)
+                if counts is not None:
+                    start_counted(stream, counts)
+                else:
+                    handler_nursery.start_soon(run_handler, stream)
                 swept += 1
         LOG.info("stopped listening on %s: %d waiting connection(s) accepted first", names, swept)
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
+
+
+def worker_group(proxy: Proxy) -> WorkerGroup | None:
+    """This process's group, when it is a worker of one."""
+    return worker_groups.current if proxy.server.workers > 1 else None
 
 
 def bound_address(listener: trio.SocketListener) -> ServerAddress:
@@ -295,11 +302,14 @@ async def serve_listeners(
 ) -> None:
     """Accept on every configured address until the drain starts (or cancelled); connections
     run in ``handler_nursery``."""
-    listeners = await open_listeners(proxy.server.listen, reuse_port=proxy.server.workers > 1)
+    group = worker_group(proxy)
+    listeners = await open_listeners(proxy.server.listen, group=group)
 
     async def handler(stream: trio.abc.Stream) -> None:
         await handle_client(stream, proxy, scheme=b"http", h2_handler=h2_handler)
 
     addresses = [bound_address(listener) for listener in listeners]
     task_status.started(addresses)
-    await accept_until_drain(listeners, handler, handler_nursery, proxy.drain_started)
+    await accept_until_drain(
+        listeners, handler, handler_nursery, proxy.drain_started, group.counts if group else None
+    )

@@ -16,7 +16,14 @@ import trio
 
 from ..config import ServerAddress
 from ..proxy import PENDING, Proxy
-from .listen import H2Handler, accept_until_drain, bound_address, handle_client, open_listeners
+from .listen import (
+    H2Handler,
+    accept_until_drain,
+    bound_address,
+    handle_client,
+    open_listeners,
+    worker_group,
+)
 
 LOG = logging.getLogger("pooled_proxy.tls")
 
@@ -62,7 +69,8 @@ async def serve_tls_listeners(
     if tls is None:
         task_status.started([])
         return
-    listeners = await open_listeners(tls.listen, reuse_port=proxy.server.workers > 1)
+    group = worker_group(proxy)
+    listeners = await open_listeners(tls.listen, group=group)
 
     async def handler(stream: trio.abc.Stream) -> None:
         context = proxy.tls.server
@@ -71,4 +79,6 @@ async def serve_tls_listeners(
         await handle_tls_client(tls_stream, proxy, h2_handler=h2_handler)
 
     task_status.started([replace(bound_address(listener), tls=True) for listener in listeners])
-    await accept_until_drain(listeners, handler, handler_nursery, proxy.drain_started)
+    await accept_until_drain(
+        listeners, handler, handler_nursery, proxy.drain_started, group.counts if group else None
+    )

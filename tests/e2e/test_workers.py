@@ -26,7 +26,7 @@ from tests.support.helpers import HOST, H11Client, connection_storm
 from tests.support.operations import Scrape
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
+    not sys.platform.startswith("linux"), reason="memfd_create and /proc are Linux's"
 )
 
 
@@ -34,7 +34,27 @@ def routes(*names: str) -> list[dict[str, object]]:
     return [{"path_prefix": f"/{n}/", "upstream": n, "strip_prefix": True} for n in names]
 
 
-async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both(
+def listening_socket_holders(port: int, pids: set[int]) -> list[set[int]]:
+    """For each listening socket on ``port``, which of ``pids`` hold it."""
+    inodes = []
+    with open("/proc/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.append(f"socket:[{fields[9]}]")
+    holders: list[set[int]] = [set() for _ in inodes]
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in inodes:
+                holders[inodes.index(target)].add(pid)
+    return holders
+
+
+async def test_two_workers_accept_from_one_socket_a_killed_one_comes_back_and_sigterm_drains(
     nursery, demo_upstream, tmp_path
 ):
     upstream, upstream_port = demo_upstream
@@ -45,7 +65,9 @@ async def test_two_workers_serve_a_killed_one_comes_back_and_sigterm_drains_both
         with trio.fail_after(30):
             first = daemon.worker_pids
             assert len(first) == 2
-            # Both workers take connections on the one shared port.
+            # Both workers accept from the supervisor's one listening socket (group.py
+            # balances between them), and both take connections.
+            assert listening_socket_holders(daemon.port, first) == [first]
             assert await pids_serving(daemon, first, "/echo", 20) == first
 
             # A worker that dies is restarted, and the new one serves too.

@@ -1,0 +1,133 @@
+"""A worker process's share of its group (``server.workers > 1``): the listening sockets it
+inherited from the supervisor and the group's client connection counts.
+
+Every worker accepts from the same listening socket, and each keeps its count of open client
+connections in a slot of memory they all map. A worker woken by a new connection while it
+holds more than the least busy worker leaves it a moment to take the connection first, and
+takes it itself if nobody did. So a few long-lived connections (an HTTP/2 client, a load
+balancer in front) split evenly, where SO_REUSEPORT's hash of the address pair would often
+give one worker twice the other's share; many connections spread evenly either way.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import select
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from ..config import ServerAddress
+
+LOG = logging.getLogger("pooled_proxy.listen")
+
+# The longest a worker busier than a sibling leaves a new connection for it. The sibling is
+# woken by the same connection and takes it at its next trip through its event loop, which
+# is much sooner unless it is stalled: this only bounds the delay a connect sees then, with
+# a margin for a loaded machine's scheduling delays.
+DEFER_SECONDS = 0.05
+DEFER_POLL_SECONDS = 0.001
+# A connection left for a sibling that was still there afterwards: the siblings are not
+# keeping up (busy, stopped), so take new connections at once for this long.
+UNBALANCED_SECONDS = 0.25
+SLOT_BYTES = 8
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class ConnectionCounts:
+    """The group's open client connections, one slot per worker, in memory shared through
+    ``fd`` (a memfd the supervisor made); this worker writes slot ``index`` only."""
+
+    def __init__(self, fd: int, index: int) -> None:
+        self._map = mmap.mmap(fd, 0)
+        self._slots = memoryview(self._map).cast("q")
+        self._index = index
+        self.mine = 0
+        self._slots[index] = 0  # a restarted worker starts afresh
+        self.balance_from = 0.0  # trio time before which accept_balanced does not defer
+
+    @staticmethod
+    def create(workers: int) -> int:
+        """A new zeroed memory of ``workers`` slots, as a file descriptor to hand down."""
+        fd = os.memfd_create("pooled-proxy-connections", 0)
+        os.ftruncate(fd, workers * SLOT_BYTES)
+        return fd
+
+    def opened(self) -> None:
+        self.mine += 1
+        self._slots[self._index] = self.mine
+
+    def closed(self) -> None:
+        self.mine -= 1
+        self._slots[self._index] = self.mine
+
+    def should_defer(self) -> bool:
+        """More than the least busy worker (with a tolerance of an eighth once there are
+        many, where a connection more or less does not matter)."""
+        least = min(self._slots)
+        return self.mine > least + least // 8
+
+
+@dataclass
+class WorkerGroup:
+    """What a worker of a group listens with: the supervisor's listening sockets by
+    address, and the group's connection counts."""
+
+    counts: ConnectionCounts
+    sockets: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+
+    def take(self, address: ServerAddress) -> socket.socket | None:
+        return self.sockets.pop((address.host, address.port), None)
+
+
+# Set once in a worker process before it serves (daemon/worker.py); None elsewhere.
+current: WorkerGroup | None = None
+
+
+async def accept_balanced(listener: trio.SocketListener, counts: ConnectionCounts
+                          ) -> trio.SocketStream:  # fmt: skip
+    """The next connection from the group's shared ``listener``, left a moment for a less
+    busy worker first when this one holds more connections than it."""
+    fd = listener.socket.fileno()
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        deferred = counts.should_defer() and trio.current_time() >= counts.balance_from
+        if deferred:
+            # Until a sibling took it or this worker is no longer the busier one; looking
+            # often, so that it does not miss the connections that arrive meanwhile.
+            give_up_at = trio.current_time() + DEFER_SECONDS
+            while counts.should_defer() and trio.current_time() < give_up_at and _waiting(fd):
+                await trio.sleep(DEFER_POLL_SECONDS)
+            # Still busier, with a connection waiting: the siblings are not keeping up.
+            deferred = counts.should_defer() and _waiting(fd)
+        try:
+            # The sibling woken by the same connection may have taken it meanwhile.
+            connection, _ = _accept_now(fd)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                raise
+            LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[exc.errno])
+            await trio.sleep(0.1)
+            continue
+        if deferred:
+            counts.balance_from = trio.current_time() + UNBALANCED_SECONDS
+        return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+
+
+def _waiting(fd: int) -> bool:
+    """A connection is waiting to be accepted."""
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _accept_now(fd: int) -> tuple[socket.socket, object]:
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setblocking(False)
+        return sock.accept()
