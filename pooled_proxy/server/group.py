@@ -27,13 +27,15 @@ LOG = logging.getLogger("pooled_proxy.listen")
 
 # The longest a worker busier than a sibling leaves a new connection for it. The sibling is
 # woken by the same connection and takes it at its next trip through its event loop, which
-# is much sooner unless it is stalled: this only bounds the delay a connect sees then, with
-# a margin for a loaded machine's scheduling delays.
-DEFER_SECONDS = 0.05
+# is much sooner unless it is stalled; on a loaded machine, a runnable process can wait tens
+# of milliseconds for a CPU, and a hash (SO_REUSEPORT) would have left the connection in its
+# queue for as long. This bounds the wait when the sibling does not take it at all.
+DEFER_SECONDS = 0.5
 DEFER_POLL_SECONDS = 0.001
 # A connection left for a sibling that was still there afterwards: the siblings are not
-# keeping up (busy, stopped), so take new connections at once for this long.
-UNBALANCED_SECONDS = 0.25
+# accepting (stopped, or stuck in a long computation), so take new connections at once for
+# this long.
+UNBALANCED_SECONDS = 1.0
 SLOT_BYTES = 8
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
