@@ -25,6 +25,15 @@ upstreams run on CPU 1. Each run measures, for direct / nginx / pooled-proxy:
 - HTTP/1.1 keep-alive: ``wrk -t1 -c64 -d10s --latency``: the proxy's CPU time per request
   (``/proc/PID/schedstat``), req/s, p50, p99; the same with a 100-byte POST body;
 - h2c: ``h2load -c16 -m10 -D10``: CPU per request, req/s;
+- 2 workers vs 1 (pooled-proxy only): a second pooled-proxy with ``workers = 2`` and the
+  one-worker proxy, one after the other under ``wrk -c64`` and ``h2load -c16 -m10`` for 5 s
+  each, with nothing pinned (the one-worker proxy and the upstream are moved to every CPU
+  for these runs). Two CPUs cannot show what 2 workers serve against 1 (the load generator
+  needs one), so the figure judged is what 2 would serve with a core each, in units of one
+  worker: one worker's CPU per request over the CPU the busiest of the 2 spent per request
+  of the group (2.0 if the work splits evenly and costs the same); beside it each one's CPU
+  per request, the busiest worker's share of the CPU and of the connections (counted half
+  way through from ``/proc``), and req/s;
 - every request queued: ``wrk -c256`` against ``/queued``, which pooled-proxy sends to an
   upstream of ``max_connections = 100`` (HAProxy: ``maxconn 100``), so that requests wait
   in its queue for a connection to come back; nginx and Caddy have no queue and are measured
@@ -36,9 +45,10 @@ upstreams run on CPU 1. Each run measures, for direct / nginx / pooled-proxy:
   RSS with 10,000 idle keep-alive client connections open (each has had one request).
 
 It prints each run, then a table of medians with the ratios pooled-proxy / nginx and the
-goals set for one worker (CPU per request is the headline). ``--workers N`` runs pooled-proxy with N worker processes (unpinned,
-when N > 1: then it shares the machine with the load generator). ``--json FILE`` keeps the
-numbers.
+goals set for one worker (CPU per request is the headline) and for 2 workers against 1.
+``--workers N`` runs pooled-proxy with N worker processes (on every CPU when N > 1, sharing
+them with the load generator; the 2-vs-1 rows are left out then). ``--scaling-duration 0``
+leaves them out too. ``--json FILE`` keeps the numbers.
 """
 
 from __future__ import annotations
