@@ -18,7 +18,7 @@ from tests.support.daemon import Daemon, DaemonConfig, running_daemon
 from tests.support.helpers import H11Client
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers and SO_PASSCRED"
+    not sys.platform.startswith("linux"), reason="memfd workers and SO_PASSCRED"
 )
 
 CLIENTS = 4
