@@ -36,7 +36,7 @@ from pooled_proxy.errors import ConfigError, ConfigProblem
 DESIGN_EXAMPLE = """\
 [server]
 listen = ["127.0.0.1:8080"]     # cleartext: HTTP/1.1 and h2c
-workers = 1                     # processes sharing the port via SO_REUSEPORT
+workers = 1                     # processes accepting from one shared socket
 header_timeout = "10s"          # a client must send its whole request head within this
 keepalive_timeout = "75s"       # idle client connection closed after this
 max_header_bytes = 65536        # over it: 431
