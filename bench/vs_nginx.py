@@ -150,6 +150,16 @@ def raise_fd_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def idle_connections_that_fit() -> int:
+    """The most idle client connections the file limit lets every proxy hold: HAProxy
+    (``maxconn`` = connections + 1024, below) refuses to start unless the hard limit covers
+    two descriptors per connection and some of its own."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return (hard - 256) // 2 - 1024
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -1345,6 +1355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("one CPU only: running unpinned", file=sys.stderr)
         args.no_pin = True
     ensure_tools()
+    fit = idle_connections_that_fit()
+    if args.idle_connections > fit:
+        print(
+            f"--idle-connections {args.idle_connections:,} lowered to {fit:,}: HAProxy opens two"
+            " descriptors per connection and this machine's file limit is"
+            f" {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}",
+            file=sys.stderr,
+        )
+        args.idle_connections = fit
     raise_fd_limit(args.idle_connections * 2 + 4096)
     if not args.no_pin:
         os.sched_setaffinity(
