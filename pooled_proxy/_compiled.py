@@ -30,6 +30,10 @@ MODULES: tuple[str, ...] = (
     "pooled_proxy.protocol.http1.parse",
     "pooled_proxy.protocol.http1.write",
     "pooled_proxy.protocol.http1.connection",
+    "pooled_proxy.protocol.request_checks",
+    "pooled_proxy.protocol.h2_server",
+    "pooled_proxy.headers",
+    "pooled_proxy.routing",
 )
 
 COMPILE_SWITCH = "POOLED_PROXY_COMPILE"  # read by the build (setup.py, build_backend.py)
