@@ -44,7 +44,11 @@ def start_proxy(
 ) -> tuple[int, int]:
     setup.proxy_port, setup.admin_port = vs_nginx.free_port(), vs_nginx.free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(vs_nginx.pooled_proxy_toml(setup, workers=1, connections=1000))
+    config.write_text(
+        vs_nginx.pooled_proxy_toml(
+            setup, workers=1, connections=1000, port=setup.proxy_port, admin_port=setup.admin_port
+        )
+    )
     log = workdir / f"{name}.log"
     process = subprocess.Popen(
         vs_nginx.pinned(

@@ -41,7 +41,11 @@ def start_proxy(
     stack: ExitStack, tree: Path, setup: bench.Setup, name: str
 ) -> subprocess.Popen[bytes]:
     config = setup.workdir / f"{name}.toml"
-    config.write_text(bench.pooled_proxy_toml(setup, workers=1, connections=1024))
+    config.write_text(
+        bench.pooled_proxy_toml(
+            setup, workers=1, connections=1024, port=setup.proxy_port, admin_port=setup.admin_port
+        )
+    )
     log = setup.workdir / f"{name}.log"
     process = subprocess.Popen(
         bench.pinned(

@@ -157,7 +157,15 @@ def main() -> int:
         stack.callback(vs_nginx.stop, nginx)
         vs_nginx.wait_for_port(setup.upstream_port, nginx, "upstream nginx", log)
         config_file = workdir / "proxy.toml"
-        config_file.write_text(vs_nginx.pooled_proxy_toml(setup, workers=1, connections=1000))
+        config_file.write_text(
+            vs_nginx.pooled_proxy_toml(
+                setup,
+                workers=1,
+                connections=1000,
+                port=setup.proxy_port,
+                admin_port=setup.admin_port,
+            )
+        )
         config = load_config(str(config_file))
         load = vs_nginx.run_wrk if args.h1 else vs_nginx.run_h2load
         if args.post:
