@@ -22,10 +22,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = []
     for name in MODULES:
         module = importlib.import_module(name)
-        source = Path(module.__file__ or "").with_name(name.rpartition(".")[2] + ".py")
-        if (
-            is_compiled(module)
-            and source.stat().st_mtime > Path(module.__file__ or "").stat().st_mtime
+        compiled = Path(module.__file__ or "")
+        source = compiled.with_name(name.rpartition(".")[2] + ".py")
+        # (A module whose extension file is gone still loads from mypyc's shared library.)
+        if is_compiled(module) and (
+            not compiled.exists() or source.stat().st_mtime > compiled.stat().st_mtime
         ):
             stale.append(str(source))
     if stale:
