@@ -192,6 +192,58 @@ async def open_listeners(
 # The most connections taken from one listener's accept queue when the drain starts (the
 # kernel caps the queue at net.core.somaxconn, 4096 by default).
 BACKLOG_SWEEP_LIMIT = 4096
+# The most connections accepted in a row, in one trip through the scheduler. One per trip
+# (what ``trio.SocketListener.accept`` does) leaves a burst of new clients (a load balancer
+# or a benchmark opening its connections at once) in the kernel's queue for as many trips,
+# and under load each trip serves every busy connection once first: the last of the burst
+# waited seconds for its first answer. An accept and a task to start are cheap next to the
+# requests those connections bring; the bound keeps a flood from holding up everything else.
+ACCEPT_BURST = 256
+# What accept(2) may report for one connection that died in the queue (as trio's listener
+# skips them): the next one is still there.
+_ACCEPT_SKIPPED_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPERM",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+}
+
+
+def accept_waiting(sock: socket.socket, limit: int, taken: list[trio.SocketStream]) -> None:
+    """Accept up to ``limit`` connections waiting in ``sock``'s queue (non-blocking) into
+    ``taken``, without a trip through the scheduler; stop when the queue is empty.
+
+    A capacity error (no file descriptor left) is raised, with what was accepted before it
+    in ``taken``.
+    """
+    for _ in range(limit):
+        try:
+            connection, _ = sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in _ACCEPT_SKIPPED_ERRNOS:
+                continue
+            raise
+        taken.append(trio.SocketStream(trio.socket.from_stdlib_socket(connection)))
+
+
+def _listening_socket(listener: trio.SocketListener) -> socket.socket:
+    """A non-blocking stdlib socket on the listener's queue, to accept without a checkpoint
+    per connection; closing it leaves the listener open."""
+    sock = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    sock.setblocking(False)
+    return sock
 
 
 def close_after_backlog(listener: trio.SocketListener) -> list[trio.SocketStream]:
@@ -204,14 +256,11 @@ def close_after_backlog(listener: trio.SocketListener) -> list[trio.SocketStream
     reset.
     """
     taken: list[trio.SocketStream] = []
-    with socket.socket(fileno=os.dup(listener.socket.fileno())) as sock:
-        sock.setblocking(False)
-        for _ in range(BACKLOG_SWEEP_LIMIT):
-            try:
-                connection, _ = sock.accept()
-            except OSError:  # the queue is empty (or no file descriptor is left)
-                break
-            taken.append(trio.SocketStream(trio.socket.from_stdlib_socket(connection)))
+    with _listening_socket(listener) as sock:
+        try:
+            accept_waiting(sock, BACKLOG_SWEEP_LIMIT, taken)
+        except OSError:  # no file descriptor is left: the rest are reset with the close
+            pass
         listener.socket.close()
     return taken
 
@@ -251,16 +300,22 @@ async def accept_until_drain(
     async def accept_forever(listener: trio.SocketListener) -> None:
         while counts is not None:
             start_counted(await accept_balanced(listener, counts), counts)
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[exc.errno])
-                await trio.sleep(0.1)
-                continue
-            handler_nursery.start_soon(run_handler, stream)
+        with _listening_socket(listener) as sock:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                taken: list[trio.SocketStream] = []
+                try:
+                    accept_waiting(sock, ACCEPT_BURST, taken)
+                    failed = None
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    failed = exc.errno
+                for stream in taken:
+                    handler_nursery.start_soon(run_handler, stream)
+                if failed is not None:
+                    LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[failed])
+                    await trio.sleep(0.1)
 
     try:
         async with trio.open_nursery() as accepting:
