@@ -229,7 +229,7 @@ async def run(
             )  # fmt: skip
             if watch and reloader is not None:
                 on_change = partial(reloader.reload, "file changed")
-                nursery.start_soon(watch_file, reloader.path, on_change)
+                await nursery.start(watch_file, reloader.path, on_change)
             addresses = await nursery.start(
                 _serve_then_stop, proxy, services, listen, nursery.cancel_scope
             )

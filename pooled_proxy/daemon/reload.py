@@ -105,10 +105,14 @@ async def watch_file(
     on_change: Callable[[], Awaitable[object]],
     *,
     interval: float = WATCH_INTERVAL,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Call ``on_change`` each time ``path`` changes (mtime, size or inode), once the change
-    has settled for one ``interval``, so a save in several writes is read once, whole."""
+    has settled for one ``interval``, so a save in several writes is read once, whole.
+    Started (``nursery.start``) once the file as it is now is known: a save made after
+    that is a change, even one made before the first look of a slow thread."""
     seen = await trio.to_thread.run_sync(_signature, path)
+    task_status.started()
     while True:
         await trio.sleep(interval)
         current = await trio.to_thread.run_sync(_signature, path)

@@ -517,7 +517,9 @@ class Supervisor:
                     self._worker_notify = os.path.join(private, "notify")
                     await nursery.start(self._ready_when_workers_are, self._worker_notify)
                 if self.watch:
-                    nursery.start_soon(watch_file, self.path, partial(self._reload, "file changed"))
+                    await nursery.start(
+                        watch_file, self.path, partial(self._reload, "file changed")
+                    )
                 async with trio.open_nursery() as slots:
                     for index in range(count):
                         slots.start_soon(self._run_slot, index)

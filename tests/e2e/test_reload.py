@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -12,6 +13,7 @@ import trio
 
 from pooled_proxy.config import Config, parse_config
 from pooled_proxy.daemon.demo_upstream import DemoUpstream
+from pooled_proxy.daemon.reload import watch_file
 from tests.support.daemon import DaemonConfig, running_daemon
 from tests.support.helpers import H11Client, start_proxy
 
@@ -166,6 +168,22 @@ async def test_sighup_adds_a_route_live_and_a_bad_file_keeps_the_old_config(nurs
 
 
 # -- the real daemon: --watch ------------------------------------------------------------------
+
+
+async def test_a_save_right_after_the_watch_started_is_a_change(nursery, tmp_path: Path):
+    # The daemon says it serves once the watch has started; a save made then, before the
+    # watch's thread had first looked at the file, used to become the file it compared with.
+    path = tmp_path / "proxy.toml"
+    path.write_text("before\n")
+    changed = trio.Event()
+
+    async def on_change() -> None:
+        changed.set()
+
+    await nursery.start(partial(watch_file, str(path), on_change, interval=0.01))
+    path.write_text("after the start\n")
+    with trio.fail_after(10):
+        await changed.wait()
 
 
 async def test_watch_reloads_when_the_file_changes(nursery, tmp_path: Path):
