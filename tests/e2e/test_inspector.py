@@ -20,8 +20,10 @@ from tests.support.h2upstream import H2Upstream
 from tests.support.helpers import HOST, H11Client, make_config
 from tests.support.memory import MIB, reset_peak_rss, status_kib
 from tests.support.operations import OperatedProxy, start_operated_proxy
+from tests.support.scripted_upstream import SSE_HEAD, ScriptedUpstream, chunk
 
 INSPECT = InspectConfig(enabled=True)
+GAP = 0.25  # seconds the client waits before it lets the upstream write the next event
 SECRET = "Bearer s3cr3t-t0ken"
 
 
@@ -348,35 +350,44 @@ async def test_a_replay_is_refused_clearly(nursery, demo_upstream):
     assert len((await admin_json(proxy, "/inspect/exchanges"))["exchanges"]) == 1
 
 
-async def test_an_event_stream_goes_event_by_event_and_is_shown_so(nursery, demo_upstream):
-    _, port = demo_upstream
-    proxy = await inspecting(nursery, port)
+async def test_an_event_stream_goes_event_by_event_and_is_shown_so(nursery):
+    # The upstream writes an event only once the client has the one before and has waited
+    # GAP: a proxy that held events back would see no next one, and the inspector's times
+    # are at least GAP apart however busy the machine is.
+    events = [b'id: %d\ndata: {"n": %d}\n\n' % (n, n) for n in (1, 2, 3)]
+    go = [trio.Event(), trio.Event()]
+    script: list[bytes | trio.Event | None] = [
+        SSE_HEAD, chunk(events[0]), go[0], chunk(events[1]), go[1], chunk(events[2]) + b"0\r\n\r\n",
+    ]  # fmt: skip
+    upstream = ScriptedUpstream({"/events": script})
+    proxy = await inspecting(nursery, await nursery.start(upstream.serve))
     arrivals: list[float] = []
     with trio.fail_after(10):
         async with await H11Client.connect(proxy.running.port) as client:
             await client.send(
-                h11.Request(
-                    method="GET", target="/events?count=3&interval=0.3", headers=[("host", "a")]
-                ),
+                h11.Request(method="GET", target="/events", headers=[("host", "a")]),
                 h11.EndOfMessage(),
             )
             assert isinstance(await client.next_event(), h11.Response)
             while isinstance(event := await client.next_event(), h11.Data):
                 arrivals.append(time.monotonic())
-                assert event.data.count(b"\n\n") == 1  # one event, as the upstream wrote it
+                assert event.data == events[len(arrivals) - 1]  # one event, as written
                 if len(arrivals) == 2:
                     # Mid-stream, the inspector already shows what passed.
                     [row] = (await admin_json(proxy, "/inspect/exchanges"))["exchanges"]
                     assert row["in_progress"] and row["event_stream"] and row["status"] == 200
+                if len(arrivals) < 3:
+                    await trio.sleep(GAP)
+                    go[len(arrivals) - 1].set()
     assert len(arrivals) == 3
-    assert arrivals[1] - arrivals[0] > 0.2 and arrivals[2] - arrivals[1] > 0.2
+    assert arrivals[1] - arrivals[0] > GAP and arrivals[2] - arrivals[1] > GAP
     [row] = (await admin_json(proxy, "/inspect/exchanges"))["exchanges"]
     got = await admin_json(proxy, f"/inspect/exchanges/{row['id']}")
-    events = got["response"]["events"]
-    assert [json.loads(e["text"].split("data: ")[1])["n"] for e in events] == [1, 2, 3]
-    assert [e["text"].split("\n")[0] for e in events] == ["id: 1", "id: 2", "id: 3"]
-    times = [e["at_ms"] for e in events]
-    assert times[1] - times[0] > 200 and times[2] - times[1] > 200
+    shown = got["response"]["events"]
+    assert [json.loads(e["text"].split("data: ")[1])["n"] for e in shown] == [1, 2, 3]
+    assert [e["text"].split("\n")[0] for e in shown] == ["id: 1", "id: 2", "id: 3"]
+    times = [e["at_ms"] for e in shown]
+    assert times[1] - times[0] > GAP * 1000 - 1 and times[2] - times[1] > GAP * 1000 - 1
 
 
 async def test_the_event_stream_sends_the_list_then_each_change(nursery, demo_upstream):

@@ -22,6 +22,7 @@ from pooled_proxy.exchange import ExchangeRecord
 from tests.support.h2client import H2Client
 from tests.support.helpers import HOST, H11Client, make_config, sse_request, start_proxy, wait_until
 from tests.support.memory import MIB, reset_peak_rss, status_kib
+from tests.support.scripted_upstream import SSE_HEAD, chunk
 
 # -- tools -------------------------------------------------------------------------------------
 
@@ -129,15 +130,6 @@ class ScriptedUpstream:
         while await stream.receive_some(65536):
             pass
         self.closed_at.append(trio.current_time())
-
-
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-)
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 async def start(nursery: trio.Nursery, upstream: ScriptedUpstream, **config: object):  # type: ignore[no-untyped-def]

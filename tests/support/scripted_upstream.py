@@ -11,15 +11,24 @@ import trio
 from tests.support.helpers import HOST, make_config, start_proxy
 
 CLOSE = None  # in a script: the upstream closes the connection there
+# A trio.Event in a script: the upstream waits there until the test sets it.
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class ScriptedUpstream:
     """Answers a request for ``/name`` with ``script["/name"]``, piece by piece."""
 
-    def __init__(self, script: dict[str, list[bytes | None]]) -> None:
+    def __init__(self, script: dict[str, list[bytes | trio.Event | None]]) -> None:
         self.script = {"/ok": [OK], **script}
         self.requests: list[list[bytes]] = []  # raw request heads, per connection
         self.ended_by_proxy: list[int] = []  # connections the proxy closed
@@ -55,6 +64,9 @@ class ScriptedUpstream:
                 for piece in self.script[path]:
                     if piece is CLOSE:
                         return
+                    if isinstance(piece, trio.Event):
+                        await piece.wait()
+                        continue
                     await stream.send_all(piece)
                     await trio.sleep(0.01)  # so the proxy reads the next piece on its own
 
