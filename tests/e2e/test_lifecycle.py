@@ -25,6 +25,7 @@ from pooled_proxy.upstream.connection import UpstreamConnection
 from tests.support.daemon import DaemonConfig, running_daemon
 from tests.support.h2client import GoAway, H2Client, H2Reply
 from tests.support.helpers import H11Client, connection_storm, make_config, start_proxy
+from tests.support.scripted_upstream import OK, ScriptedUpstream
 
 # -- in-process, MockClock -------------------------------------------------------------------
 
@@ -351,16 +352,18 @@ async def wait_for_line(caplog: pytest.LogCaptureFixture, text: str) -> None:
         await trio.sleep(0.005)
 
 
-async def test_listener_closes_at_drain_start_while_clients_keep_connecting(
-    nursery, demo_upstream, caplog
-):
+async def test_listener_closes_at_drain_start_while_clients_keep_connecting(nursery, caplog):
     caplog.set_level(logging.INFO, logger="pooled_proxy")
-    _, port = demo_upstream
+    # The upstream answers only when the test lets it: the exchange is in flight through
+    # the whole drain start, however long a busy machine takes over it.
+    answer = trio.Event()
+    upstream = ScriptedUpstream({"/slow": [answer, OK]})
+    port = await nursery.start(upstream.serve)
     running = await start_proxy(nursery, make_config(port, server={"drain_timeout": 10.0}))
     proxy = running.proxy
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         async with await H11Client.connect(running.port) as busy:
-            await busy.send(get("/slow?delay=0.5"), h11.EndOfMessage())
+            await busy.send(get("/slow"), h11.EndOfMessage())
             await wait_for(lambda: proxy.active_exchanges == 1)
             async with connection_storm(running.port) as storm:
                 await storm.started()
@@ -373,6 +376,7 @@ async def test_listener_closes_at_drain_start_while_clients_keep_connecting(
                 assert await storm.outcome() == "refused"
                 with pytest.raises(OSError):
                     await trio.open_tcp_stream("127.0.0.1", running.port)
+                answer.set()
                 reply = await busy.read_reply()
                 assert reply.status == 200 and reply.headers[b"connection"] == b"close"
 
