@@ -11,19 +11,17 @@ give one worker twice the other's share; many connections spread evenly either w
 
 from __future__ import annotations
 
-import errno
-import logging
 import mmap
 import os
 import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from ..config import ServerAddress
-
-LOG = logging.getLogger("pooled_proxy.listen")
+from .accept import accept_burst
 
 # The longest a worker busier than a sibling leaves a new connection for it. The sibling is
 # woken by the same connection and takes it at its next trip through its event loop, which
@@ -37,7 +35,6 @@ DEFER_POLL_SECONDS = 0.001
 # this long.
 UNBALANCED_SECONDS = 1.0
 SLOT_BYTES = 8
-ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 class ConnectionCounts:
@@ -73,6 +70,10 @@ class ConnectionCounts:
         least = min(self._slots)
         return self.mine > least + least // 8
 
+    def balancing(self) -> bool:
+        """Not in a while of taking connections at once after the siblings let one wait."""
+        return trio.current_time() >= self.balance_from
+
 
 @dataclass
 class WorkerGroup:
@@ -90,46 +91,45 @@ class WorkerGroup:
 current: WorkerGroup | None = None
 
 
-async def accept_balanced(listener: trio.SocketListener, counts: ConnectionCounts
-                          ) -> trio.SocketStream:  # fmt: skip
-    """The next connection from the group's shared ``listener``, left a moment for a less
-    busy worker first when this one holds more connections than it."""
-    fd = listener.socket.fileno()
+async def accept_balanced(
+    sock: socket.socket, counts: ConnectionCounts, start: Callable[[trio.SocketStream], object]
+) -> None:
+    """Wait for connections on the group's shared listening ``sock`` (non-blocking), and
+    take those waiting in a row, raising this worker's count as each is taken (so the
+    siblings see it) and handing it to ``start``, while this worker is not busier than the
+    least busy one. Woken busier, leave the first a moment for a less busy worker."""
+
+    taken = 0
+
+    def take(stream: trio.SocketStream) -> None:
+        nonlocal taken
+        counts.opened()
+        taken += 1
+        start(stream)
+
+    def more() -> bool:
+        return not (counts.balancing() and counts.should_defer())
+
     while True:
-        await trio.lowlevel.wait_readable(fd)
-        deferred = counts.should_defer() and trio.current_time() >= counts.balance_from
-        if deferred:
+        await trio.lowlevel.wait_readable(sock)
+        balance_from = counts.balance_from
+        if counts.balancing() and counts.should_defer():
             # Until a sibling took it or this worker is no longer the busier one; looking
             # often, so that it does not miss the connections that arrive meanwhile.
             give_up_at = trio.current_time() + DEFER_SECONDS
-            while counts.should_defer() and trio.current_time() < give_up_at and _waiting(fd):
+            while counts.should_defer() and trio.current_time() < give_up_at and _waiting(sock):
                 await trio.sleep(DEFER_POLL_SECONDS)
-            # Still busier, with a connection waiting: the siblings are not keeping up.
-            deferred = counts.should_defer() and _waiting(fd)
-        try:
-            # The sibling woken by the same connection may have taken it meanwhile.
-            connection, _ = _accept_now(fd)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ECONNABORTED:
-                continue
-            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                raise
-            LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[exc.errno])
-            await trio.sleep(0.1)
-            continue
-        if deferred:
-            counts.balance_from = trio.current_time() + UNBALANCED_SECONDS
-        return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+            if counts.should_defer() and _waiting(sock):
+                # Still busier, with a connection waiting: the siblings are not keeping up.
+                counts.balance_from = trio.current_time() + UNBALANCED_SECONDS
+        # The first in a row even when busier (after the wait above); the sibling woken by
+        # the same connections may have taken them all meanwhile.
+        await accept_burst(sock, take, more)
+        if taken:
+            return
+        counts.balance_from = balance_from
 
 
-def _waiting(fd: int) -> bool:
+def _waiting(sock: socket.socket) -> bool:
     """A connection is waiting to be accepted."""
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-def _accept_now(fd: int) -> tuple[socket.socket, object]:
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        sock.setblocking(False)
-        return sock.accept()
+    return bool(select.select([sock], [], [], 0)[0])

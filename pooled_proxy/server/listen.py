@@ -7,8 +7,8 @@ knowledge), anything else is HTTP/1.1.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -21,7 +21,8 @@ from ..errors import TooManyConnections
 from ..protocol.http1 import raw_response
 from ..proxy import PENDING, Proxy
 from . import group as worker_groups
-from .group import ACCEPT_CAPACITY_ERRNOS, ConnectionCounts, WorkerGroup, accept_balanced
+from .accept import accept_burst, accept_waiting, listening_socket
+from .group import ConnectionCounts, WorkerGroup, accept_balanced
 from .http1 import HTTP1Connection
 
 LOG = logging.getLogger("pooled_proxy.listen")
@@ -192,58 +193,6 @@ async def open_listeners(
 # The most connections taken from one listener's accept queue when the drain starts (the
 # kernel caps the queue at net.core.somaxconn, 4096 by default).
 BACKLOG_SWEEP_LIMIT = 4096
-# The most connections accepted in a row, in one trip through the scheduler. One per trip
-# (what ``trio.SocketListener.accept`` does) leaves a burst of new clients (a load balancer
-# or a benchmark opening its connections at once) in the kernel's queue for as many trips,
-# and under load each trip serves every busy connection once first: the last of the burst
-# waited seconds for its first answer. An accept and a task to start are cheap next to the
-# requests those connections bring; the bound keeps a flood from holding up everything else.
-ACCEPT_BURST = 256
-# What accept(2) may report for one connection that died in the queue (as trio's listener
-# skips them): the next one is still there.
-_ACCEPT_SKIPPED_ERRNOS = {
-    getattr(errno, name)
-    for name in (
-        "ECONNABORTED",
-        "EPERM",
-        "EPROTO",
-        "ENETDOWN",
-        "ENOPROTOOPT",
-        "EHOSTDOWN",
-        "ENONET",
-        "EHOSTUNREACH",
-        "EOPNOTSUPP",
-        "ENETUNREACH",
-    )
-    if hasattr(errno, name)
-}
-
-
-def accept_waiting(sock: socket.socket, limit: int, taken: list[trio.SocketStream]) -> None:
-    """Accept up to ``limit`` connections waiting in ``sock``'s queue (non-blocking) into
-    ``taken``, without a trip through the scheduler; stop when the queue is empty.
-
-    A capacity error (no file descriptor left) is raised, with what was accepted before it
-    in ``taken``.
-    """
-    for _ in range(limit):
-        try:
-            connection, _ = sock.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno in _ACCEPT_SKIPPED_ERRNOS:
-                continue
-            raise
-        taken.append(trio.SocketStream(trio.socket.from_stdlib_socket(connection)))
-
-
-def _listening_socket(listener: trio.SocketListener) -> socket.socket:
-    """A non-blocking stdlib socket on the listener's queue, to accept without a checkpoint
-    per connection; closing it leaves the listener open."""
-    sock = socket.socket(fileno=os.dup(listener.socket.fileno()))
-    sock.setblocking(False)
-    return sock
 
 
 def close_after_backlog(listener: trio.SocketListener) -> list[trio.SocketStream]:
@@ -256,9 +205,9 @@ def close_after_backlog(listener: trio.SocketListener) -> list[trio.SocketStream
     reset.
     """
     taken: list[trio.SocketStream] = []
-    with _listening_socket(listener) as sock:
+    with listening_socket(listener) as sock:
         try:
-            accept_waiting(sock, BACKLOG_SWEEP_LIMIT, taken)
+            accept_waiting(sock, BACKLOG_SWEEP_LIMIT, taken.append)
         except OSError:  # no file descriptor is left: the rest are reset with the close
             pass
         listener.socket.close()
@@ -293,29 +242,23 @@ async def accept_until_drain(
         finally:
             counts.closed()
 
+    def start_uncounted(stream: trio.abc.Stream) -> None:
+        handler_nursery.start_soon(run_handler, stream)
+
     def start_counted(stream: trio.abc.Stream, counts: ConnectionCounts) -> None:
-        counts.opened()  # at once: the next connection may already be waiting
+        # The count is raised as the connection is accepted (accept_balanced, the sweep):
+        # the next connection may already be waiting, and the siblings look at it.
         handler_nursery.start_soon(run_counted, stream, counts)
 
     async def accept_forever(listener: trio.SocketListener) -> None:
-        while counts is not None:
-            start_counted(await accept_balanced(listener, counts), counts)
-        with _listening_socket(listener) as sock:
+        with listening_socket(listener) as sock:
+            if counts is not None:
+                start = functools.partial(start_counted, counts=counts)
+                while True:
+                    await accept_balanced(sock, counts, start)
             while True:
                 await trio.lowlevel.wait_readable(sock)
-                taken: list[trio.SocketStream] = []
-                try:
-                    accept_waiting(sock, ACCEPT_BURST, taken)
-                    failed = None
-                except OSError as exc:
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    failed = exc.errno
-                for stream in taken:
-                    handler_nursery.start_soon(run_handler, stream)
-                if failed is not None:
-                    LOG.error("accept failed (%s); retrying in 0.1s", errno.errorcode[failed])
-                    await trio.sleep(0.1)
+                await accept_burst(sock, start_uncounted)
 
     try:
         async with trio.open_nursery() as accepting:
@@ -328,9 +271,10 @@ async def accept_until_drain(
         for listener in listeners:
             for stream in close_after_backlog(listener):
                 if counts is not None:
+                    counts.opened()
                     start_counted(stream, counts)
                 else:
-                    handler_nursery.start_soon(run_handler, stream)
+                    start_uncounted(stream)
                 swept += 1
         LOG.info("stopped listening on %s: %d waiting connection(s) accepted first", names, swept)
     finally:

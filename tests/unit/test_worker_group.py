@@ -27,23 +27,23 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="me
 @asynccontextmanager
 async def group_of(
     workers: int,
-) -> AsyncIterator[tuple[int, list[ConnectionCounts], list[trio.SocketListener]]]:
-    """A listening port, and for each worker its counts and its descriptor of the socket."""
+) -> AsyncIterator[tuple[int, list[ConnectionCounts], list[socket.socket]]]:
+    """A listening port, and for each worker its counts and its non-blocking descriptor of
+    the socket (as the listeners accept from)."""
     (sock,) = listening_sockets(
         socket.getaddrinfo("127.0.0.1", 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     )
     fd = ConnectionCounts.create(workers)
     try:
         counts = [ConnectionCounts(fd, index) for index in range(workers)]
-        listeners = [
-            trio.SocketListener(
-                trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(sock.fileno())))
-            )
-            for _ in range(workers)
-        ]
-        yield sock.getsockname()[1], counts, listeners
+        listeners = [socket.socket(fileno=os.dup(sock.fileno())) for _ in range(workers)]
         for listener in listeners:
-            await listener.aclose()
+            listener.setblocking(False)
+        try:
+            yield sock.getsockname()[1], counts, listeners
+        finally:
+            for listener in listeners:
+                listener.close()
     finally:
         sock.close()
         os.close(fd)
@@ -56,10 +56,12 @@ async def test_a_busier_worker_leaves_new_connections_to_the_least_busy(autojump
         clients: list[trio.SocketStream] = []
 
         async def worker(index: int) -> None:
-            while True:
-                clients.append(await accept_balanced(listeners[index], counts[index]))
-                counts[index].opened()
+            def start(stream: trio.SocketStream) -> None:
+                clients.append(stream)
                 order.append(index)
+
+            while True:
+                await accept_balanced(listeners[index], counts[index], start)
 
         async with trio.open_nursery() as nursery:
             for index in (0, 1):
@@ -88,12 +90,68 @@ async def test_a_worker_whose_sibling_does_not_accept_waits_once_then_takes_conn
         for _ in range(3):
             clients.append(await trio.open_tcp_stream("127.0.0.1", port))
             started = trio.current_time()
-            clients.append(await accept_balanced(listeners[0], counts[0]))
+            await accept_balanced(listeners[0], counts[0], clients.append)
             waits.append(trio.current_time() - started)
-            counts[0].opened()
             if len(waits) == 2:
                 await trio.sleep(UNBALANCED_SECONDS)
         for client in clients:
             await client.aclose()
     # Left for the sibling, then taken; the next at once; after a while, left again.
     assert waits == pytest.approx([DEFER_SECONDS, 0, DEFER_SECONDS], abs=0.002)
+
+
+async def test_a_worker_takes_a_burst_in_a_row_until_it_would_be_the_busier(autojump_clock):
+    """Connections waiting at once are taken in a row, each counted as it is taken (as the
+    sibling sees it), until this worker holds more than the least busy one allows."""
+    async with group_of(2) as (port, counts, listeners):
+        for _ in range(40):
+            counts[1].opened()  # the sibling serves 40
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        taken: list[trio.SocketStream] = []
+        seen_counts: list[int] = []
+
+        def start(stream: trio.SocketStream) -> None:
+            taken.append(stream)
+            seen_counts.append(counts[0].mine)
+
+        try:
+            await accept_balanced(listeners[0], counts[0], start)
+            # One more than the sibling's 40 and its tolerance of an eighth: then busier.
+            assert len(taken) == 40 + 40 // 8 + 1
+            assert seen_counts == list(range(1, len(taken) + 1))
+            # The rest is left in the queue for the sibling.
+            await accept_balanced(listeners[1], counts[1], taken.append)
+            assert len(taken) == 50 and counts[1].mine == 44
+        finally:
+            close_all(clients, taken)
+
+
+async def test_a_burst_into_a_group_is_split_evenly(autojump_clock):
+    """Both workers taking bursts from the same queue end up with even shares."""
+    async with group_of(2) as (port, counts, listeners):
+        taken: list[trio.SocketStream] = []
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in (0, 1):
+                    nursery.start_soon(accept_forever, listeners[index], counts[index], taken)
+                while len(taken) < len(clients):
+                    await trio.sleep(0.001)
+                nursery.cancel_scope.cancel()
+            assert [c.mine for c in counts] == [16, 16]
+        finally:
+            close_all(clients, taken)
+
+
+async def accept_forever(
+    sock: socket.socket, counts: ConnectionCounts, taken: list[trio.SocketStream]
+) -> None:
+    while True:
+        await accept_balanced(sock, counts, taken.append)
+
+
+def close_all(clients: list[socket.socket], taken: list[trio.SocketStream]) -> None:
+    for client in clients:
+        client.close()
+    for stream in taken:
+        stream.socket.close()
