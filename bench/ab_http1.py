@@ -16,6 +16,8 @@ imports that tree's package (the working directory comes first on ``sys.path``).
 Rows (``--rows``, default get,post): ``get`` (wrk -c64 GET), ``post`` (wrk -c64, 100-byte
 POST), ``queued`` (wrk -c256 against an upstream of max_connections 100: requests wait in
 the pool's queue), ``unqueued`` (wrk -c256 with connections enough for every client).
+``--workers N`` runs each proxy as a group of N workers on every CPU; the group's CPU is not
+measured then, and the rounds' differences are of the p99.
 
 It prints every run, then per row the medians of the proxy's CPU time per request and of
 req/s for each tree, the median of each round's difference to the first tree (A), and in how
@@ -38,18 +40,23 @@ import vs_nginx as bench
 
 
 def start_proxy(
-    stack: ExitStack, tree: Path, setup: bench.Setup, name: str
+    stack: ExitStack, tree: Path, setup: bench.Setup, name: str, workers: int
 ) -> subprocess.Popen[bytes]:
     config = setup.workdir / f"{name}.toml"
     config.write_text(
         bench.pooled_proxy_toml(
-            setup, workers=1, connections=1024, port=setup.proxy_port, admin_port=setup.admin_port
+            setup,
+            workers=workers,
+            connections=1024,
+            port=setup.proxy_port,
+            admin_port=setup.admin_port,
         )
     )
     log = setup.workdir / f"{name}.log"
     process = subprocess.Popen(
         bench.pinned(
-            bench.PROXY_CPU, [sys.executable, "-m", "pooled_proxy", "run", "-c", str(config)]
+            bench.PROXY_CPU if workers == 1 else bench.ALL_CPUS_LIST,
+            [sys.executable, "-m", "pooled_proxy", "run", "-c", str(config)],
         ),
         cwd=tree,
         stdout=subprocess.DEVNULL,
@@ -86,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per run (5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
     parser.add_argument("--rows", default="get,post", help="get, post, queued, unqueued (get,post)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes of each proxy (1); with more, on every CPU and no CPU figure",
+    )
     parser.add_argument(
         "--together", action="store_true", help="run the trees of a round at the same time"
     )
@@ -128,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 proxy_port=bench.free_port(),
                 admin_port=bench.free_port(),
             )
-            pids[name] = start_proxy(stack, tree, setup, name).pid
+            pid = start_proxy(stack, tree, setup, name, args.workers).pid
+            if args.workers == 1:  # a group's CPU is its workers', not the supervisor's
+                pids[name] = pid
             ports[name] = setup.proxy_port
         post = workdir / "post.lua"
         post.write_text(bench.POST_LUA)
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     name: str, row: str = row, runs: dict[str, dict[str, float]] = runs
                 ) -> None:
                     measure(row, ports[name], args.warmup, None, post)
-                    runs[name] = measure(row, ports[name], args.seconds, pids[name], post)
+                    runs[name] = measure(row, ports[name], args.seconds, pids.get(name), post)
 
                 if args.together:
                     threads = [threading.Thread(target=measured, args=(name,)) for name in order]
@@ -166,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, tree in trees.items():
         print(f"{name} = {tree}")
-    print(f"{args.runs} rounds x {args.seconds:g} s, medians; CPU us per request (req/s)")
+    # A group's CPU is not measured: the differences are then of the p99.
+    compared = "cpu_us" if args.workers == 1 else "p99_ms"
+    print(
+        f"{args.runs} rounds x {args.seconds:g} s, medians; CPU us per request (req/s, p99 ms);"
+        f" differences of {compared}"
+    )
     others = names[1:]
     print(
         "| row | A | "
@@ -180,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         def cell(runs: list[dict[str, float]]) -> str:
             cpu = statistics.median(run["cpu_us"] for run in runs)
             rps = statistics.median(run["rps"] for run in runs)
-            return f"{cpu:.1f} ({rps:,.0f})"
+            p99 = statistics.median(run["p99_ms"] for run in runs)
+            return f"{cpu:.1f} ({rps:,.0f}, {p99:.0f})"
 
         cells = [cell(base)]
         for name in others:
             runs = results[(row, name)]
-            diffs = [y["cpu_us"] - x["cpu_us"] for x, y in zip(base, runs)]
+            diffs = [y[compared] - x[compared] for x, y in zip(base, runs)]
             lower = sum(diff < 0 for diff in diffs)
             cells += [cell(runs), f"{statistics.median(diffs):+.1f} ({lower}/{len(diffs)} lower)"]
         print(f"| {row} | " + " | ".join(cells) + " |")
