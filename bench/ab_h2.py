@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -129,15 +128,7 @@ def main() -> int:
             def run(name: str, results: dict[str, dict[str, float]] = results) -> None:
                 results[name] = load(ports[name], args.duration, vs_nginx.LOAD_CPU, pids[name])
 
-            if args.together:
-                threads = [threading.Thread(target=run, args=(name,)) for name in order]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-            else:
-                for name in order:
-                    run(name)
+            vs_nginx.run_each(order, run, together=args.together)
             for name in order:
                 cpu[name].append(results[name]["cpu_us"])
                 rps[name].append(results[name]["rps"])

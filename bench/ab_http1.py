@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -161,15 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     measure(row, ports[name], args.warmup, None, post)
                     runs[name] = measure(row, ports[name], args.seconds, pids.get(name), post)
 
-                if args.together:
-                    threads = [threading.Thread(target=measured, args=(name,)) for name in order]
-                    for thread in threads:
-                        thread.start()
-                    for thread in threads:
-                        thread.join()
-                else:
-                    for name in order:
-                        measured(name)
+                bench.run_each(order, measured, together=args.together)
                 for name in order:
                     run = runs[name]
                     results.setdefault((row, name), []).append(run)

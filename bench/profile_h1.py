@@ -146,7 +146,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    setup_args = argparse.Namespace(no_pin=False, workers=1, idle_connections=1000)
+    setup_args = argparse.Namespace(no_pin=False, workers=1, idle_connections=1000, scaling=False)
     vs_nginx.ensure_tools()
     os.sched_setaffinity(0, {vs_nginx.LOAD_CPU})
     with vs_nginx.running_setup(setup_args) as setup:

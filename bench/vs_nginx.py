@@ -231,18 +231,37 @@ ALL_CPUS = frozenset(os.sched_getaffinity(0))
 ALL_CPUS_LIST = ",".join(str(cpu) for cpu in sorted(ALL_CPUS))
 
 
-def set_affinity(pid: int, cpus: Iterable[int]) -> None:
-    """Move every thread of ``pid`` and its descendants to ``cpus``."""
-    for p in tree_pids(pid):
+def thread_ids(pids: Iterable[int]) -> Iterator[int]:
+    """Every thread of ``pids`` that still exists."""
+    for p in pids:
         try:
             tasks = os.listdir(f"/proc/{p}/task")
         except OSError:
             continue
-        for task in tasks:
-            try:
-                os.sched_setaffinity(int(task), set(cpus))
-            except OSError:
-                pass
+        yield from map(int, tasks)
+
+
+def run_each(names: Sequence[str], run: Callable[[str], object], *, together: bool) -> None:
+    """``run(name)`` for each of ``names``: one after another, or all at once in threads (side
+    by side, sharing whatever else the machine does in those seconds)."""
+    if not together:
+        for name in names:
+            run(name)
+        return
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def set_affinity(pid: int, cpus: Iterable[int]) -> None:
+    """Move every thread of ``pid`` and its descendants to ``cpus``."""
+    for task in thread_ids(tree_pids(pid)):
+        try:
+            os.sched_setaffinity(task, set(cpus))
+        except OSError:
+            pass  # the thread has ended
 
 
 # -- the processes -------------------------------------------------------------------------------
@@ -595,17 +614,12 @@ def cpu_ns(pid: int | None, *, tree: bool = True) -> int:
     every thread counted (Caddy's Go runtime works on threads other than the main one), from
     ``/proc/PID/task/TID/schedstat``, in nanoseconds."""
     total = 0
-    for p in (tree_pids(pid) if tree else [pid]) if pid else ():
+    for task in thread_ids((tree_pids(pid) if tree else [pid]) if pid else ()):
         try:
-            tasks = os.listdir(f"/proc/{p}/task")
+            with open(f"/proc/{task}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
         except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{p}/task/{task}/schedstat") as schedstat:
-                    total += int(schedstat.read().split()[0])
-            except OSError:
-                pass
+            pass
     return total
 
 
