@@ -118,6 +118,12 @@ class _Upload:
         self._start_header_clock(header_timeout)
 
 
+def _nothing_lost(sink: ResponseSink, upload: _Upload | None) -> bool:
+    """The request can go again without anything of it or its answer lost: no response head
+    has reached the client, and no byte of a streamed body has gone up."""
+    return not sink.head_sent and (upload is None or not upload.started)
+
+
 def _with_grpc_timeout(headers: Headers, seconds: float) -> Headers:
     """``headers`` with ``grpc-timeout`` set to ``seconds``."""
     value = grpc_timeout_value(seconds)
@@ -398,11 +404,7 @@ class Forwarder:
                 # An HTTP/2 server did not process it (GOAWAY, REFUSED_STREAM): whatever its
                 # method, it may be sent again, once, if nothing of it is lost (RFC 9113 8.7).
                 pool.release(connection, reusable=False)
-                if (
-                    not unprocessed_retried
-                    and not sink.head_sent
-                    and (upload is None or not upload.started)
-                ):
+                if not unprocessed_retried and _nothing_lost(sink, upload):
                     unprocessed_retried = True
                     record.retried = True
                     LOG.debug("%s did not process the request, sending it again", pool.server)
@@ -451,12 +453,7 @@ class Forwarder:
                 # as for a failed connect, the request goes on if nothing of it is lost.
                 pool.release(connection, reusable=False)
                 health.record_failure(trio.current_time(), exc)
-                if (
-                    not reused
-                    and connection.received_bytes == 0
-                    and not sink.head_sent
-                    and (upload is None or not upload.started)
-                ):
+                if not reused and connection.received_bytes == 0 and _nothing_lost(sink, upload):
                     failed += (pool,)
                     choice = self._next_server(group, failed, record, exc)
                     if choice is not None:

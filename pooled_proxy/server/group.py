@@ -70,9 +70,10 @@ class ConnectionCounts:
         least = min(self._slots)
         return self.mine > least + least // 8
 
-    def balancing(self) -> bool:
-        """Not in a while of taking connections at once after the siblings let one wait."""
-        return trio.current_time() >= self.balance_from
+    def leave_to_siblings(self) -> bool:
+        """Busier than the least busy worker, and not in a while of taking connections at
+        once after the siblings let one wait (``balance_from``)."""
+        return trio.current_time() >= self.balance_from and self.should_defer()
 
 
 @dataclass
@@ -108,12 +109,12 @@ async def accept_balanced(
         start(stream)
 
     def more() -> bool:
-        return not (counts.balancing() and counts.should_defer())
+        return not counts.leave_to_siblings()
 
     while True:
         await trio.lowlevel.wait_readable(sock)
         balance_from = counts.balance_from
-        if counts.balancing() and counts.should_defer():
+        if counts.leave_to_siblings():
             # Until a sibling took it or this worker is no longer the busier one; looking
             # often, so that it does not miss the connections that arrive meanwhile.
             give_up_at = trio.current_time() + DEFER_SECONDS

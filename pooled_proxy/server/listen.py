@@ -219,16 +219,18 @@ async def accept_until_drain(
     handler: Callable[[trio.abc.Stream], Awaitable[None]],
     handler_nursery: trio.Nursery,
     drain_started: trio.Event,
-    counts: ConnectionCounts | None = None,
+    group: WorkerGroup | None = None,
 ) -> None:
     """Accept until ``drain_started``, then close the listeners: new connections are refused.
 
-    ``counts``: the listeners are a worker group's, shared; accept as group.py balances.
+    ``group``: the listeners are a worker group's, shared; accept as group.py balances.
 
     Before closing, the connections the kernel had completed when the drain started are
     accepted and served: their clients saw ``connect()`` succeed, and closing a listener
     would reset them. Only those: under load, new ones keep arriving behind them.
     """
+
+    counts = group.counts if group is not None else None
 
     async def run_handler(stream: trio.abc.Stream) -> None:
         try:
@@ -309,6 +311,4 @@ async def serve_listeners(
 
     addresses = [bound_address(listener) for listener in listeners]
     task_status.started(addresses)
-    await accept_until_drain(
-        listeners, handler, handler_nursery, proxy.drain_started, group.counts if group else None
-    )
+    await accept_until_drain(listeners, handler, handler_nursery, proxy.drain_started, group)

@@ -79,6 +79,4 @@ async def serve_tls_listeners(
         await handle_tls_client(tls_stream, proxy, h2_handler=h2_handler)
 
     task_status.started([replace(bound_address(listener), tls=True) for listener in listeners])
-    await accept_until_drain(
-        listeners, handler, handler_nursery, proxy.drain_started, group.counts if group else None
-    )
+    await accept_until_drain(listeners, handler, handler_nursery, proxy.drain_started, group)
