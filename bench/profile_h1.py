@@ -7,12 +7,13 @@
 Starts the same upstream and pooled-proxy as bench/vs_nginx.py (proxy pinned to CPU 0,
 upstream and wrk on CPU 1), runs ``wrk -t1 -c64`` (or ``h2load -c16 -m10`` with ``--h2``;
 ``wrk -t1 -c256`` on the routes of ``make bench``'s queued and unqueued rows with
-``--queued`` and ``--unqueued``) for ``--seconds`` while ``py-spy record --format raw`` samples the proxy, and prints the
-functions with the most samples: self time (the frame on top) and total time (anywhere on
-the stack), then the samples grouped by owner (the library or part of the proxy whose code
-was running; a standard-library frame counts for whoever called it) beside the proxy's user
-and kernel CPU time over the same seconds. The collapsed stacks are kept in ``--out`` for a flame graph
-(``flamegraph.pl`` or https://www.speedscope.app).
+``--queued`` and ``--unqueued``) for ``--seconds`` while ``py-spy record --format raw``
+samples the proxy, and prints the functions with the most samples: self time (the frame on
+top) and total time (anywhere on the stack), then the samples grouped by owner (the library
+or part of the proxy whose code was running; a standard-library frame counts for whoever
+called it) beside the proxy's user and kernel CPU time over the same seconds. The collapsed
+stacks are kept in ``--out`` for a flame graph (``flamegraph.pl`` or
+https://www.speedscope.app).
 """
 
 from __future__ import annotations

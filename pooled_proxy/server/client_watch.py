@@ -9,9 +9,9 @@ the watch ends until the next exchange arms it.
 
 One task for the connection's life rather than one per exchange, started the first time an
 exchange's wait needs it (a connect, or a wait for the pool or the upstream that lasts the
-pool's ``WATCH_AFTER``; one answered sooner never does, and then costs no task switch). Armed, it keeps waiting through the end of the exchange into
-the idle time after it, so the next request arrives through it and nothing is started or
-cancelled per request.
+pool's ``WATCH_AFTER``; one answered sooner never does, and then costs no task switch).
+Armed, it keeps waiting through the end of the exchange into the idle time after it, so the
+next request arrives through it and nothing is started or cancelled per request.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ The rule (pure: ages and times in, no I/O):
   found. The race is a close found within ``RACE`` of sending the request, at the idle age
   the request was sent at (from the end of the last response): a close later than that
   came while the server had the request (it failed or crashed on it), and says nothing of
-  its idle timeout. Several connections found closed at the same moment are one piece of evidence, at
-  their largest age: a restart closes them all at once, whatever their ages.
+  its idle timeout. Several connections found closed at the same moment are one piece of
+  evidence, at their largest age: a restart closes them all at once, whatever their ages.
 - Evidence of life: a connection reused successfully, or probed, after being idle ``age``.
   It withdraws every close at or below that age (the server kept a connection longer), and
   a new close lowers it in turn: the newest evidence wins.

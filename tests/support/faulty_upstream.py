@@ -23,8 +23,9 @@ forces one for every request):
 
 Every mode that does not close by itself waits until the proxy closes the connection, so
 ``connections_open`` going back to zero shows the proxy let go of it. ``CrashingUpstream``
-fails on a reused connection when told to. ``refused_port()`` gives a port nothing listens on. ``connector()`` serves the same faults over in-memory
-streams, for tests on trio's MockClock.
+fails on a reused connection when told to. ``refused_port()`` gives a port nothing listens
+on. ``connector()`` serves the same faults over in-memory streams, for tests on trio's
+MockClock.
 """
 
 from __future__ import annotations
